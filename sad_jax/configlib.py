@@ -1,0 +1,91 @@
+"""Config files as `get_config(arg)` Python modules, with `--config.a.b=value` overrides.
+
+`load("configs/x.py:arg", ["--config.a.b=3"])` imports the file, calls get_config(arg),
+applies the overrides (typed like the field they replace) and locks the config, so
+that an unknown key is an error, not a silent new field.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+
+from sad_jax.errors import DataError
+
+
+def _import_file(path: str):
+  # Configs import siblings as `configs.x`; make the folder above them importable.
+  parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if parent not in sys.path:
+    sys.path.insert(0, parent)
+  name = "_sad_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise DataError("cannot import config file", path=path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _parse_value(text: str, old):
+  if isinstance(old, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(old, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(old, tuple) and isinstance(value, (list, str)):
+    value = tuple(value) if isinstance(value, list) else (value,)
+  if old is not None and not isinstance(value, type(old)):
+    raise ValueError(f"expected {type(old).__name__}, got {text!r}")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  for item in overrides:
+    if not item.startswith("--config."):
+      raise DataError(f"unknown argument {item!r} (overrides look like --config.a.b=value)")
+    key, sep, text = item[len("--config."):].partition("=")
+    if not sep:
+      raise DataError(f"override {item!r} has no '='")
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise DataError(f"unknown config key {key!r}", field=key)
+      node = node[p]
+    if leaf not in node:
+      raise DataError(f"unknown config key {key!r}; known here: {', '.join(sorted(node))}",
+                      field=key)
+    try:
+      node[leaf] = _parse_value(text, node[leaf])
+    except (ValueError, TypeError) as e:
+      raise DataError(f"bad value for {key}: {e}", field=key) from None
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` → a locked ConfigDict with overrides applied."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise DataError("config file not found", path=path)
+  module = _import_file(path)
+  if not hasattr(module, "get_config"):
+    raise DataError("config file has no get_config(arg)", path=path)
+  config = module.get_config(arg or None)
+  apply_overrides(config, overrides)
+  config.lock()
+  return config

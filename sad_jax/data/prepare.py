@@ -1,0 +1,262 @@
+"""`sad-jax prepare`: trajectories → a tokenized, segmented TFDS/ArrayRecord dataset.
+
+Output folder (written under a temporary name, renamed when complete):
+  dataset_info.json, features.json, metadata.json   TFDS metadata (fingerprint inside)
+  trajectory_dataset-{train,validation}.array_record-*   one record per trajectory
+  tokenizer.model | tokenizer.json (+ tokenizer_config.json)   the tokenizer used
+  prepare_report.json                               counts, drops, skips, fingerprint
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+
+from sad_jax.data import importers, render, segment, tfds_builder
+from sad_jax.data.schema import Trajectory
+from sad_jax.data.tokenizer import (
+  HFTokenizer,
+  SentencePieceTokenizer,
+  Tokenizer,
+  load_tokenizer,
+  train_sentencepiece,
+)
+from sad_jax.errors import DataError, SkipReport
+from sad_jax.fileio import atomic_dir, atomic_write
+from sad_jax.types import SpanKind
+
+LENGTH_POLICIES = ("truncate", "drop")
+# Actions that end the episode rather than call a tool (ReAct, CodeAgent, JSON tool call).
+_TERMINAL_ACTION_RE = re.compile(
+    r'^\s*(finish\[|final_answer\(|\{"arguments": .*"name": "final_answer")')
+
+
+def split_of(example_id: str, val_fraction: float) -> str:
+  """Deterministic split by a hash of the id (stable across runs, machines and order)."""
+  h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big")
+  return "validation" if (h % 1_000_000) < val_fraction * 1_000_000 else "train"
+
+
+def resolve_template(config, tok: Tokenizer) -> render.ChatTemplate | None:
+  """config.template: 'react', 'tokenizer' (its chat template), or a file path."""
+  name = config.template
+  if name == "react":
+    return None
+  if name == "tokenizer":
+    if not tok.chat_template:
+      raise DataError("template='tokenizer' but the tokenizer has no chat_template",
+                      path=tok.path, field="chat_template")
+    source = tok.chat_template
+  else:
+    try:
+      with open(name, encoding="utf-8") as f:
+        text = f.read()
+    except OSError as e:
+      raise DataError(f"cannot read chat template: {e.strerror}", path=name) from None
+    if name.endswith(".json"):  # a tokenizer_config.json
+      try:
+        source = json.loads(text)["chat_template"]
+      except (ValueError, KeyError, TypeError):
+        raise DataError("no chat_template in this file", path=name,
+                        field="chat_template") from None
+    else:
+      source = text
+  if isinstance(source, list):  # newer configs: [{name, template}, …]
+    source = next((t["template"] for t in source if t.get("name") == "default"),
+                  source[0]["template"])
+  return render.ChatTemplate(source=source, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                             observation_role=config.observation_role)
+
+
+def features(traj: Trajectory, spans: segment.TokenSpans) -> dict[str, int]:
+  """Complexity features of the (possibly truncated) example."""
+  per_kind = np.bincount(spans.kinds, minlength=len(SpanKind))
+  last = int(spans.segment.max(initial=-1))  # truncation keeps a prefix of segments
+  actions = [s for s in traj.segments[: last + 1] if s.kind in ("action", "answer")]
+  return {
+      "steps": len(actions),
+      "tool_calls": sum(s.kind == "action" and not _TERMINAL_ACTION_RE.match(s.text)
+                        for s in actions),
+      "tokens": len(spans.kinds),
+      "observation_tokens": int(per_kind[SpanKind.OBSERVATION]),
+      "reason_tokens": int(per_kind[SpanKind.REASON]),
+      "action_tokens": int(per_kind[SpanKind.ACTION] + per_kind[SpanKind.ANSWER]),
+  }
+
+
+@dataclasses.dataclass
+class Report:
+  fingerprint: str = ""
+  imported: int = 0
+  written: dict[str, int] = dataclasses.field(default_factory=dict)
+  truncated: int = 0
+  dropped: list[str] = dataclasses.field(default_factory=list)
+  skipped: int = 0
+  skip_reasons: list[str] = dataclasses.field(default_factory=list)
+  segments: dict[str, int] = dataclasses.field(default_factory=dict)
+  tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+  max_len: int = 0
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def summary(self) -> str:
+    lines = [
+        f"imported {self.imported} trajectories; written "
+        + ", ".join(f"{k}={v}" for k, v in self.written.items()),
+        "segments: " + ", ".join(f"{k}={v}" for k, v in self.segments.items()),
+        "tokens: " + ", ".join(f"{k}={v}" for k, v in self.tokens.items()),
+        f"over max_len={self.max_len}: truncated at a step boundary {self.truncated}, "
+        f"dropped {len(self.dropped)}" + (f" (e.g. {', '.join(self.dropped[:3])})"
+                                          if self.dropped else ""),
+        f"skipped {self.skipped} bad records",
+        *[f"  - {r}" for r in self.skip_reasons],
+        f"fingerprint {self.fingerprint}",
+    ]
+    return "\n".join(lines)
+
+
+def dataset_fingerprint(*, tok: Tokenizer, template: render.ChatTemplate | None,
+                        options: dict[str, Any], examples: list[dict]) -> str:
+  """Hash of what training and the teacher store depend on: the tokenizer, the template,
+  the options and every example's id, tokens and span kinds (not its source name)."""
+  h = hashlib.sha256()
+  h.update(f"tokenizer={tok.fingerprint}\n".encode())
+  h.update(f"template={render.template_fingerprint(template)}\n".encode())
+  h.update(json.dumps(options, sort_keys=True).encode() + b"\n")
+  for ex in sorted(examples, key=lambda e: e["id"]):
+    h.update(ex["id"].encode() + b"\0")
+    h.update(ex["ids"].astype("<i4").tobytes())
+    h.update(ex["kinds"].astype("i1").tobytes())
+  return h.hexdigest()
+
+
+def tokenize_trajectories(trajectories: list[Trajectory], *, tok: Tokenizer,
+                          template: render.ChatTemplate | None, add_bos: bool, add_eos: bool,
+                          batch_size: int = 256, progress=None):
+  """Yields (trajectory, TokenSpans) in input order."""
+  bos = tok.bos_id if add_bos else None
+  eos = tok.eos_id if add_eos else None
+  for lo in range(0, len(trajectories), batch_size):
+    chunk = trajectories[lo: lo + batch_size]
+    rendered = [render.render(t, template=template) for t in chunk]
+    encs = segment.encode_rendered(tok, rendered, parse_special=template is not None)
+    for t, r, e in zip(chunk, rendered, encs):
+      yield t, segment.token_kinds(r, e, bos_id=bos, eos_id=eos)
+    if progress is not None:
+      progress.update(len(chunk))
+
+
+def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
+  """Runs the whole preparation; the output folder appears only when complete."""
+  from tqdm.auto import tqdm
+
+  if config.length_policy not in LENGTH_POLICIES:
+    raise DataError(f"length_policy must be one of {LENGTH_POLICIES}",
+                    field="config.length_policy")
+  if not 0.0 <= config.val_fraction < 1.0:
+    raise DataError("val_fraction must be in [0, 1)", field="config.val_fraction")
+  skips = SkipReport(on_error=config.on_error)
+  trajectories = importers.import_files(list(config.inputs), fmt=config.format, skips=skips)
+  ids = collections.Counter(t.id for t in trajectories)
+  dup = [i for i, n in ids.items() if n > 1]
+  if dup:
+    raise DataError(f"duplicate trajectory ids across inputs: {dup[:5]}", field="id")
+  if not trajectories:
+    raise DataError("no trajectories to prepare", field="config.inputs")
+
+  report = Report(imported=len(trajectories), skipped=skips.count,
+                  skip_reasons=list(skips.reasons), max_len=config.max_len)
+  report.segments = dict(sorted(collections.Counter(
+      s.kind for t in trajectories for s in t.segments).items()))
+
+  with atomic_dir(out_dir) as tmp:
+    cfg_tok = config.tokenizer
+    if not cfg_tok.path:
+      # Train into the output itself: the tokenizer ships with the dataset.
+      tok = train_sentencepiece([render.render_react(t).text for t in trajectories],
+                                vocab_size=cfg_tok.vocab_size, model_type=cfg_tok.model_type,
+                                out_path=os.path.join(tmp, "tokenizer.model"))
+    else:
+      tok = load_tokenizer(cfg_tok.path)
+      _copy_tokenizer(tok, tmp)
+    template = resolve_template(config, tok)
+    options = {"add_bos": config.add_bos, "add_eos": config.add_eos, "max_len": config.max_len,
+               "length_policy": config.length_policy, "val_fraction": config.val_fraction}
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    token_counts = np.zeros(len(SpanKind), np.int64)
+    bar = tqdm(total=len(trajectories), desc="tokenize", unit="traj", disable=not progress,
+               leave=False)
+    for traj, spans in tokenize_trajectories(trajectories, tok=tok, template=template,
+                                             add_bos=config.add_bos, add_eos=config.add_eos,
+                                             progress=bar):
+      truncated = 0
+      if len(spans.ids) > config.max_len:
+        keep = (segment.truncate_at_step(spans.kinds, config.max_len)
+                if config.length_policy == "truncate" else None)
+        if keep is None:
+          report.dropped.append(traj.id)
+          continue
+        spans = segment.TokenSpans(spans.ids[:keep], spans.kinds[:keep], spans.segment[:keep])
+        truncated = 1
+        report.truncated += 1
+      stats = {**features(traj, spans), "truncated": truncated,
+               "success": -1 if traj.success is None else int(traj.success)}
+      ex = {"id": traj.id, "source": traj.source, "ids": spans.ids, "kinds": spans.kinds,
+            "stats": np.array([stats[k] for k in tfds_builder.STATS_FIELDS], np.int32)}
+      token_counts += np.bincount(spans.kinds, minlength=len(SpanKind))
+      splits[split_of(traj.id, config.val_fraction)].append(ex)
+    bar.close()
+    splits = {k: v for k, v in splits.items() if v}
+    report.fingerprint = dataset_fingerprint(tok=tok, template=template, options=options,
+                                             examples=[e for v in splits.values() for e in v])
+    report.written = {k: len(v) for k, v in splits.items()}
+    report.tokens = {SpanKind(k).name.lower(): int(n) for k, n in enumerate(token_counts) if n}
+
+    metadata = {"format_version": tfds_builder.FORMAT_VERSION,
+                "fingerprint": report.fingerprint,
+                "tokenizer_fingerprint": tok.fingerprint, "tokenizer_kind": tok.kind,
+                "template": render.template_fingerprint(template),
+                "vocab_size": tok.vocab_size, **options}
+    build_dir = os.path.join(tmp, "_tfds")
+    ds_dir = tfds_builder.build(data_dir=build_dir, splits=splits, metadata=metadata,
+                                description="sad_jax prepared trajectories")
+    for name in os.listdir(ds_dir):
+      os.replace(os.path.join(ds_dir, name), os.path.join(tmp, name))
+    shutil.rmtree(build_dir)
+    with atomic_write(os.path.join(tmp, "prepare_report.json")) as f:
+      json.dump(report.to_dict(), f, indent=1)
+  return report
+
+
+def _copy_tokenizer(tok: Tokenizer, folder: str) -> None:
+  if isinstance(tok, SentencePieceTokenizer):
+    tok.save(os.path.join(folder, "tokenizer.model"))
+  elif isinstance(tok, HFTokenizer):
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = os.path.join(os.path.dirname(tok.path), "tokenizer_config.json")
+    if os.path.exists(cfg):
+      shutil.copyfile(cfg, os.path.join(folder, "tokenizer_config.json"))
+
+
+def load_prepared(path: str | os.PathLike):
+  """(builder, tokenizer, metadata) of a prepared dataset; checks the tokenizer fingerprint."""
+  builder = tfds_builder.load_builder(path)
+  meta = dict(builder.info.metadata)
+  tok_path = next((os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")
+                   if os.path.exists(os.path.join(path, n))), None)
+  if tok_path is None:
+    raise DataError("prepared dataset has no tokenizer file", path=path)
+  tok = load_tokenizer(tok_path)
+  if tok.fingerprint != meta.get("tokenizer_fingerprint"):
+    raise DataError("tokenizer does not match the dataset's tokenizer_fingerprint",
+                    path=tok_path, field="tokenizer_fingerprint")
+  return builder, tok, meta

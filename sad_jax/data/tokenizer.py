@@ -1,0 +1,362 @@
+"""Tokenizers behind one small interface, with per-token character offsets.
+
+Two back ends:
+  * sentencepiece `.model` files (ours, trained by `train_sentencepiece`, or a
+    Llama-2 / Gemma style model). sentencepiece reports UTF-8 byte offsets; they are
+    converted to character offsets here. With byte fallback, the bytes of one
+    character come as several pieces: all but the last are zero-width at the
+    character's start, so every piece maps to the character it belongs to.
+  * Hugging Face `tokenizer.json` (the `tokenizers` library), optionally with the
+    `tokenizer_config.json` beside it for the chat template and special tokens.
+
+Offsets are half-open character ranges [start, end) into the encoded string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_write
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  ids: np.ndarray      # int32[n]
+  starts: np.ndarray   # int32[n] character offset of each token's first character
+  ends: np.ndarray     # int32[n]
+
+
+def byte_to_char(text: str) -> np.ndarray | None:
+  """int32[n_bytes + 1]: character index of each UTF-8 byte offset (None if ASCII)."""
+  raw = text.encode("utf-8")
+  if len(raw) == len(text):
+    return None
+  b = np.frombuffer(raw, np.uint8)
+  is_start = (b & 0xC0) != 0x80
+  out = np.zeros(len(b) + 1, np.int32)
+  np.cumsum(is_start, out=out[1:])
+  # out[k] = number of characters that start before byte k; for byte k inside a
+  # character this is that character's index + 1, so snap back to its start.
+  out[:-1] -= ~is_start
+  return out
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model; `special_tokens` are split out of the text before encoding."""
+
+  kind = "sentencepiece"
+
+  def __init__(self, model_proto: bytes, *, path: str = "<bytes>"):
+    import sentencepiece as spm
+
+    self.path = path
+    self._proto = model_proto
+    self.sp = spm.SentencePieceProcessor()
+    try:
+      self.sp.LoadFromSerializedProto(model_proto)
+    except RuntimeError as e:
+      raise DataError(f"not a sentencepiece model: {e}", path=path) from None
+    self.vocab_size = int(self.sp.GetPieceSize())
+    self.bos_id = _opt_id(self.sp.bos_id())
+    self.eos_id = _opt_id(self.sp.eos_id())
+    self.pad_id = _opt_id(self.sp.pad_id())
+    # Control and user-defined pieces (e.g. <start_of_turn>) that chat templates write.
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    special_types = (model.SentencePiece.CONTROL, model.SentencePiece.USER_DEFINED)
+    self.special_tokens = {p.piece: i for i, p in enumerate(model.pieces)
+                           if p.type in special_types and p.piece.strip()}
+    # Fast offsets: with identity normalisation and no dummy prefix the pieces' bytes
+    # concatenate to the input, so offsets are a cumulative sum of piece byte lengths.
+    norm = model.normalizer_spec
+    # Encoding pieces of a text separately and concatenating equals encoding a text
+    # whose token boundaries fall there, unless a dummy prefix is added per call.
+    self.chunk_safe = not norm.add_dummy_prefix
+    self._special_re = re.compile("(" + "|".join(
+        re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+    self._piece_bytes = None
+    if (norm.name == "identity" and not norm.add_dummy_prefix
+        and not norm.remove_extra_whitespaces
+        and not model.trainer_spec.treat_whitespace_as_suffix):
+      self._piece_bytes = np.array(
+          [1 if p.type == p.BYTE else
+           0 if p.type in (p.CONTROL, p.UNKNOWN) else
+           len(p.piece.replace("\u2581", " ").encode("utf-8")) for p in model.pieces], np.int32)
+    self.bos_token = self.sp.IdToPiece(self.bos_id) if self.bos_id is not None else None
+    self.eos_token = self.sp.IdToPiece(self.eos_id) if self.eos_id is not None else None
+    self.chat_template: str | None = None
+    self.fingerprint = hashlib.sha256(model_proto).hexdigest()
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+    path = os.fspath(path)
+    try:
+      with open(path, "rb") as f:
+        return cls(f.read(), path=path)
+    except OSError as e:
+      raise DataError(f"cannot read tokenizer: {e.strerror}", path=path) from None
+
+  def encode_batch(self, texts: Sequence[str], *, parse_special: bool = False,
+                   cuts: Sequence[Sequence[int]] | None = None) -> list[Encoding]:
+    """Encodes texts; no token crosses a position in `cuts[i]`; with `parse_special`
+    the special token strings map to their ids."""
+    special_re = self._special_re if parse_special and self.special_tokens else None
+    chunked = [_chunks(t, None if cuts is None else cuts[i], special_re, self.special_tokens)
+               for i, t in enumerate(texts)]
+    plain = [c for ch in chunked for (_, c, sid) in ch if sid is None]
+    if self._piece_bytes is None:
+      return [self._encode_proto(t, ch) for t, ch in zip(texts, chunked)]
+    plain_ids = iter(self.sp.encode(plain) if plain else [])
+    unk = self.sp.unk_id()
+    out = []
+    for text, ch in zip(texts, chunked):
+      ids_parts, len_parts = [], []
+      for _, chunk, sid in ch:
+        if sid is None:
+          ids = np.asarray(next(plain_ids), np.int32)
+          ids_parts.append(ids)
+          len_parts.append(self._piece_bytes[ids])
+        else:
+          ids_parts.append(np.array([sid], np.int32))
+          len_parts.append(np.array([len(chunk.encode("utf-8"))], np.int32))
+      ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
+      if (ids == unk).any():  # an unknown piece has no known byte length
+        out.append(self._encode_proto(text, ch))
+        continue
+      lengths = np.concatenate(len_parts) if len_parts else np.zeros(0, np.int32)
+      ends = np.cumsum(lengths, dtype=np.int32)
+      starts = ends - lengths
+      b2c = byte_to_char(text)
+      if b2c is not None:
+        starts, ends = b2c[starts], b2c[ends]
+      out.append(Encoding(ids, starts, ends))
+    return out
+
+  def _encode_proto(self, text: str, chunks: list[tuple[int, str, int | None]]) -> Encoding:
+    """Offsets from sentencepiece's own (byte) spans: works for any normaliser."""
+    ids, starts, ends = [], [], []
+    for at, chunk, sid in chunks:
+      if sid is not None:
+        ids.append(sid)
+        starts.append(at)
+        ends.append(at + len(chunk))
+        continue
+      proto = self.sp.encode(chunk, out_type="proto")
+      b2c = byte_to_char(chunk)
+      for p in proto.pieces:
+        b, e = (p.begin, p.end) if b2c is None else (b2c[p.begin], b2c[p.end])
+        ids.append(p.id)
+        starts.append(at + b)
+        ends.append(at + e)
+    return Encoding(np.array(ids, np.int32), np.array(starts, np.int32),
+                    np.array(ends, np.int32))
+
+  def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
+    return self.encode_batch([text], parse_special=parse_special)[0]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    # Decode runs of ordinary pieces with sentencepiece (byte pieces must be joined
+    # before decoding) and write control pieces out as their text.
+    out, run = [], []
+    for i in ids:
+      i = int(i)
+      if self.sp.IsControl(i):
+        if run:
+          out.append(self.sp.decode(run))
+          run = []
+        out.append(self.sp.IdToPiece(i))
+      else:
+        run.append(i)
+    if run:
+      out.append(self.sp.decode(run))
+    return "".join(out)
+
+  def piece(self, i: int) -> str:
+    return self.sp.IdToPiece(int(i))
+
+  def save(self, path: str | os.PathLike) -> None:
+    with atomic_write(path, "wb") as f:
+      f.write(self._proto)
+
+
+def _opt_id(i: int) -> int | None:
+  return None if i is None or i < 0 else int(i)
+
+
+def _chunks(text: str, cuts: Sequence[int] | None, special_re: re.Pattern | None,
+            specials: dict[str, int]) -> list[tuple[int, str, int | None]]:
+  """(char offset, chunk, special id or None) pieces of `text`, split at the cuts and
+  around special token strings."""
+  bounds = sorted({0, len(text), *(int(c) for c in (() if cuts is None else cuts)
+                                    if 0 < c < len(text))})
+  out = []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    piece = text[a:b]
+    if special_re is None:
+      out.append((a, piece, None))
+      continue
+    pos = a
+    for part in special_re.split(piece):
+      if part:
+        out.append((pos, part, specials.get(part)))
+        pos += len(part)
+  return out
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json`, with `tokenizer_config.json` when it is beside it."""
+
+  kind = "hf"
+
+  def __init__(self, tokenizer_json: str, *, config: dict | None = None, path: str = "<str>"):
+    from tokenizers import Tokenizer
+
+    self.path = path
+    self._json = tokenizer_json
+    try:
+      self.tok = Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the library raises plain Exceptions
+      raise DataError(f"not a tokenizer.json: {e}", path=path) from None
+    config = config or {}
+    self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
+    self.chat_template = config.get("chat_template")
+    self.bos_token = _token_text(config.get("bos_token"))
+    self.eos_token = _token_text(config.get("eos_token"))
+    self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+    self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+    pad = _token_text(config.get("pad_token"))
+    self.pad_id = self.tok.token_to_id(pad) if pad else None
+    self.special_tokens = {t.content: self.tok.token_to_id(t.content)
+                           for t in self.tok.get_added_tokens_decoder().values() if t.special}
+    # A prefix space or metaspace added per call would put spaces at chunk joints.
+    probe = self.tok.encode_batch(["Ab", "c\nd"], add_special_tokens=False)
+    self.chunk_safe = self.tok.decode(probe[0].ids + probe[1].ids) == "Abc\nd"
+    self.fingerprint = hashlib.sha256(
+        tokenizer_json.encode() + json.dumps(config, sort_keys=True, default=str).encode()
+    ).hexdigest()
+
+  @classmethod
+  def from_path(cls, path: str | os.PathLike) -> HFTokenizer:
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    tj = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    try:
+      with open(tj, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise DataError(f"cannot read tokenizer: {e}", path=tj) from None
+    config = None
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+      try:
+        with open(cfg_path, encoding="utf-8") as f:
+          config = json.load(f)
+      except (OSError, ValueError) as e:
+        raise DataError(f"cannot read tokenizer config: {e}", path=cfg_path) from None
+    return cls(text, config=config, path=tj)
+
+  def encode_batch(self, texts: Sequence[str], *, parse_special: bool = False,
+                   cuts: Sequence[Sequence[int]] | None = None) -> list[Encoding]:
+    # The `tokenizers` library always splits out added tokens; `parse_special` is kept
+    # for interface symmetry with sentencepiece.
+    del parse_special
+    chunked = [_chunks(t, None if cuts is None else cuts[i], None, {})
+               for i, t in enumerate(texts)]
+    encs = iter(self.tok.encode_batch([c for ch in chunked for _, c, _ in ch],
+                                      add_special_tokens=False))
+    out = []
+    for ch in chunked:
+      ids, offs = [], []
+      for at, _, _ in ch:
+        e = next(encs)
+        ids.append(np.asarray(e.ids, np.int32))
+        offs.append(np.asarray(e.offsets, np.int32).reshape(-1, 2) + at)
+      off = np.concatenate(offs) if offs else np.zeros((0, 2), np.int32)
+      starts, ends = off[:, 0].copy(), off[:, 1].copy()
+      # Byte-level pieces that split a character each report the whole character; end
+      # each token where the next one starts (so the pieces of one character are
+      # zero-width but the last, as with sentencepiece) and offsets tile the text.
+      np.minimum(ends[:-1], starts[1:], out=ends[:-1])
+      out.append(Encoding(np.concatenate(ids) if ids else np.zeros(0, np.int32), starts, ends))
+    return out
+
+  def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
+    return self.encode_batch([text], parse_special=parse_special)[0]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def piece(self, i: int) -> str:
+    return self.tok.id_to_token(int(i)) or ""
+
+  def save(self, path: str | os.PathLike) -> None:
+    with atomic_write(path) as f:
+      f.write(self._json)
+
+
+def _token_text(tok) -> str | None:
+  if isinstance(tok, dict):  # AddedToken serialised as a dict
+    return tok.get("content")
+  return tok
+
+
+Tokenizer = SentencePieceTokenizer | HFTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """A `.model` file → sentencepiece; a `tokenizer.json` or a folder holding one → HF."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise DataError("tokenizer not found", path=path)
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+      return HFTokenizer.from_path(path)
+    if os.path.exists(os.path.join(path, "tokenizer.model")):
+      tok = SentencePieceTokenizer.from_file(os.path.join(path, "tokenizer.model"))
+      cfg = os.path.join(path, "tokenizer_config.json")
+      if os.path.exists(cfg):
+        with open(cfg, encoding="utf-8") as f:
+          tok.chat_template = json.load(f).get("chat_template")
+      return tok
+    raise DataError("folder has neither tokenizer.json nor tokenizer.model", path=path)
+  if path.endswith(".json"):
+    return HFTokenizer.from_path(path)
+  return SentencePieceTokenizer.from_file(path)
+
+
+def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, out_path: str | os.PathLike,
+                        model_type: str = "bpe",
+                        user_defined_symbols: Sequence[str] = ()) -> SentencePieceTokenizer:
+  """Trains a model with an exact round trip and writes it atomically.
+
+  Identity normalisation, no dummy prefix and no whitespace folding keep every
+  character; newline is a piece of its own; byte fallback covers unseen characters.
+  """
+  import sentencepiece as spm
+
+  buf = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+        model_type=model_type, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
+        max_sentence_length=1 << 20, user_defined_symbols=["\n", *user_defined_symbols],
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise DataError(f"sentencepiece training failed: {e}", path=out_path) from None
+  tok = SentencePieceTokenizer(buf.getvalue(), path=os.fspath(out_path))
+  tok.save(out_path)
+  return tok

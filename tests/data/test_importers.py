@@ -1,0 +1,234 @@
+"""Importers on real FireAct data and on hand-written records of every supported format."""
+
+import collections
+import json
+
+import pytest
+
+from sad_jax.data import importers, render
+from sad_jax.data.schema import Segment
+from sad_jax.errors import DataError, SkipReport
+from tests import helpers
+
+
+def kinds(traj):
+  return [s.kind for s in traj.segments]
+
+
+@pytest.mark.fireact
+def test_fireact_both_formats_import_alike(fireact_dir):
+  alpaca = importers.import_file(fireact_dir / "hotpotqa_react_alpaca.json", fmt="react")
+  chat = importers.import_file(fireact_dir / "hotpotqa_react_chat.jsonl", fmt="chat")
+  assert len(alpaca) == len(chat) == 500
+  for a, c in zip(alpaca, chat):
+    assert a.segments == c.segments
+    assert a.id == c.id
+    assert a.success is True
+  counts = collections.Counter(s.kind for t in alpaca for s in t.segments)
+  assert counts == {"task": 500, "reason": 1385, "action": 1385, "observation": 1385}
+  # auto picks the right importer for each file
+  auto = importers.import_file(fireact_dir / "hotpotqa_react_chat.jsonl", fmt="auto")
+  assert [t.segments for t in auto] == [t.segments for t in chat]
+
+
+@pytest.mark.fireact
+def test_fireact_text_is_preserved(fireact_dir):
+  """The rendered ReAct body equals the source text, line for line (up to trailing
+  whitespace, which the importer strips)."""
+  records = json.loads((fireact_dir / "hotpotqa_react_alpaca.json").read_text())
+  trajs = importers.import_file(fireact_dir / "hotpotqa_react_alpaca.json")
+  for rec, traj in zip(records, trajs):
+    text = render.render_react(traj).text
+    body = text[len(f"Question: {traj.task}\n"):]
+    strip = lambda s: [line.rstrip() for line in s.split("\n")]
+    assert strip(body) == strip(rec["output"])
+
+
+def test_react_with_prompt_headers_and_multiline():
+  body = ("Thought 1: I should look.\nStill thinking\n\nAction 1: search[a b]\n"
+          "Observation 1: line one\nline two\n  indented\nThought 2: done\nAction 2: finish[x]\n")
+  cases = {
+      "### Instruction:\nWhere is x?\n\n### Response:\n": "Where is x?",
+      "### Instruction:\nFind it\n\n### Input:\nthe key\n\n### Response:\n": "Find it\nthe key",
+      "[INST] What now? [/INST]\n": "What now?",
+      "You are an agent.\nQuestion: Which one?\n": "Which one?",
+  }
+  for header, task in cases.items():
+    traj = importers.import_react_record({"text": header + body}, source="t")
+    assert traj.task == task
+    assert kinds(traj)[1:] == ["reason", "action", "observation", "reason", "action"]
+    assert traj.segments[1].text == "I should look.\nStill thinking"
+    assert traj.segments[3].text == "line one\nline two\n  indented"
+  pc = importers.import_react_record({"prompt": "Question: Q?", "completion": body}, source="t")
+  assert pc.task == "Q?"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("Thought: \nAction: search[x]\n", "empty reason"),
+    ("Thought: t\nAction: \n", "empty action"),
+    ("Thought: t\nAction: search[x\nObservation: o\n", "closing bracket"),
+    ("no markers here", "no 'Thought:'"),
+])
+def test_react_bad_records(tmp_path, body, message):
+  path = helpers.write_jsonl(str(tmp_path / "bad.jsonl"),
+                             [{"instruction": "q", "output": "Thought: a\nAction: finish[b]\n"},
+                              {"instruction": "q", "output": body}])
+  with pytest.raises(DataError) as e:
+    importers.import_file(path, fmt="react")
+  assert e.value.record == 2 and e.value.path == path and e.value.field == "output"
+  assert message in str(e.value)
+  # the skip policy counts instead
+  skips = SkipReport(on_error="skip")
+  assert len(importers.import_file(path, fmt="react", skips=skips)) == 1
+  assert skips.count == 1 and message in skips.reasons[0]
+
+
+def test_chat_roles():
+  good = {"messages": [{"role": "system", "content": "be brief"},
+                       {"role": "user", "content": "Q"},
+                       {"role": "assistant", "content": "Thought: t\nAction: go[n]"},
+                       {"role": "user", "content": "Observation: you see a door"},
+                       {"role": "assistant", "content": "The door."}]}
+  traj = importers.import_chat_record(good, source="t")
+  assert kinds(traj) == ["system", "task", "reason", "action", "observation", "answer"]
+  assert traj.segments[4].text == "you see a door"
+
+  def bad(msgs):
+    with pytest.raises(DataError) as e:
+      importers.import_chat_record({"messages": msgs}, source="t")
+    return e.value
+
+  e = bad([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Action: a"},
+           {"role": "assistant", "content": "Action: b"}])
+  assert e.field == "messages[2].role" and "alternate" in str(e)
+  e = bad([{"role": "user", "content": "Q"}, {"role": "robot", "content": "x"}])
+  assert e.field == "messages[1].role" and "unknown role" in str(e)
+  e = bad([{"role": "user", "content": "Q"}, {"content": "x"}])
+  assert e.field == "messages[1].role" and "missing" in str(e)
+  e = bad([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}])
+  assert e.field == "messages[1].content"
+
+
+def openai_record():
+  return {"messages": [
+      {"role": "system", "content": "You call tools."},
+      {"role": "user", "content": "Weather in Paris and Rome?"},
+      {"role": "assistant", "content": "I need both cities.", "tool_calls": [
+          {"id": "c1", "type": "function",
+           "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}},
+          {"id": "c2", "type": "function",
+           "function": {"name": "weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+      {"role": "tool", "tool_call_id": "c2", "content": "Rome: 20C"},
+      {"role": "tool", "tool_call_id": "c1", "content": "Paris: 15C"},
+      {"role": "assistant", "content": "Paris 15C, Rome 20C."}]}
+
+
+def test_openai_tool_calls():
+  traj = importers.import_openai_record(openai_record(), source="t")
+  assert kinds(traj) == ["system", "task", "reason", "action", "action", "observation",
+                         "observation", "answer"]
+  assert json.loads(traj.segments[3].text) == {"name": "weather", "arguments": {"city": "Paris"}}
+  assert traj.action_format == "json"
+  assert importers.detect_format(openai_record()) == "openai"
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments="{bad"),
+     "messages[2].tool_calls[0].function.arguments"),
+    (lambda r: r["messages"][3].update(tool_call_id="zzz"), "messages[3].tool_call_id"),
+    (lambda r: r["messages"].insert(3, {"role": "user", "content": "hi"}), "messages[3].role"),
+    (lambda r: r["messages"][2]["tool_calls"][1].pop("function"), "messages[2].tool_calls[1]"),
+])
+def test_openai_bad(mutate, field):
+  rec = openai_record()
+  mutate(rec)
+  with pytest.raises(DataError) as e:
+    importers.import_openai_record(rec, source="t")
+  assert e.value.field == field
+
+
+SMOL_ASSISTANT = ("Thought: I will compute it with Python.\nCode:\n```py\nx = 6 * 7\n"
+                  "print(x)\n```<end_code>")
+
+
+def test_smolagents_messages_and_steps():
+  rec = {"messages": [
+      {"role": "system", "content": [{"type": "text", "text": "You are a CodeAgent."}]},
+      {"role": "user", "content": [{"type": "text", "text": "New task:\nWhat is 6*7?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "## Facts survey\nNone.\n## Plan\n1. compute"}]},
+      {"role": "user", "content": [{"type": "text", "text": "Now proceed and carry out this plan."}]},
+      {"role": "assistant", "content": [{"type": "text", "text": SMOL_ASSISTANT}]},
+      {"role": "tool-call", "content": [{"type": "text", "text": "Calling tools:\n[{'id': 'call_1'}]"}]},
+      {"role": "tool-response", "content": [{"type": "text", "text": "Call id: call_1\nObservation:\nExecution logs:\n42\nLast output from code snippet:\nNone"}]},
+      {"role": "assistant", "content": "Thought: Done.\n<code>\nfinal_answer(42)\n</code>"},
+  ]}
+  traj = importers.import_smolagents_record(rec, source="t")
+  assert kinds(traj) == ["system", "task", "reason", "task", "reason", "action", "observation",
+                         "reason", "action"]
+  assert traj.task == "What is 6*7?"
+  assert traj.segments[5].text == "x = 6 * 7\nprint(x)"
+  assert traj.segments[6].text.startswith("Execution logs:\n42")
+  assert traj.segments[8].text == "final_answer(42)"
+  assert traj.action_format == "code"
+  assert importers.detect_format(rec) == "smolagents"
+
+  steps = {"steps": [
+      {"task": "What is 6*7?", "task_images": None},
+      {"plan": "1. compute", "model_input_messages": []},
+      {"step_number": 1, "model_output": SMOL_ASSISTANT, "observations": "Execution logs:\n42",
+       "error": None, "code_action": "x = 6 * 7\nprint(x)"},
+      {"step_number": 2, "model_output": "Thought: oops\nCode:\n```py\n1/0\n```<end_code>",
+       "observations": None, "error": {"type": "AgentExecutionError", "message": "division by zero"}},
+  ]}
+  traj = importers.import_smolagents_record(steps, source="t")
+  assert kinds(traj) == ["task", "reason", "reason", "action", "observation", "reason", "action",
+                         "observation"]
+  assert traj.segments[-1].text == "Error: division by zero"
+  # rendering a code action gives back the CodeAgent form
+  assert "Code:\n```py\nx = 6 * 7\nprint(x)\n```<end_code>\n" in render.render_react(traj).text
+
+
+def test_smolagents_bad():
+  with pytest.raises(DataError) as e:
+    importers.import_smolagents_record({"messages": [
+        {"role": "user", "content": "New task:\nq"},
+        {"role": "assistant", "content": "Thought: t\nCode:\n```py\n\n```<end_code>"}]},
+        source="t")
+  assert e.value.field == "messages[1].content" and "empty code" in str(e.value)
+
+
+def test_ids_stable_and_unique(tmp_path):
+  rec = {"instruction": "q", "output": "Thought: a\nAction: finish[b]\n"}
+  path = helpers.write_jsonl(str(tmp_path / "dup.jsonl"), [rec, rec])
+  a, b = importers.import_file(path)
+  assert a.segments == b.segments and b.id == a.id + "-1"
+  assert importers.import_file(path)[0].id == a.id
+
+
+def test_unreadable_files(tmp_path):
+  p = tmp_path / "bytes.jsonl"
+  p.write_bytes(b'{"instruction": "q", "output": "Thought: a\\nAction: b\\n"}\n{"text": "\xff\xfe"}\n')
+  with pytest.raises(DataError) as e:
+    importers.import_file(p)
+  assert e.value.record == 2 and "undecodable" in str(e.value)
+  p = tmp_path / "broken.jsonl"
+  p.write_text('{"instruction": "q", "output": "Thought: a\\nAction: b\\n"}\n{"text": \n')
+  with pytest.raises(DataError) as e:
+    importers.import_file(p)
+  assert e.value.record == 2 and "malformed JSON" in str(e.value)
+  p = tmp_path / "arr.json"
+  p.write_text('[{"instruction": "q",\n "output" 3},\n {"instruction": "q"}]\n')
+  with pytest.raises(DataError) as e:
+    importers.import_file(p)
+  assert "line 2" in str(e.value)
+  with pytest.raises(DataError) as e:
+    importers.import_file(helpers.write_json(str(tmp_path / "x.json"), [{"foo": 1}]))
+  assert e.value.record == 1 and "cannot tell the format" in str(e.value)
+
+
+def test_render_react_reimports_to_same_segments():
+  for traj in helpers.synthetic_trajectories(50, seed=3, multiline=True):
+    text = render.render_react(traj).text
+    again = importers.import_react_record({"text": text}, source="x")
+    assert again.segments == traj.segments
+    assert again.segments[0] == Segment("task", traj.task)
