@@ -33,7 +33,6 @@ from sad_jax.data.schema import Segment, Trajectory
 from sad_jax.errors import DataError
 from sad_jax.types import SEGMENT_KINDS, SUPERVISED_KINDS, SpanKind
 
-
 _KIND = {name: SpanKind.from_name(name) for name in SEGMENT_KINDS}
 
 
