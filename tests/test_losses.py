@@ -1,0 +1,301 @@
+"""Span losses against float64 NumPy references, and the chunked head against the naive one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sad_jax import losses as L
+from sad_jax.errors import DataError
+from sad_jax.types import SpanKind
+
+K = SpanKind
+SAD = (L.Group("reason", L.REASON, "divergence", needs_teacher=True),
+       L.Group("action", L.ACTION, "ce"))
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def kl(p, q):
+  """Σ p log(p/q) in probability space, 0 log 0 = 0."""
+  p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+  nz = p > 0
+  return float(np.sum(p[nz] * np.log(p[nz] / q[nz])))
+
+
+def ref_divergence(z_v, ids_k, logp_k, *, kind, tail, beta=0.5, tau=1.0):
+  """One token, from the definitions in losses.py's docstring."""
+  q = np.exp(np_log_softmax(np.asarray(z_v, np.float64) / tau))
+  p_top = np.exp(np.asarray(logp_k, np.float64))
+  q_top = q[ids_k]
+  if tail == "tail_bucket":
+    P = np.append(p_top, max(1 - p_top.sum(), 0.0))
+    Q = np.append(q_top, max(1 - q_top.sum(), 0.0))
+  elif kind == "fkl":
+    P = p_top / p_top.sum()
+    Q = q_top  # against the full student distribution
+  else:
+    P, Q = p_top / p_top.sum(), q_top / q_top.sum()
+  if kind == "fkl":
+    d = kl(P, Q)
+  elif kind == "rkl":
+    d = kl(Q, P)
+  else:
+    M = beta * P + (1 - beta) * Q
+    d = beta * kl(P, M) + (1 - beta) * kl(Q, M)
+  return tau ** 2 * d
+
+
+def random_case(seed, *, B=2, T=6, V=23, k=5, D=7, teacher_frac=0.8):
+  rng = np.random.default_rng(seed)
+  t_logits = rng.normal(size=(B, T, V)) * 2
+  t_logp = np_log_softmax(t_logits)
+  ids = np.argsort(-t_logp, axis=-1)[..., :k]
+  return {
+      "rng": rng,
+      "h": rng.normal(size=(B, T, D)).astype(np.float32),
+      "w": rng.normal(size=(D, V)).astype(np.float32) * 0.5,
+      "b": rng.normal(size=(V,)).astype(np.float32) * 0.1,
+      "labels": rng.integers(0, V, (B, T)).astype(np.int32),
+      "kinds": rng.integers(0, 7, (B, T)).astype(np.int32),
+      "t_full": t_logp,
+      "teacher": L.TeacherTopK(jnp.asarray(ids, jnp.int32),
+                               jnp.asarray(np.take_along_axis(t_logp, ids, -1), jnp.float32),
+                               jnp.asarray(rng.random((B, T)) < teacher_frac)),
+  }
+
+
+# ----------------------------------------------------------------------------- divergences
+
+
+@pytest.mark.parametrize("kind", L.DIVERGENCES)
+@pytest.mark.parametrize("tail", L.TAIL_RULES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_divergence_matches_numpy(kind, tail, tau):
+  c = random_case(hash((kind, tail, tau)) % 2**31)
+  z = np.einsum("btd,dv->btv", c["h"], c["w"]) + c["b"]
+  s = L.LossSettings(divergence=kind, tail=tail, temperature=tau, jsd_beta=0.3)
+  out = L.logits_loss(jnp.asarray(z), labels_bt=c["labels"], label_kinds_bt=c["kinds"],
+                      teacher=c["teacher"], groups=SAD, settings=s)
+  ids, logp, mask = (np.asarray(x) for x in (c["teacher"].ids_btk, c["teacher"].logp_btk,
+                                              c["teacher"].mask_bt))
+  want_r = want_a = 0.0
+  for b, t in np.ndindex(*c["labels"].shape):
+    kind_t = c["kinds"][b, t]
+    if kind_t == K.REASON and mask[b, t]:
+      want_r += ref_divergence(z[b, t], ids[b, t], logp[b, t], kind=kind, tail=tail, beta=0.3,
+                               tau=tau)
+    if kind_t in (K.ACTION, K.ANSWER):
+      want_a += -np_log_softmax(z[b, t])[c["labels"][b, t]]
+  np.testing.assert_allclose(np.asarray(out["sums"]), [want_r, want_a], rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", L.DIVERGENCES)
+@pytest.mark.parametrize("tail", L.TAIL_RULES)
+def test_topk_with_k_equal_v_is_the_full_divergence(kind, tail):
+  V = 17
+  c = random_case(7, V=V, k=V)
+  z = jnp.asarray(np.einsum("btd,dv->btv", c["h"], c["w"]))
+  kinds = np.full(c["labels"].shape, int(K.REASON), np.int32)
+  teacher = L.TeacherTopK(c["teacher"].ids_btk, c["teacher"].logp_btk,
+                          jnp.ones(kinds.shape, bool))
+  s = L.LossSettings(divergence=kind, tail=tail)
+  got = L.logits_loss(z, labels_bt=c["labels"], label_kinds_bt=kinds, teacher=teacher,
+                      groups=SAD, settings=s)["sums"][0]
+  p, q = np.exp(c["t_full"]), np.exp(np_log_softmax(np.asarray(z)))
+  want = 0.0
+  for b, t in np.ndindex(*kinds.shape):
+    if kind == "fkl":
+      want += kl(p[b, t], q[b, t])
+    elif kind == "rkl":
+      want += kl(q[b, t], p[b, t])
+    else:
+      m = 0.5 * p[b, t] + 0.5 * q[b, t]
+      want += 0.5 * kl(p[b, t], m) + 0.5 * kl(q[b, t], m)
+  np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_ce_label_smoothing_padding_and_softcap():
+  c = random_case(3, V=12)
+  z = np.einsum("btd,dv->btv", c["h"], c["w"]) * 4
+  kinds = np.full(c["labels"].shape, int(K.ACTION), np.int32)
+  labels = c["labels"] % 9  # real vocabulary 9, columns 9..11 are padding
+  s = L.LossSettings(label_smoothing=0.1, vocab_size=9, softcap=5.0)
+  got = L.logits_loss(jnp.asarray(z), labels_bt=labels, label_kinds_bt=kinds, teacher=None,
+                      groups=(L.Group("action", L.ACTION, "ce"),), settings=s)["sums"][0]
+  zc = 5.0 * np.tanh(z[..., :9] / 5.0)
+  logq = np_log_softmax(zc)
+  nll = -np.take_along_axis(logq, labels[..., None], -1)[..., 0]
+  want = np.sum(0.9 * nll + 0.1 * -logq.mean(-1))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_action_teacher_soft_targets():
+  c = random_case(4)
+  z = jnp.asarray(np.einsum("btd,dv->btv", c["h"], c["w"]))
+  kinds = np.full(c["labels"].shape, int(K.ACTION), np.int32)
+  s0, s1 = L.LossSettings(), L.LossSettings(action_teacher_weight=0.25)
+  groups = (L.Group("action", L.ACTION, "ce"),)
+  ce = L.logits_loss(z, labels_bt=c["labels"], label_kinds_bt=kinds, teacher=None,
+                     groups=groups, settings=s0)["sums"][0]
+  mixed = L.logits_loss(z, labels_bt=c["labels"], label_kinds_bt=kinds, teacher=c["teacher"],
+                        groups=groups, settings=s1)["sums"][0]
+  ids, logp, mask = (np.asarray(x) for x in (c["teacher"].ids_btk, c["teacher"].logp_btk,
+                                              c["teacher"].mask_bt))
+  zz = np.asarray(z)
+  want = 0.0
+  for b, t in np.ndindex(*kinds.shape):
+    nll = -np_log_softmax(zz[b, t])[c["labels"][b, t]]
+    if mask[b, t]:
+      want += 0.75 * nll + 0.25 * ref_divergence(zz[b, t], ids[b, t], logp[b, t], kind="fkl",
+                                                  tail="tail_bucket")
+    else:
+      want += nll
+  assert float(mixed) != pytest.approx(float(ce))
+  np.testing.assert_allclose(float(mixed), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- chunked head
+
+
+def head_fn(fn, c, settings, scale, row=None, bias=True):
+  def f(h, w, b):
+    return fn(h, w, b if bias else None, scale_g=scale, row_scale_bt=row,
+              labels_bt=c["labels"], label_kinds_bt=c["kinds"], teacher=c["teacher"],
+              groups=SAD, settings=settings)
+  return f
+
+
+# Chunk sizes that divide T, do not divide it, exceed it and equal 1; every divergence
+# and tail rule; with and without bias and per-row scales.
+CHUNK_CASES = [
+    (0, 3, 12, "fkl", "tail_bucket", True, False),
+    (1, 5, 12, "fkl", "ignore", False, True),
+    (2, 4, 9, "rkl", "tail_bucket", True, True),
+    (3, 1, 7, "rkl", "ignore", True, False),
+    (4, 20, 6, "jsd", "tail_bucket", False, False),
+    (5, 2, 11, "jsd", "ignore", True, True),
+]
+
+
+@pytest.mark.parametrize("seed, chunk, T, kind, tail, bias, row", CHUNK_CASES)
+def test_chunked_equals_naive_values_and_grads(seed, chunk, T, kind, tail, bias, row):
+  c = random_case(seed, T=T)
+  s = L.LossSettings(divergence=kind, tail=tail, chunk_size=chunk, temperature=1.5,
+                     label_smoothing=0.05)
+  scale = jnp.array([0.7, 1.3])
+  row_bt = jnp.asarray(c["rng"].random(c["labels"].shape), jnp.float32) if row else None
+  args = (jnp.asarray(c["h"]), jnp.asarray(c["w"]), jnp.asarray(c["b"]))
+  fc = head_fn(L.chunked_head_loss, c, s, scale, row_bt, bias)
+  fn = head_fn(L.naive_head_loss, c, s, scale, row_bt, bias)
+  oc, on = jax.jit(fc)(*args), jax.jit(fn)(*args)
+  np.testing.assert_allclose(oc["total"], on["total"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(oc["sums"], on["sums"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(oc["correct"], on["correct"])
+  gc = jax.jit(jax.grad(lambda *a: fc(*a)["total"], argnums=(0, 1, 2)))(*args)
+  gn = jax.jit(jax.grad(lambda *a: fn(*a)["total"], argnums=(0, 1, 2)))(*args)
+  for x, y in zip(gc, gn):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_head_under_jit_scales_by_cotangent():
+  c = random_case(11, T=8)
+  s = L.LossSettings(chunk_size=3)
+  args = (jnp.asarray(c["h"]), jnp.asarray(c["w"]), jnp.asarray(c["b"]))
+  f = head_fn(L.chunked_head_loss, c, s, jnp.array([1.0, 1.0]))
+  g1 = jax.jit(jax.grad(lambda *a: f(*a)["total"]))(*args)
+  g3 = jax.jit(jax.grad(lambda *a: 3.0 * f(*a)["total"]))(*args)
+  np.testing.assert_allclose(g3, 3.0 * g1, rtol=1e-6)
+
+
+def test_context_targets_do_not_matter():
+  """Changing hidden states (hence logits) where the target is observation, task, system
+  or padding changes neither the loss nor the head gradient; their own gradient is 0."""
+  c = random_case(5, T=10)
+  s = L.LossSettings(chunk_size=4)
+  ctx = np.isin(c["kinds"], [K.OBSERVATION, K.TASK, K.SYSTEM, K.PAD])
+  assert ctx.any() and (~ctx).any()
+  h2 = c["h"] + np.where(ctx[..., None], c["rng"].normal(size=c["h"].shape) * 5, 0).astype(
+      np.float32)
+  for fn in (L.chunked_head_loss, L.naive_head_loss):
+    f = head_fn(fn, c, s, jnp.array([1.0, 1.0]))
+    g = jax.jit(jax.value_and_grad(lambda *a, f=f: f(*a)["total"], argnums=(0, 1, 2)))
+    (v1, (dh1, dw1, db1)) = g(jnp.asarray(c["h"]), jnp.asarray(c["w"]), jnp.asarray(c["b"]))
+    (v2, (_, dw2, db2)) = g(jnp.asarray(h2), jnp.asarray(c["w"]), jnp.asarray(c["b"]))
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    np.testing.assert_allclose(dw1, dw2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(db1, db2, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(dh1[ctx]).max()) == 0.0
+
+
+def test_filler_teacher_values_give_no_nan():
+  """Absent-teacher positions may hold any filler (−inf, NaN, huge ids): masked out."""
+  c = random_case(6)
+  t = c["teacher"]
+  absent = ~np.asarray(t.mask_bt)[..., None]
+  bad = L.TeacherTopK(jnp.where(absent, 10**6, t.ids_btk) % 23,
+                      jnp.where(absent, -jnp.inf, t.logp_btk), t.mask_bt)
+  c["teacher"] = bad
+  for kind in L.DIVERGENCES:
+    f = head_fn(L.chunked_head_loss, c, L.LossSettings(divergence=kind, chunk_size=4),
+                jnp.array([1.0, 1.0]))
+    v, g = jax.jit(jax.value_and_grad(lambda *a, f=f: f(*a)["total"], argnums=(0, 1)))(
+        jnp.asarray(c["h"]), jnp.asarray(c["w"]), jnp.asarray(c["b"]))
+    assert np.isfinite(v) and all(np.isfinite(x).all() for x in g)
+
+
+# ----------------------------------------------------------------------------- targets, counts
+
+
+def test_shift_targets_packing_and_padding():
+  ids = jnp.array([[5, 6, 7, 8, 9, 1, 0, 0]])
+  kinds = jnp.array([[2, 3, 4, 2, 3, 4, 0, 0]])
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]])  # two packed trajectories, then padding
+  out = L.shift_targets(ids, kinds, seg)
+  np.testing.assert_array_equal(out["labels_bt"], [[6, 7, 8, 9, 1, 0, 0]])
+  # the target across the boundary (7→8) and targets onto padding get PAD
+  np.testing.assert_array_equal(out["label_kinds_bt"], [[3, 4, 0, 3, 4, 0, 0]])
+  counts = L.group_counts(label_kinds_bt=out["label_kinds_bt"],
+                          teacher_mask_bt=jnp.ones((1, 7), bool), groups=SAD)
+  np.testing.assert_array_equal(counts, [2, 2])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_check_teacher_errors():
+  good = {"ids_btk": np.zeros((2, 3, 4), np.int32), "logp_btk": np.full((2, 3, 4), -1.5),
+          "mask_bt": np.ones((2, 3), bool)}
+  L.check_teacher(good, batch_shape=(2, 3), vocab_size=10, k=4)
+  cases = [
+      ({"ids_btk": np.zeros((2, 3, 5), np.int32)}, "equal"),
+      ({"mask_bt": np.ones((2, 4), bool)}, "batch is"),
+      ({"ids_btk": np.full((2, 3, 4), 10, np.int32)}, "outside the vocabulary"),
+      ({"logp_btk": np.where(np.arange(4) == 2, np.nan, -1.0) * np.ones((2, 3, 1))},
+       "non-finite"),
+      ({"logp_btk": np.full((2, 3, 4), 0.5)}, "<= 0"),
+  ]
+  for change, msg in cases:
+    with pytest.raises(DataError, match=msg):
+      L.check_teacher({**good, **change}, batch_shape=(2, 3), vocab_size=10,
+                      k=4 if "ids_btk" not in change or change["ids_btk"].shape[-1] == 4
+                      else None, where="store.arrayrecord")
+  with pytest.raises(DataError, match="k is 4, expected 8"):
+    L.check_teacher(good, batch_shape=(2, 3), vocab_size=10, k=8)
+  # a bad id where the teacher is absent is fine (filler)
+  L.check_teacher({**good, "ids_btk": np.full((2, 3, 4), 99, np.int32),
+                   "mask_bt": np.zeros((2, 3), bool)}, batch_shape=(2, 3), vocab_size=10)
+
+
+def test_settings_validation():
+  for bad in ({"divergence": "tvd"}, {"tail": "drop"}, {"divergence": "jsd", "jsd_beta": 1.0},
+              {"temperature": 0.0}, {"label_smoothing": 1.0}):
+    with pytest.raises(ValueError):
+      L.LossSettings(**bad)
