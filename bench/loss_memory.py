@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sad_jax import losses  # noqa: E402
-from sad_jax import objectives as O  # noqa: E402
-from sad_jax.types import SpanKind  # noqa: E402
+from sad_jax import losses
+from sad_jax import objectives as O
+from sad_jax.types import SpanKind
 
 
 def make_inputs(B, T, V, D, k, seed=0):

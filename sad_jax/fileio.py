@@ -10,6 +10,26 @@ from collections.abc import Iterator
 from typing import IO
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _fsync_dir(folder: str) -> None:
+  """Make a rename durable: sync the folder that holds the entry."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
   """Yields a file that becomes `path` only when the block ends without error."""
@@ -23,7 +43,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
       yield f
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates 0600; give the file the mode an ordinary open() would have
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+    _fsync_dir(folder)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
@@ -39,6 +62,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
   try:
     yield tmp
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     if os.path.isdir(path):
       # Move the old folder aside first so that `path` is never half-replaced.
       old = tmp + ".old"
@@ -47,6 +71,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(tmp, path)
+    _fsync_dir(parent)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -70,18 +70,22 @@ _HEADER_PATTERNS = (
     re.compile(r"###\s*Instruction:\s*(?P<task>.*?)\s*(?:###\s*Input:\s*(?P<input>.*?)\s*)?"
                r"###\s*Response:\s*$", re.S),
     re.compile(r"\[INST\]\s*(?P<task>.*?)\s*\[/INST\]\s*$", re.S),
-    re.compile(r"(?:^|\n)(?:Question|Task|Goal):\s*(?P<task>.*?)\s*$", re.S),
 )
+_QUESTION_RE = re.compile(r"(?:^|\n)(?:Question|Task|Goal):[ \t]*")
 
 
 def task_from_header(header: str) -> str:
-  """The task inside a prompt header (instruction/response wrappers removed)."""
+  """The task inside a prompt header (instruction/response wrappers removed). With
+  `Question:` lines (a few-shot prompt), the last one is the task."""
   for pat in _HEADER_PATTERNS:
     m = pat.search(header)
     if m:
       task = m.group("task").strip()
       extra = (m.groupdict().get("input") or "").strip()
       return f"{task}\n{extra}" if extra else task
+  marks = list(_QUESTION_RE.finditer(header))
+  if marks:
+    return header[marks[-1].end():].strip()
   return header.strip()
 
 
@@ -96,6 +100,8 @@ def _success_from(segments: list[Segment]) -> bool | None:
 
 def _finish(task: str, segments: list[Segment], *, source: str, meta: dict | None = None,
             record_id: Any = None, system: str = "") -> Trajectory:
+  if not isinstance(task, str):
+    raise DataError(f"task must be a string, got {type(task).__name__}", field="task")
   if not task.strip():
     raise DataError("empty task", field="task")
   head = ([Segment("system", system.strip())] if system.strip() else [])
@@ -126,6 +132,8 @@ def import_react_record(rec: Any, *, source: str) -> Trajectory:
     task = str(rec["instruction"])
     if rec.get("input"):
       task = f"{task.strip()}\n{str(rec['input']).strip()}"
+    if header:  # the task is given apart: text before the first marker is a thought
+      segments = [Segment("reason", header), *segments]
   elif "prompt" in rec:
     task = task_from_header(str(rec["prompt"]) + "\n" + header)
   else:
@@ -169,6 +177,9 @@ def _messages(rec: Any) -> list[dict]:
       raise DataError("must be an object", field=f"messages[{i}]")
     if "role" not in m:
       raise DataError("missing field", field=f"messages[{i}].role")
+    if not isinstance(m["role"], str):
+      raise DataError(f"role must be a string, got {type(m['role']).__name__}",
+                      field=f"messages[{i}].role")
   return msgs
 
 
@@ -281,6 +292,9 @@ def import_openai_record(rec: Any, *, source: str) -> Trajectory:
       if text.strip():
         if calls:
           header, segs = parse_react(text, field=f"{field}.content")
+          if any(sg.kind == "observation" for sg in segs):
+            raise DataError("assistant message contains an 'Observation:'",
+                            field=f"{field}.content")
           segments += ([Segment("reason", header)] if header else []) + segs
         else:
           segments += _assistant_segments(text, field=f"{field}.content",
@@ -317,7 +331,7 @@ _CODE_RES = (
     re.compile(r"(?:^|\n)Code:\s*\n?```(?:py|python)?[ \t]*\n(?P<code>.*?)\n?```(?:\s*<end_code>)?",
                re.S),
     re.compile(r"<code>\s*\n?(?P<code>.*?)\n?</code>", re.S),
-    re.compile(r"```(?:py|python)[ \t]*\n(?P<code>.*?)\n?```(?:\s*<end_code>)?", re.S),
+    re.compile(r"```(?:py|python)?[ \t]*\n(?P<code>.*?)\n?```(?:\s*<end_code>)?", re.S),
 )
 _THOUGHT_PREFIX_RE = re.compile(r"^\s*Thoughts?:\s*")
 _TOOL_RESPONSE_RE = re.compile(r"^\s*(?:Call id: [^\n]*\n)?(?:Observation:[ \t]*\n?)?", re.S)
@@ -429,7 +443,8 @@ def detect_format(rec: Any) -> str:
       return "smolagents"
     msgs = rec.get("messages")
     if isinstance(msgs, list):
-      roles = {m.get("role") for m in msgs if isinstance(m, dict)}
+      roles = {m.get("role") for m in msgs
+               if isinstance(m, dict) and isinstance(m.get("role"), str)}
       if roles & {"tool-call", "tool-response"}:
         return "smolagents"
       if "tool" in roles or any(isinstance(m, dict) and m.get("tool_calls") for m in msgs):
@@ -459,23 +474,35 @@ def import_file(path: str | os.PathLike, *, fmt: str = "auto",
   path = os.fspath(path)
   source = os.path.basename(path)
   out: list[Trajectory] = []
-  seen: dict[str, int] = {}
+  seen: set[str] = set()
   for recno, rec in iter_records(path):
     try:
       if isinstance(rec, DataError):
         raise rec
       f = detect_format(rec) if fmt == "auto" else fmt
-      traj = IMPORTERS[f](rec, source=source)
+      try:
+        traj = IMPORTERS[f](rec, source=source)
+      except (TypeError, AttributeError, KeyError, ValueError) as e:
+        # A value of an unexpected type deep in a record: still name the record.
+        raise DataError(f"malformed {f} record ({type(e).__name__}: {e})") from None
     except DataError as e:
       skips.handle(e.located(path=path, record=recno))
       continue
-    # Identical episodes get one content id; keep them apart, deterministically.
-    n = seen.get(traj.id, 0)
-    seen[traj.id] = n + 1
-    if n:
-      traj.id = f"{traj.id}-{n}"
+    _dedupe_id(traj, seen)
     out.append(traj)
   return out
+
+
+def _dedupe_id(traj: Trajectory, seen: set[str]) -> None:
+  """Identical episodes share a content id: number the repeats (until the id is free)
+  and remember the original, so that every copy lands in the same split."""
+  if traj.id in seen:
+    base, n = traj.id, 1
+    while f"{base}-{n}" in seen:
+      n += 1
+    traj.id = f"{base}-{n}"
+    traj.meta["duplicate_of"] = base
+  seen.add(traj.id)
 
 
 def import_files(paths: list[str], *, fmt: str = "auto",

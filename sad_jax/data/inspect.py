@@ -88,9 +88,10 @@ def inspect_jsonl(path: str, *, index: int, fmt: str, tokenizer: str | None,
             f"segments={len(traj.segments)}")
   lines = [header, legend(colour=colour), paint(pieces, colour=colour)]
   if tokenizer:
+    # the same tokenization as `prepare` with the default ReAct template
     tok = load_tokenizer(tokenizer)
-    spans = segment.token_kinds(rendered, tok.encode(rendered.text), bos_id=tok.bos_id,
-                                eos_id=tok.eos_id)
+    enc = segment.encode_rendered(tok, [rendered], parse_special=False)[0]
+    spans = segment.token_kinds(rendered, enc, bos_id=tok.bos_id, eos_id=tok.eos_id)
     lines.append(counts_line(spans.kinds))
   else:
     c = collections.Counter(s.kind for s in traj.segments)

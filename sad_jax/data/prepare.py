@@ -36,7 +36,7 @@ from sad_jax.types import SpanKind
 LENGTH_POLICIES = ("truncate", "drop")
 # Actions that end the episode rather than call a tool (ReAct, CodeAgent, JSON tool call).
 _TERMINAL_ACTION_RE = re.compile(
-    r'^\s*(finish\[|final_answer\(|\{"arguments": .*"name": "final_answer")')
+    r'^\s*(finish\[|final_answer\(|\{"arguments": .*"name": "final_answer")', re.I)
 
 
 def split_of(example_id: str, val_fraction: float) -> str:
@@ -141,18 +141,31 @@ def dataset_fingerprint(*, tok: Tokenizer, template: render.ChatTemplate | None,
 
 def tokenize_trajectories(trajectories: list[Trajectory], *, tok: Tokenizer,
                           template: render.ChatTemplate | None, add_bos: bool, add_eos: bool,
-                          batch_size: int = 256, progress=None):
-  """Yields (trajectory, TokenSpans) in input order."""
-  bos = tok.bos_id if add_bos else None
-  eos = tok.eos_id if add_eos else None
+                          skips: SkipReport | None = None, batch_size: int = 256,
+                          progress=None):
+  """Yields (trajectory, TokenSpans) in input order.
+
+  With a chat template, BOS/EOS come from the template (as the model's own
+  apply_chat_template writes them), so add_bos/add_eos apply to the ReAct template only.
+  A trajectory the template cannot render is an error naming it (or a counted skip).
+  """
+  skips = skips or SkipReport()
+  bos = tok.bos_id if add_bos and template is None else None
+  eos = tok.eos_id if add_eos and template is None else None
   for lo in range(0, len(trajectories), batch_size):
-    chunk = trajectories[lo: lo + batch_size]
-    rendered = [render.render(t, template=template) for t in chunk]
+    chunk, rendered = [], []
+    for t in trajectories[lo: lo + batch_size]:
+      try:
+        rendered.append(render.render(t, template=template))
+        chunk.append(t)
+      except DataError as e:
+        skips.handle(DataError(f"trajectory {t.id}: {e.message}", path=t.source or None,
+                               field=e.field))
     encs = segment.encode_rendered(tok, rendered, parse_special=template is not None)
     for t, r, e in zip(chunk, rendered, encs):
       yield t, segment.token_kinds(r, e, bos_id=bos, eos_id=eos)
     if progress is not None:
-      progress.update(len(chunk))
+      progress.update(len(trajectories[lo: lo + batch_size]))
 
 
 def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
@@ -197,7 +210,7 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
                leave=False)
     for traj, spans in tokenize_trajectories(trajectories, tok=tok, template=template,
                                              add_bos=config.add_bos, add_eos=config.add_eos,
-                                             progress=bar):
+                                             skips=skips, progress=bar):
       truncated = 0
       if len(spans.ids) > config.max_len:
         keep = (segment.truncate_at_step(spans.kinds, config.max_len)
@@ -213,9 +226,14 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
       ex = {"id": traj.id, "source": traj.source, "ids": spans.ids, "kinds": spans.kinds,
             "stats": np.array([stats[k] for k in tfds_builder.STATS_FIELDS], np.int32)}
       token_counts += np.bincount(spans.kinds, minlength=len(SpanKind))
-      splits[split_of(traj.id, config.val_fraction)].append(ex)
+      split_key = traj.meta.get("duplicate_of", traj.id)  # copies stay together
+      splits[split_of(split_key, config.val_fraction)].append(ex)
     bar.close()
+    report.skipped, report.skip_reasons = skips.count, list(skips.reasons)
     splits = {k: v for k, v in splits.items() if v}
+    if not splits:
+      raise DataError("every trajectory was dropped or skipped: nothing to write",
+                      field="config.inputs")
     report.fingerprint = dataset_fingerprint(tok=tok, template=template, options=options,
                                              examples=[e for v in splits.values() for e in v])
     report.written = {k: len(v) for k, v in splits.items()}

@@ -43,21 +43,28 @@ class Rendered:
   text: str
   starts: np.ndarray    # int32[n_spans], starts[0] == 0, increasing
   kinds: np.ndarray     # int8[n_spans] SpanKind
-  segment: np.ndarray   # int32[n_spans] index into trajectory.segments, -1 for markup
+  segment: np.ndarray   # int32[n_spans] index into trajectory.segments, -1 between them
+  markup: np.ndarray    # bool[n_spans] written by a chat template (special tokens allowed)
 
   def span_of_char(self, pos: np.ndarray) -> np.ndarray:
     return np.searchsorted(self.starts, pos, side="right") - 1
 
+  def span_end(self, j: int) -> int:
+    return int(self.starts[j + 1]) if j + 1 < len(self.starts) else len(self.text)
 
-def _build(text: str, spans: list[tuple[int, int, SpanKind, int]]) -> Rendered:
-  """Spans (start, end, kind, segment) sorted and disjoint → a contiguous Rendered.
+
+Span = tuple[int, int, SpanKind, int, bool]  # (start, end, kind, segment, markup)
+
+
+def _build(text: str, spans: list[Span], *, gap_is_markup: bool) -> Rendered:
+  """Spans sorted and disjoint → a contiguous Rendered.
 
   A gap gets the kind of the next span when that span is context, else of the
   previous span (see the module docstring).
   """
-  out: list[tuple[int, int, int]] = []
+  out: list[tuple[int, int, int, bool]] = []
   pos = 0
-  for j, (s, e, kind, seg) in enumerate(spans):
+  for s, e, kind, seg, markup in spans:
     if s < pos:
       raise AssertionError(f"overlapping spans at {s}")
     if s > pos:
@@ -65,17 +72,16 @@ def _build(text: str, spans: list[tuple[int, int, SpanKind, int]]) -> Rendered:
         gap_kind = kind if kind not in SUPERVISED_KINDS else SpanKind.SYSTEM
       else:
         gap_kind = SpanKind(out[-1][1])
-      out.append((pos, gap_kind, -1))
+      out.append((pos, gap_kind, -1, gap_is_markup))
     if e > s:
-      out.append((s, kind, seg))
+      out.append((s, kind, seg, markup))
     pos = e
-    del j
   if pos < len(text):
-    out.append((pos, out[-1][1] if out else SpanKind.SYSTEM, -1))
-  starts = np.array([o[0] for o in out], np.int32)
-  kinds = np.array([o[1] for o in out], np.int8)
-  segment = np.array([o[2] for o in out], np.int32)
-  return Rendered(text, starts, kinds, segment)
+    out.append((pos, out[-1][1] if out else SpanKind.SYSTEM, -1, gap_is_markup))
+  return Rendered(text, np.array([o[0] for o in out], np.int32),
+                  np.array([o[1] for o in out], np.int8),
+                  np.array([o[2] for o in out], np.int32),
+                  np.array([o[3] for o in out], bool))
 
 
 # ----------------------------------------------------------------------------- ReAct
@@ -106,9 +112,9 @@ def render_react(traj: Trajectory) -> Rendered:
                          first_task=seg.kind == "task" and not seen_task)
     seen_task |= seg.kind == "task"
     pieces.append(piece)
-    spans.append((pos, pos + len(piece), _KIND[seg.kind], i))
+    spans.append((pos, pos + len(piece), _KIND[seg.kind], i, False))
     pos += len(piece)
-  return _build("".join(pieces), spans)
+  return _build("".join(pieces), spans, gap_is_markup=False)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -123,7 +129,7 @@ def _assistant_content(segs: list[tuple[int, Segment]], action_format: str
     if n == len(segs) - 1:
       piece = piece[:-1]  # the template ends the turn, not a newline
     parts.append(piece)
-    spans.append((pos, pos + len(piece), _KIND[seg.kind], i))
+    spans.append((pos, pos + len(piece), _KIND[seg.kind], i, False))
     pos += len(piece)
   return "".join(parts), spans
 
@@ -176,10 +182,10 @@ class ChatTemplate:
         # Merge consecutive user messages: many templates require alternation.
         prev = msgs[-1]["content"]
         msgs[-1]["content"] = prev + "\n" + text
-        spans[-1].append((len(prev) + 1, len(prev) + 1 + len(text), kind, i))
+        spans[-1].append((len(prev) + 1, len(prev) + 1 + len(text), kind, i, False))
         continue
       msgs.append({"role": role, "content": text})
-      spans.append([(0, len(text), kind, i)])
+      spans.append([(0, len(text), kind, i, False)])
     flush()
     return msgs, spans
 
@@ -221,22 +227,29 @@ class ChatTemplate:
                       "changes or reorders them)", field="chat_template")
     # shift[i]: how much longer the real text is than the skeleton after content i
     shift = np.cumsum([len(m["content"]) - len(_sentinel(i)) for i, m in enumerate(msgs)])
-    spans: list[tuple[int, int, SpanKind, int]] = []
+    spans: list[Span] = []
     for i, (m, sp) in enumerate(zip(msgs, content_spans)):
       at = starts[i]
-      for s, e, kind, seg in sp:
-        spans.append((at + s, at + e, kind, seg))
       if m["role"] != "assistant":
+        spans += [(at + s, at + e, kind, seg, False) for s, e, kind, seg, _ in sp]
         continue
       prompt = self.render_messages(marked[:i], add_generation_prompt=True)
       upto = self.render_messages(marked[: i + 1], add_generation_prompt=False)
       if not (upto.startswith(prompt) and skeleton.startswith(upto)):
         raise DataError(f"chat template is not prefix-stable at message {i}: the assistant "
                         "turn cannot be delimited", field="chat_template")
-      # End-of-turn markup belongs to the turn's last segment.
-      s, e, kind, seg = spans[-1]
-      spans[-1] = (s, len(upto) + int(shift[i]), kind, seg)
-    return _build(full, spans)
+      turn_start = len(prompt) + (int(shift[i - 1]) if i else 0)
+      turn_end = len(upto) + int(shift[i])
+      # Markup the template writes inside the turn belongs to the model's output: before
+      # the content (e.g. an empty <think></think>) to the first segment, after it (the
+      # end-of-turn token) to the last, so the student learns to stop.
+      first, last = sp[0], sp[-1]
+      if turn_start < at:
+        spans.append((turn_start, at, first[2], first[3], True))
+      spans += [(at + s, at + e, kind, seg, False) for s, e, kind, seg, _ in sp]
+      if at + last[1] < turn_end:
+        spans.append((at + last[1], turn_end, last[2], last[3], True))
+    return _build(full, spans, gap_is_markup=True)
 
 
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")

@@ -64,12 +64,27 @@ def hard_boundaries(rendered: Rendered) -> np.ndarray:
   return rendered.starts[change]
 
 
+def markup_regions(rendered: Rendered) -> list[tuple[int, int]]:
+  """Character ranges a chat template wrote: the only places special tokens may be."""
+  return [(int(rendered.starts[j]), rendered.span_end(j))
+          for j in np.flatnonzero(rendered.markup)]
+
+
 def encode_rendered(tok: Tokenizer, rendered: list[Rendered], *,
                     parse_special: bool) -> list[Encoding]:
   """Encodes with no token across a hard boundary (unless the tokenizer adds a prefix
-  per call: then the text is encoded whole and the first-character rule alone decides)."""
-  cuts = [hard_boundaries(r) for r in rendered] if tok.chunk_safe else None
-  return tok.encode_batch([r.text for r in rendered], parse_special=parse_special, cuts=cuts)
+  per call: then the text is encoded whole and the first-character rule alone decides).
+  With `parse_special`, special token strings become special ids only inside template
+  markup, so a trajectory that contains "<|im_end|>" as text cannot inject one."""
+  if not tok.chunk_safe:
+    # A prefix added per piece would change the text at every cut: encode whole and,
+    # for chat templates, parse special tokens everywhere (as such a tokenizer's own
+    # slow implementation does).
+    regions = [[(0, len(r.text))] for r in rendered] if parse_special else None
+    return tok.encode_batch([r.text for r in rendered], special_regions=regions)
+  cuts = [hard_boundaries(r) for r in rendered]
+  regions = [markup_regions(r) for r in rendered] if parse_special else None
+  return tok.encode_batch([r.text for r in rendered], cuts=cuts, special_regions=regions)
 
 
 def is_supervised(kinds: np.ndarray) -> np.ndarray:

@@ -107,14 +107,15 @@ class SentencePieceTokenizer:
     except OSError as e:
       raise DataError(f"cannot read tokenizer: {e.strerror}", path=path) from None
 
-  def encode_batch(self, texts: Sequence[str], *, parse_special: bool = False,
-                   cuts: Sequence[Sequence[int]] | None = None) -> list[Encoding]:
-    """Encodes texts; no token crosses a position in `cuts[i]`; with `parse_special`
-    the special token strings map to their ids."""
-    special_re = self._special_re if parse_special and self.special_tokens else None
-    chunked = [_chunks(t, None if cuts is None else cuts[i], special_re, self.special_tokens)
-               for i, t in enumerate(texts)]
-    plain = [c for ch in chunked for (_, c, sid) in ch if sid is None]
+  def encode_batch(self, texts: Sequence[str], *, cuts: Cuts = None,
+                   special_regions: Regions = None) -> list[Encoding]:
+    """Encodes texts. No token crosses a position in `cuts[i]`; special token strings
+    map to their ids only inside `special_regions[i]` (template markup), never in
+    content. (sentencepiece always matches its user-defined pieces, wherever they are.)"""
+    chunked = [_chunks(t, None if cuts is None else cuts[i],
+                       None if special_regions is None else special_regions[i],
+                       self._special_re, self.special_tokens) for i, t in enumerate(texts)]
+    plain = [c for ch in chunked for (_, c, sid, _) in ch if sid is None]
     if self._piece_bytes is None:
       return [self._encode_proto(t, ch) for t, ch in zip(texts, chunked)]
     plain_ids = iter(self.sp.encode(plain) if plain else [])
@@ -122,7 +123,7 @@ class SentencePieceTokenizer:
     out = []
     for text, ch in zip(texts, chunked):
       ids_parts, len_parts = [], []
-      for _, chunk, sid in ch:
+      for _, chunk, sid, _ in ch:
         if sid is None:
           ids = np.asarray(next(plain_ids), np.int32)
           ids_parts.append(ids)
@@ -131,11 +132,13 @@ class SentencePieceTokenizer:
           ids_parts.append(np.array([sid], np.int32))
           len_parts.append(np.array([len(chunk.encode("utf-8"))], np.int32))
       ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
-      if (ids == unk).any():  # an unknown piece has no known byte length
-        out.append(self._encode_proto(text, ch))
-        continue
       lengths = np.concatenate(len_parts) if len_parts else np.zeros(0, np.int32)
       ends = np.cumsum(lengths, dtype=np.int32)
+      # An unknown piece, or a literal "▁" in the text (1 byte in the table, 3 in the
+      # text), breaks the byte arithmetic: take sentencepiece's own spans then.
+      if (ids == unk).any() or (len(ends) and ends[-1] != len(text.encode("utf-8"))):
+        out.append(self._encode_proto(text, ch))
+        continue
       starts = ends - lengths
       b2c = byte_to_char(text)
       if b2c is not None:
@@ -143,10 +146,11 @@ class SentencePieceTokenizer:
       out.append(Encoding(ids, starts, ends))
     return out
 
-  def _encode_proto(self, text: str, chunks: list[tuple[int, str, int | None]]) -> Encoding:
+  def _encode_proto(self, text: str, chunks: list[Chunk]) -> Encoding:
     """Offsets from sentencepiece's own (byte) spans: works for any normaliser."""
+    del text
     ids, starts, ends = [], [], []
-    for at, chunk, sid in chunks:
+    for at, chunk, sid, _ in chunks:
       if sid is not None:
         ids.append(sid)
         starts.append(at)
@@ -163,7 +167,8 @@ class SentencePieceTokenizer:
                     np.array(ends, np.int32))
 
   def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
-    return self.encode_batch([text], parse_special=parse_special)[0]
+    return self.encode_batch([text], special_regions=[[(0, len(text))]] if parse_special
+                             else None)[0]
 
   def decode(self, ids: Iterable[int]) -> str:
     # Decode runs of ordinary pieces with sentencepiece (byte pieces must be joined
@@ -194,22 +199,30 @@ def _opt_id(i: int) -> int | None:
   return None if i is None or i < 0 else int(i)
 
 
-def _chunks(text: str, cuts: Sequence[int] | None, special_re: re.Pattern | None,
-            specials: dict[str, int]) -> list[tuple[int, str, int | None]]:
-  """(char offset, chunk, special id or None) pieces of `text`, split at the cuts and
-  around special token strings."""
-  bounds = sorted({0, len(text), *(int(c) for c in (() if cuts is None else cuts)
+Cuts = Sequence[Sequence[int]] | None
+Regions = Sequence[Sequence[tuple[int, int]]] | None
+Chunk = tuple[int, str, int | None, bool]  # (char offset, text, special id, specials parsed)
+
+
+def _chunks(text: str, cuts: Sequence[int] | None, regions: Sequence[tuple[int, int]] | None,
+            special_re: re.Pattern | None, specials: dict[str, int]) -> list[Chunk]:
+  """Pieces of `text` split at the cuts and at region edges; inside a region, special
+  token strings are pieces of their own with their id."""
+  regions = list(regions or ())
+  edges = [e for r in regions for e in r]
+  bounds = sorted({0, len(text), *(int(c) for c in [*(() if cuts is None else cuts), *edges]
                                     if 0 < c < len(text))})
-  out = []
+  out: list[Chunk] = []
   for a, b in zip(bounds[:-1], bounds[1:]):
     piece = text[a:b]
-    if special_re is None:
-      out.append((a, piece, None))
+    parse = any(lo <= a and b <= hi for lo, hi in regions)
+    if not parse or special_re is None or not specials:
+      out.append((a, piece, None, parse))
       continue
     pos = a
     for part in special_re.split(piece):
       if part:
-        out.append((pos, part, specials.get(part)))
+        out.append((pos, part, specials.get(part), True))
         pos += len(part)
   return out
 
@@ -266,33 +279,50 @@ class HFTokenizer:
         raise DataError(f"cannot read tokenizer config: {e}", path=cfg_path) from None
     return cls(text, config=config, path=tj)
 
-  def encode_batch(self, texts: Sequence[str], *, parse_special: bool = False,
-                   cuts: Sequence[Sequence[int]] | None = None) -> list[Encoding]:
-    # The `tokenizers` library always splits out added tokens; `parse_special` is kept
-    # for interface symmetry with sentencepiece.
-    del parse_special
-    chunked = [_chunks(t, None if cuts is None else cuts[i], None, {})
+  def encode_batch(self, texts: Sequence[str], *, cuts: Cuts = None,
+                   special_regions: Regions = None) -> list[Encoding]:
+    """As SentencePieceTokenizer.encode_batch."""
+    chunked = [_chunks(t, None if cuts is None else cuts[i],
+                       None if special_regions is None else special_regions[i], None, {})
                for i, t in enumerate(texts)]
-    encs = iter(self.tok.encode_batch([c for ch in chunked for _, c, _ in ch],
-                                      add_special_tokens=False))
-    out = []
+    flat = [c for ch in chunked for c in ch]
+    encs: list = [None] * len(flat)
+    for parse in (False, True):
+      idx = [j for j, c in enumerate(flat) if c[3] == parse]
+      if not idx:
+        continue
+      # encode_special_tokens=True means "special token strings are plain text"
+      self.tok.encode_special_tokens = not parse
+      for j, e in zip(idx, self.tok.encode_batch([flat[j][1] for j in idx],
+                                                 add_special_tokens=False)):
+        encs[j] = e
+    self.tok.encode_special_tokens = False
+    out, j = [], 0
     for ch in chunked:
-      ids, offs = [], []
-      for at, _, _ in ch:
-        e = next(encs)
+      ids, starts, ends = [], [], []
+      for at, chunk, _, _ in ch:
+        e = encs[j]
+        j += 1
+        off = np.asarray(e.offsets, np.int32).reshape(-1, 2)
+        s_, e_ = off[:, 0].copy(), off[:, 1].copy()
+        if len(s_):
+          # Make the offsets tile the chunk: byte-level pieces that split a character
+          # each report the whole character (end each token where the next starts, so
+          # all but the last are zero-width, as with sentencepiece), and tokenizers that
+          # trim offsets leave whitespace out (give it to the token that follows).
+          np.minimum(e_[:-1], s_[1:], out=e_[:-1])
+          s_[1:] = e_[:-1]
+          s_[0], e_[-1] = 0, len(chunk)
         ids.append(np.asarray(e.ids, np.int32))
-        offs.append(np.asarray(e.offsets, np.int32).reshape(-1, 2) + at)
-      off = np.concatenate(offs) if offs else np.zeros((0, 2), np.int32)
-      starts, ends = off[:, 0].copy(), off[:, 1].copy()
-      # Byte-level pieces that split a character each report the whole character; end
-      # each token where the next one starts (so the pieces of one character are
-      # zero-width but the last, as with sentencepiece) and offsets tile the text.
-      np.minimum(ends[:-1], starts[1:], out=ends[:-1])
-      out.append(Encoding(np.concatenate(ids) if ids else np.zeros(0, np.int32), starts, ends))
+        starts.append(s_ + at)
+        ends.append(e_ + at)
+      cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
+      out.append(Encoding(cat(ids), cat(starts), cat(ends)))
     return out
 
   def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
-    return self.encode_batch([text], parse_special=parse_special)[0]
+    return self.encode_batch([text], special_regions=[[(0, len(text))]] if parse_special
+                             else None)[0]
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -342,6 +372,7 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, out_path: str 
 
   Identity normalisation, no dummy prefix and no whitespace folding keep every
   character; newline is a piece of its own; byte fallback covers unseen characters.
+  The one exception is U+2581 (sentencepiece's own space mark), which decodes as a space.
   """
   import sentencepiece as spm
 

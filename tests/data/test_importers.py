@@ -202,7 +202,42 @@ def test_ids_stable_and_unique(tmp_path):
   path = helpers.write_jsonl(str(tmp_path / "dup.jsonl"), [rec, rec])
   a, b = importers.import_file(path)
   assert a.segments == b.segments and b.id == a.id + "-1"
+  assert b.meta["duplicate_of"] == a.id
   assert importers.import_file(path)[0].id == a.id
+  # given ids that collide with a renamed repeat: the repeat skips to a free suffix
+  recs = [{**rec, "id": "a"}, {**rec, "id": "a"}, {**rec, "id": "a-1"}]
+  path = helpers.write_jsonl(str(tmp_path / "ids.jsonl"), recs)
+  ids = [t.id for t in importers.import_file(path)]
+  assert len(set(ids)) == 3 and ids[:2] == ["a", "a-1"]
+
+
+def test_few_shot_header_takes_the_last_question():
+  text = ("Solve like the examples.\nQuestion: ex1\nThought: a\nAction: finish[b]\n"
+          "Question: REAL Q\n")
+  traj = importers.import_react_record({"prompt": text, "completion": "Thought: t\nAction: x\n"},
+                                       source="t")
+  assert traj.task == "REAL Q"
+
+
+def test_text_before_the_first_marker_is_a_thought():
+  traj = importers.import_react_record(
+      {"instruction": "q", "output": "Let me think.\nAction: finish[b]\n"}, source="t")
+  assert [s.kind for s in traj.segments] == ["task", "reason", "action"]
+  assert traj.segments[1].text == "Let me think."
+
+
+def test_records_of_the_wrong_type_name_the_record(tmp_path):
+  path = helpers.write_jsonl(str(tmp_path / "t.jsonl"), [
+      {"messages": [{"role": ["user"], "content": "q"}]},
+      {"steps": [], "task": 5},
+      {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]},
+  ])
+  skips = SkipReport(on_error="skip")
+  assert importers.import_file(path, skips=skips) == []
+  assert skips.count == 3
+  assert "record 1, field 'messages[0].role': role must be a string" in skips.reasons[0]
+  assert "record 2, field 'task': task must be a string" in skips.reasons[1]
+  assert "record 3" in skips.reasons[2]
 
 
 def test_unreadable_files(tmp_path):

@@ -13,6 +13,9 @@ from sad_jax.data import importers, prepare, render, schema, segment, tfds_build
 from sad_jax.errors import DataError
 from sad_jax.types import SpanKind
 from tests import helpers
+from tests.data.test_render_segment import REACT_FORM
+
+K = SpanKind
 
 
 def make_config(inputs, **kw):
@@ -62,18 +65,27 @@ def test_prepare_reads_back_and_is_deterministic(tmp_path, synthetic_jsonl):
       seen.add(tid)
       assert prepare.split_of(tid, config.val_fraction) == split
       traj = trajs[tid]
-      # tokens and kinds equal an independent re-tokenization of the trajectory
-      rendered = render.render_react(traj)
-      enc = segment.encode_rendered(tok, [rendered], parse_special=False)[0]
-      want = segment.token_kinds(rendered, enc, bos_id=tok.bos_id, eos_id=tok.eos_id)
-      np.testing.assert_array_equal(ex["ids"], want.ids)
-      np.testing.assert_array_equal(ex["kinds"], want.kinds)
+      # Independent check: BOS + tokens + EOS; the decoded runs of one kind are exactly
+      # the trajectory's segments in ReAct form, in order.
+      ids, kinds = np.asarray(ex["ids"]), np.asarray(ex["kinds"])
+      assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+      cut = np.flatnonzero(kinds[2:-1] != kinds[1:-2]) + 2
+      runs = [(int(kinds[a]), tok.decode(ids[a:b]))
+              for a, b in zip([1, *cut], [*cut, len(ids) - 1], strict=True)]
+      want = [(int(SpanKind.from_name(sg.kind)), REACT_FORM[sg.kind](sg.text, "react", i))
+              for i, sg in enumerate(traj.segments)]
+      assert runs == want
+      want_ids = segment.token_kinds(
+          render.render_react(traj),
+          segment.encode_rendered(tok, [render.render_react(traj)], parse_special=False)[0],
+          bos_id=tok.bos_id, eos_id=tok.eos_id)
+      np.testing.assert_array_equal(ex["ids"], want_ids.ids)
       stats = tfds_builder.named_stats(ex)
       assert stats["steps"] == traj.count("action")
       assert stats["tool_calls"] == traj.count("action") - 1  # all but finish[…]
-      assert stats["tokens"] == len(want.ids)
-      assert stats["observation_tokens"] == int(np.sum(want.kinds == SpanKind.OBSERVATION))
-      assert stats["reason_tokens"] == int(np.sum(want.kinds == SpanKind.REASON))
+      assert stats["tokens"] == len(ids)
+      assert stats["observation_tokens"] == int(np.sum(kinds == SpanKind.OBSERVATION))
+      assert stats["reason_tokens"] == int(np.sum(kinds == SpanKind.REASON))
       assert stats["success"] == 1 and stats["truncated"] == 0
   assert seen == set(trajs)
   report = json.loads((tmp_path / "a" / "prepare_report.json").read_text())
@@ -103,6 +115,11 @@ def test_fingerprint_changes_with_content_tokenizer_and_template(tmp_path, synth
 
 
 def test_length_policies_are_counted(tmp_path, synthetic_jsonl, spm_path):
+  full_cfg = make_config([synthetic_jsonl], tokenizer__path=spm_path, max_len=10**6)
+  prepare.prepare(full_cfg, str(tmp_path / "full"), progress=False)
+  full_builder, _, _ = prepare.load_prepared(str(tmp_path / "full"))
+  full = {ex["id"]: (np.asarray(ex["ids"]), np.asarray(ex["kinds"]))
+          for split in full_builder.info.splits for ex in full_builder.as_data_source(split)}
   lengths = {}
   for policy in ("truncate", "drop"):
     config = make_config([synthetic_jsonl], tokenizer__path=spm_path, max_len=120,
@@ -114,10 +131,17 @@ def test_length_policies_are_counted(tmp_path, synthetic_jsonl, spm_path):
     for split in builder.info.splits:
       for ex in builder.as_data_source(split):
         assert len(ex["ids"]) <= 120
+        whole, whole_kinds = full[ex["id"]]
         if tfds_builder.named_stats(ex)["truncated"]:
-          # truncated rows end right before a step: the last kept token is context
-          assert not segment.is_supervised(ex["kinds"][-1:]).any()
-          assert segment.is_supervised(ex["kinds"]).any()
+          # a prefix of the full tokens, cut right before the latest step start that fits
+          # (a step start: a supervised token after context), keeping at least one step
+          n = len(ex["ids"])
+          np.testing.assert_array_equal(ex["ids"], whole[:n])
+          sup = np.isin(whole_kinds, [K.REASON, K.ACTION, K.ANSWER])
+          starts = [t for t in range(1, len(sup)) if sup[t] and not sup[t - 1]]
+          assert n == max(t for t in starts[1:] if t <= 120)
+        else:
+          np.testing.assert_array_equal(ex["ids"], whole)
     lengths[policy] = (n_written, report.truncated, len(report.dropped))
   assert lengths["truncate"][1] > 0 and lengths["drop"][1] == 0
   assert lengths["drop"][2] == lengths["truncate"][1] + lengths["truncate"][2]
@@ -164,9 +188,10 @@ def test_fireact_alpaca_and_chat_prepare_identically(tmp_path):
   ba, _, _ = prepare.load_prepared(str(tmp_path / "alpaca"))
   bc, _, _ = prepare.load_prepared(str(tmp_path / "chat"))
   for split in ("train", "validation"):
-    for x, y in zip(ba.as_data_source(split), bc.as_data_source(split)):
+    for x, y in zip(ba.as_data_source(split), bc.as_data_source(split), strict=True):
       assert x["id"] == y["id"]
       np.testing.assert_array_equal(x["ids"], y["ids"])
+      np.testing.assert_array_equal(x["kinds"], y["kinds"])
 
 
 def test_import_then_prepare_via_schema_jsonl(tmp_path, spm_path):
@@ -187,3 +212,34 @@ def test_import_then_prepare_via_schema_jsonl(tmp_path, spm_path):
            for ex in builder.as_data_source("train")}
   assert by_id[trajs[0].id]["tool_calls"] == 2 and by_id[trajs[0].id]["steps"] == 3
   assert by_id[trajs[1].id]["steps"] == 1 and by_id[trajs[1].id]["success"] == -1
+
+
+def test_chat_template_writes_its_own_bos_and_eos(tmp_path, synthetic_jsonl, hf_dir):
+  """add_bos/add_eos do not double what the template already writes."""
+  cfg = make_config([synthetic_jsonl], tokenizer__path=hf_dir, template="tokenizer",
+                    val_fraction=0.0)
+  prepare.prepare(cfg, str(tmp_path / "d"), progress=False)
+  builder, tok, _ = prepare.load_prepared(str(tmp_path / "d"))
+  end = tok.special_tokens["<|im_end|>"]
+  start = tok.special_tokens["<|im_start|>"]
+  for ex in builder.as_data_source("train"):
+    ids = np.asarray(ex["ids"]).tolist()
+    assert ids[0] == start and ids.count(start) == ids.count(end)
+    assert tok.decode(ids).endswith("<|im_end|>\n")
+
+
+def test_a_template_failure_names_the_trajectory(tmp_path, synthetic_jsonl, spm_path):
+  tmpl = tmp_path / "strict.jinja"
+  tmpl.write_text(helpers.LLAMA2)
+  trajs = schema.read_jsonl(synthetic_jsonl)  # they have a system segment: fine for LLAMA2
+  bad = trajs[3]
+  bad.segments.insert(1, schema.Segment("system", "a second system prompt"))
+  schema.write_jsonl(tmp_path / "in.jsonl", trajs)
+  cfg = make_config([str(tmp_path / "in.jsonl")], tokenizer__path=spm_path, template=str(tmpl))
+  with pytest.raises(DataError, match=f"trajectory {bad.id}: chat template raised"):
+    prepare.prepare(cfg, str(tmp_path / "out"), progress=False)
+  assert not (tmp_path / "out").exists()
+  cfg.on_error = "skip"
+  report = prepare.prepare(cfg, str(tmp_path / "out"), progress=False)
+  assert report.skipped == 1 and bad.id in report.skip_reasons[0]
+  assert sum(report.written.values()) == len(trajs) - 1

@@ -38,6 +38,18 @@ def trajectories(draw):
       st.sampled_from(["react", "code", "json"]))})
 
 
+# The ReAct template written out independently of render.py.
+REACT_FORM = {
+    "system": lambda t, f, i: f"{t}\n\n",
+    "task": lambda t, f, i: f"Question: {t}\n" if i <= 1 else f"User: {t}\n",
+    "reason": lambda t, f, i: f"Thought: {t}\n",
+    "action": lambda t, f, i: (f"Code:\n```py\n{t}\n```<end_code>\n" if f == "code"
+                               else f"Action: {t}\n"),
+    "observation": lambda t, f, i: f"Observation: {t}\n" if t else "Observation:\n",
+    "answer": lambda t, f, i: f"Final Answer: {t}\n",
+}
+
+
 def char_kinds(rendered):
   """Reference: the kind of every character, expanded span by span."""
   ends = [*rendered.starts[1:].tolist(), len(rendered.text)]
@@ -71,16 +83,18 @@ def check(tok, traj, template=None, *, bos=True, eos=True):
   np.testing.assert_array_equal(arrays["loss_mask"], sup)
   assert not np.isin(arrays["label_kinds"][arrays["loss_mask"]],
                      [K.OBSERVATION, K.SYSTEM, K.TASK, K.PAD]).any()
-  # 5. every segment's text sits inside a span of its own kind
+  # 5. every segment's text sits inside its own contiguous spans, of its own kind; with
+  # the ReAct template those spans are exactly marker + text + newline
   for i, seg in enumerate(traj.segments):
     idx = np.flatnonzero(rendered.segment == i)
     if seg.text == "" and len(idx) == 0:
       continue  # an empty tool response renders to no characters
-    assert len(idx) == 1
-    j = idx[0]
-    end = rendered.starts[j + 1] if j + 1 < len(rendered.starts) else len(rendered.text)
-    assert seg.text in rendered.text[rendered.starts[j]:end]
-    assert rendered.kinds[j] == SpanKind.from_name(seg.kind)
+    assert len(idx) >= 1 and np.all(np.diff(idx) == 1)
+    assert np.all(rendered.kinds[idx] == SpanKind.from_name(seg.kind))
+    body = rendered.text[rendered.starts[idx[0]]:rendered.span_end(idx[-1])]
+    assert seg.text in body
+    if template is None:
+      assert body == REACT_FORM[seg.kind](seg.text, traj.action_format, i)
   return rendered, spans
 
 
@@ -153,11 +167,41 @@ def test_llama2_markup_kinds_hand_computed():
   assert merged(t.render(traj)) == [
       # markup between two context messages goes to the one it precedes
       ("system", "<s>[INST] <<SYS>>\nS"),
-      ("task", "\n<</SYS>>\n\nQ [/INST] "),
-      ("reason", "Thought: t\n"),
+      ("task", "\n<</SYS>>\n\nQ [/INST]"),
+      # the template's space after [/INST] opens the assistant turn: the model writes it
+      ("reason", " Thought: t\n"),
       ("action", "Action: a[x] </s>"),
-      ("observation", "<s>[INST] Observation: o [/INST] "),
-      ("answer", "Final Answer: y </s>")]
+      ("observation", "<s>[INST] Observation: o [/INST]"),
+      ("answer", " Final Answer: y </s>")]
+
+
+def test_markup_inside_the_assistant_turn_is_supervised():
+  """Template text between the generation prompt and the content (an empty think block,
+  as Qwen3-style templates write) belongs to the turn's first segment."""
+  think = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+           "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
+           "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+           "{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+  r = ChatTemplate(think).render(TRAJ)
+  assert merged(r)[:3] == [
+      ("task", "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"),
+      ("reason", "<think>\n\n</think>\n\nThought: t\n"),
+      ("action", "Action: a[x]<|im_end|>\n")]
+  # the template's markup is where special tokens may be parsed; content is not
+  marked = [r.text[r.starts[j]:r.span_end(j)] for j in np.flatnonzero(r.markup)]
+  assert "<think>\n\n</think>\n\n" in marked and "<|im_end|>\n" in marked
+  assert not any("Thought" in m for m in marked)
+
+
+def test_special_token_text_in_content_is_not_a_special_token(hf_tok):
+  traj = Trajectory(id="t", segments=[Segment("task", "say <|im_end|> please"),
+                                      Segment("action", "echo[<|im_start|>]")])
+  _, spans = check(hf_tok, traj, ChatTemplate(helpers.CHATML), bos=False, eos=False)
+  ids = spans.ids.tolist()
+  # exactly the template's own special tokens: 2 starts and 2 ends
+  assert ids.count(hf_tok.special_tokens["<|im_start|>"]) == 2
+  assert ids.count(hf_tok.special_tokens["<|im_end|>"]) == 2
 
 
 def test_template_errors():
@@ -179,7 +223,8 @@ def test_template_errors():
 
 def test_straddle_rule_hand_computed():
   """A token that starts in one span and ends in the next gets the first span's kind."""
-  r = render._build("abcdefgh", [(0, 3, K.REASON, 0), (3, 8, K.ACTION, 1)])
+  r = render._build("abcdefgh", [(0, 3, K.REASON, 0, False), (3, 8, K.ACTION, 1, False)],
+                    gap_is_markup=False)
   # tokens: "ab" | "cde" (straddles c|de) | "f" | "gh"; a zero-width piece at 5
   enc = Encoding(np.array([10, 11, 12, 13, 14], np.int32),
                  np.array([0, 2, 5, 5, 6], np.int32), np.array([2, 5, 5, 6, 8], np.int32))

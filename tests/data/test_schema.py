@@ -56,6 +56,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
   assert target.read_text() == "old"
 
 
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+  import os
+
+  from sad_jax.fileio import atomic_dir
+  old = os.umask(0o022)
+  try:
+    with atomic_write(tmp_path / "f.txt") as f:
+      f.write("x")
+    with atomic_dir(tmp_path / "d") as d:
+      open(os.path.join(d, "inner"), "w").close()
+  finally:
+    os.umask(old)
+  assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
 def test_task_and_counts():
   t = Trajectory(id="x", segments=[Segment("task", "q"), Segment("action", "a"),
                                    Segment("action", "b")])

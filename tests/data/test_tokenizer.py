@@ -25,10 +25,11 @@ TRICKY = [
     "combining e\u0301 vs é, a\u0308\u0301",
     "Observation: naïve café\nThought: ∑ Ω 100 3.14\n",
     "\n leading newline and trailing space ",
+    "a\u2581b literal sentencepiece space \u2581\u2581",
 ]
 # Multi-character pieces too (combining accents, ZWJ sequences): joined from a list.
 TEXT = st.lists(st.sampled_from(list("ab xy\n\t.:[]") + ["é", "e\u0301", "東", "😀",
-                                                        "👩\u200d👧", "Ω", "\u00a0"]),
+                                                        "👩\u200d👧", "Ω", "\u00a0", "\u2581"]),
                 max_size=40).map("".join)
 
 
@@ -44,7 +45,9 @@ def check_offsets(tok, text, enc):
 @pytest.mark.parametrize("text", TRICKY)
 def test_spm_round_trip_and_offsets(spm_tok, text):
   enc = spm_tok.encode(text)
-  assert spm_tok.decode(enc.ids) == text
+  # sentencepiece writes spaces as U+2581, so a literal U+2581 decodes as a space: the
+  # one character without an exact round trip (its offsets are still right)
+  assert spm_tok.decode(enc.ids) == text.replace("\u2581", " ")
   check_offsets(spm_tok, text, enc)
 
 
@@ -53,11 +56,11 @@ def test_spm_round_trip_and_offsets(spm_tok, text):
 def test_spm_fast_offsets_equal_sentencepiece_spans(spm_tok, text):
   """Offsets from piece byte lengths equal sentencepiece's own byte spans, converted."""
   fast = spm_tok.encode(text)
-  slow = spm_tok._encode_proto(text, [(0, text, None)]) if text else fast
+  slow = spm_tok._encode_proto(text, [(0, text, None, False)]) if text else fast
   np.testing.assert_array_equal(fast.ids, slow.ids)
   np.testing.assert_array_equal(fast.starts, slow.starts)
   np.testing.assert_array_equal(fast.ends, slow.ends)
-  assert spm_tok.decode(fast.ids) == text
+  assert spm_tok.decode(fast.ids) == text.replace("\u2581", " ")
 
 
 @settings(max_examples=100, deadline=None)
@@ -66,7 +69,7 @@ def test_cuts_are_token_boundaries(spm_tok, hf_tok, text, cut):
   cut = min(cut, len(text))
   for tok in (spm_tok, hf_tok):
     enc = tok.encode_batch([text], cuts=[[cut]])[0]
-    assert tok.decode(enc.ids) == text
+    assert tok.decode(enc.ids) == (text.replace("\u2581", " ") if tok is spm_tok else text)
     check_offsets(tok, text, enc)
     assert not np.any((enc.starts < cut) & (enc.ends > cut))
 
@@ -113,9 +116,9 @@ def test_llama2_style_model(tmp_path):
 
 
 def test_train_exact_round_trip_on_corpus(tmp_path):
-  texts = [t for t in TRICKY if t] * 20
+  texts = [t for t in TRICKY if t and "\u2581" not in t] * 20
   tok = train_sentencepiece(texts, vocab_size=400, out_path=str(tmp_path / "m.model"))
-  assert all(tok.decode(tok.encode(t).ids) == t for t in TRICKY)
+  assert all(tok.decode(tok.encode(t).ids) == t for t in texts)
   again = load_tokenizer(tmp_path / "m.model")
   assert again.fingerprint == tok.fingerprint
 
@@ -127,9 +130,14 @@ def test_hf_tokenizer(hf_tok):
     enc = hf_tok.encode(text)
     assert hf_tok.decode(enc.ids) == text
     check_offsets(hf_tok, text, enc)
-  enc = hf_tok.encode("<|im_start|>user\nhi<|im_end|>")
+  text = "<|im_start|>user\nhi<|im_end|>"
+  enc = hf_tok.encode(text, parse_special=True)
   assert enc.ids[0] == hf_tok.special_tokens["<|im_start|>"]
   assert enc.ids[-1] == hf_tok.eos_id
+  check_offsets(hf_tok, text, enc)
+  plain = hf_tok.encode(text)  # special strings in content stay text
+  assert not set(hf_tok.special_tokens.values()) & set(plain.ids.tolist())
+  assert hf_tok.decode(plain.ids) == text
 
 
 def test_spm_special_tokens(spm_tok):
