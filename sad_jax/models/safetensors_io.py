@@ -1,0 +1,106 @@
+"""A small reader/writer for the safetensors format (8-byte header length, JSON header,
+raw little-endian tensors), memory-mapped, with bfloat16 through ml_dtypes. No torch.
+
+Reading returns NumPy views of a memory map, so a process reads only the slices it
+places on its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_write
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """name → array (a view of a read-only memory map)."""
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) < 8:
+        raise DataError("truncated safetensors file (no header)", path=path)
+      (n,) = struct.unpack("<Q", raw)
+      size = os.fstat(f.fileno()).st_size
+      if n > size - 8:
+        raise DataError(f"header length {n} exceeds the file size {size}", path=path)
+      header = json.loads(f.read(n))
+  except OSError as e:
+    raise DataError(f"cannot read: {e.strerror}", path=path) from None
+  except ValueError as e:
+    raise DataError(f"malformed safetensors header: {e}", path=path) from None
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else (
+      np.zeros(0, np.uint8))
+  out = {}
+  for name, meta in header.items():
+    if name == "__metadata__":
+      continue
+    dt = _DTYPES.get(meta.get("dtype"))
+    if dt is None:
+      raise DataError(f"unsupported dtype {meta.get('dtype')!r}", path=path, field=name)
+    lo, hi = meta["data_offsets"]
+    shape = tuple(meta["shape"])
+    if hi > len(data) or hi - lo != int(np.prod(shape)) * np.dtype(dt).itemsize:
+      raise DataError(f"tensor bytes [{lo}, {hi}) do not fit shape {shape} {meta['dtype']} "
+                      f"in a data section of {len(data)} bytes (truncated file?)",
+                      path=path, field=name)
+    out[name] = data[lo:hi].view(dt).reshape(shape)
+  return out
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+          metadata: Mapping[str, str] | None = None) -> None:
+  header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+  offset = 0
+  arrays = []
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype not in _NAMES:
+      raise ValueError(f"{name}: dtype {a.dtype} cannot be written to safetensors")
+    header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+  with atomic_write(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for a in arrays:
+      f.write(a.tobytes())
+
+
+def read_checkpoint(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray, str]]:
+  """(name, array, file) for every tensor of an HF folder: model.safetensors or the
+  shards listed in model.safetensors.index.json."""
+  folder = os.fspath(folder)
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+      raise DataError(f"cannot read the shard index: {e}", path=index) from None
+    files = sorted(set(weight_map.values()))
+  elif os.path.exists(os.path.join(folder, "model.safetensors")):
+    files = ["model.safetensors"]
+  else:
+    raise DataError("no model.safetensors or model.safetensors.index.json", path=folder)
+  for fname in files:
+    path = os.path.join(folder, fname)
+    for name, arr in read(path).items():
+      yield name, arr, path

@@ -1,0 +1,286 @@
+"""The decoder family in Flax (linen): Llama / Qwen2 / Mistral / Phi-3 / Gemma / Gemma 2.
+
+`Transformer(cfg).apply({"params": p}, ids_bt, …)` is the pure functional apply used by
+the jitted steps. Parameters are plain arrays; `param_axes(params)` gives their logical
+axis names (sad_jax/sharding.py maps them to the mesh), and activations are constrained
+at block boundaries.
+
+Sequences may be packed: `segment_ids_bt` (0 = padding) keeps attention inside one
+trajectory, and `positions_bt` restarts RoPE positions per trajectory. With `cache`
+(see `init_cache`) the call appends keys/values at `cache_index` and attends over
+everything cached so far (KV-cache decoding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sad_jax.models.config import ModelConfig
+from sad_jax.sharding import constrain
+
+_NEG = -1e30  # masked attention logits / padded vocabulary: exp() is exactly 0
+
+BTD = ("batch", "length", "act_embed")
+
+
+def _init(scale: float = 0.02):
+  return nn.initializers.normal(stddev=scale)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  offset: bool  # Gemma: x · (1 + w), w initialised at 0
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("scale", nn.initializers.zeros if self.offset else nn.initializers.ones,
+                   (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = (1.0 + w.astype(jnp.float32)) if self.offset else w.astype(jnp.float32)
+    return (y * scale).astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies (float64 host math), with Llama-3 scaling when configured."""
+  dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if cfg.rope_scaling:
+    p = dict(cfg.rope_scaling)
+    factor, lo, hi, old = (p["factor"], p["low_freq_factor"], p["high_freq_factor"],
+                           p["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x, positions_bt, inv_freq):
+  """Rotary embedding on the first 2·len(inv_freq) dims of x [B, T, H, Dh] (rotate-half)."""
+  rot = 2 * inv_freq.shape[0]
+  freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,rot/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  xr, xp = x[..., :rot].astype(jnp.float32), x[..., rot:]
+  half = rot // 2
+  rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+  out = (xr * cos + rotated * sin).astype(x.dtype)
+  return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
+
+
+def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
+  """bool[B, T, S]: causal by position, within one segment (0 = padding), and within
+  the sliding window when given (key within the last `window` positions)."""
+  allowed = (k_pos[:, None, :] <= q_pos[:, :, None])
+  allowed &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+  if window is not None:
+    allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  return allowed
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
+    cfg, dt = self.cfg, self.dtype
+    h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+    def proj(name, heads):
+      w = self.param(name, _init(), (d, heads, hd), jnp.float32)
+      y = jnp.einsum("btd,dhk->bthk", x, w.astype(dt))
+      if cfg.qkv_bias:
+        y = y + self.param(f"{name}_bias", nn.initializers.zeros, (heads, hd),
+                           jnp.float32).astype(dt)
+      return y
+
+    inv = rope_inv_freq(cfg)
+    q = apply_rope(proj("q", h), positions, inv)
+    k = apply_rope(proj("k", kv), positions, inv)
+    v = proj("v", kv)
+    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    k_pos, k_seg = positions, segment_ids
+    new_cache = None
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                              cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                              cache_index, axis=1)
+      k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache_index, axis=1)
+      k_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache_index,
+                                                  axis=1)
+      new_cache = {"k": k, "v": v, "pos": k_pos, "seg": k_seg}
+      k, v = k.astype(dt), v.astype(dt)
+    b, t = q.shape[:2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                        preferred_element_type=jnp.float32) * cfg.scale
+    if cfg.attn_softcap:
+      logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+    mask = attention_mask(positions, k_pos, segment_ids, k_seg, cfg.window(self.layer))
+    logits = jnp.where(mask[:, None, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+    wo = self.param("o", _init(), (h, hd, d), jnp.float32)
+    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    return constrain(y, BTD), new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dt = self.cfg, self.dtype
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gate = x @ self.param("gate", _init(), (d, f), jnp.float32).astype(dt)
+    up = x @ self.param("up", _init(), (d, f), jnp.float32).astype(dt)
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    hidden = constrain(act * up, ("batch", "length", "act_mlp"))
+    y = hidden @ self.param("down", _init(), (f, d), jnp.float32).astype(dt)
+    return constrain(y, BTD)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype, name=name)  # noqa: E731
+    y, new_cache = Attention(cfg, self.layer, self.dtype, name="attn")(
+        norm("input_norm")(x), positions=positions, segment_ids=segment_ids, cache=cache,
+        cache_index=cache_index)
+    if cfg.post_norms:
+      y = norm("post_attn_norm")(y)
+    x = constrain(x + y, BTD)
+    y = MLP(cfg, self.dtype, name="mlp")(norm("pre_mlp_norm")(x))
+    if cfg.post_norms:
+      y = norm("post_mlp_norm")(y)
+    return constrain(x + y, BTD), new_cache
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+  dtype: Any = jnp.float32          # compute dtype (bfloat16 for speed); params stay f32
+  remat: str = "none"               # none | block (recompute each block in the backward)
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = self.param("embed", _init(), (cfg.padded_vocab, cfg.hidden_size),
+                            jnp.float32)
+    block = nn.remat(Block, static_argnums=()) if self.remat == "block" else Block
+    self.blocks = [block(cfg, i, self.dtype, name=f"layers_{i}")
+                   for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param("lm_head", _init(), (cfg.hidden_size, cfg.padded_vocab),
+                                jnp.float32)
+
+  def head(self) -> jax.Array:
+    """The [D, V_padded] output projection (the embedding's transpose when tied)."""
+    return self.embed.T if self.cfg.tie_embeddings else self.lm_head
+
+  def hidden(self, ids_bt, *, positions_bt=None, segment_ids_bt=None, cache=None,
+             cache_index=None):
+    """Final-norm hidden states [B, T, D] (and the new cache when decoding)."""
+    cfg, dt = self.cfg, self.dtype
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1]), ids_bt.shape)
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones(ids_bt.shape, jnp.int32)
+    x = self.embed[ids_bt].astype(dt)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+    x = constrain(x, BTD)
+    new_caches = []
+    for i, blk in enumerate(self.blocks):
+      x, c = blk(x, positions=positions_bt, segment_ids=segment_ids_bt,
+                 cache=None if cache is None else cache[i], cache_index=cache_index)
+      new_caches.append(c)
+    x = self.final_norm(x)
+    return constrain(x, BTD), (new_caches if cache is not None else None)
+
+  def logits(self, h_btd):
+    """[B, T, V_padded] float32 logits; padded vocabulary entries are −inf-like."""
+    cfg = self.cfg
+    z = jnp.einsum("btd,dv->btv", h_btd, self.head().astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    if cfg.final_softcap:
+      z = cfg.final_softcap * jnp.tanh(z / cfg.final_softcap)
+    if cfg.padded_vocab != cfg.vocab_size:
+      z = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, z, _NEG)
+    return constrain(z, ("batch", "length", "act_vocab"))
+
+  def __call__(self, ids_bt, *, positions_bt=None, segment_ids_bt=None, cache=None,
+               cache_index=None):
+    h, new_cache = self.hidden(ids_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt,
+                               cache=cache, cache_index=cache_index)
+    z = self.logits(h)
+    return z if cache is None else (z, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[dict]:
+  """An empty KV cache: per layer k/v [B, S, Hkv, Dh], positions and segment ids (0 =
+  empty slot: never attended)."""
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+           "pos": jnp.zeros((batch, max_len), jnp.int32),
+           "seg": jnp.zeros((batch, max_len), jnp.int32)} for _ in range(cfg.num_layers)]
+
+
+_AXES = {
+    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"),
+    "q": ("embed", "heads", "head_dim"), "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"), "o": ("heads", "head_dim", "embed"),
+    "q_bias": ("heads", "head_dim"), "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
+    "scale": ("norm",),
+}
+
+
+def param_axes(params):
+  """Logical axis names for every parameter (same tree structure, tuples at the leaves)."""
+  def axes(path, leaf):
+    name = path[-1].key
+    if name not in _AXES:
+      raise KeyError(f"no logical axes for parameter {jax.tree_util.keystr(path)}")
+    out = _AXES[name]
+    assert len(out) == leaf.ndim, (path, leaf.shape)
+    return out
+  return jax.tree_util.tree_map_with_path(axes, params)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+  """Random parameters (float32) for a config."""
+  model = Transformer(cfg)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, ids)["params"]
+
+
+def features(cfg: ModelConfig, params, ids_bt, *, positions_bt=None, segment_ids_bt=None,
+             dtype=jnp.float32, remat: str = "none"):
+  """(hidden [B,T,D], head [D,V_padded], None): what the chunked loss consumes."""
+  model = Transformer(cfg, dtype=dtype, remat=remat)
+  h, _ = model.apply({"params": params}, ids_bt, positions_bt=positions_bt,
+                     segment_ids_bt=segment_ids_bt, method=Transformer.hidden)
+  head = model.apply({"params": params}, method=Transformer.head)
+  return h, head, None

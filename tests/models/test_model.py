@@ -1,0 +1,255 @@
+"""The model on its own: generation, packing, vocabulary padding, remat, bf16, and sharded
+loss and gradients against a single-device run on several meshes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sad_jax import losses, sharding
+from sad_jax import objectives as O
+from sad_jax.models import generate as G
+from sad_jax.models import hf
+from sad_jax.models import transformer as T
+from sad_jax.models.config import ModelConfig
+
+LLAMA = ModelConfig(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+QWEN = LLAMA.replace(model_type="qwen2", qkv_bias=True, tie_embeddings=True)
+GEMMA2 = LLAMA.replace(model_type="gemma2", activation="gelu_tanh", norm_offset=True,
+                       embed_scale=True, post_norms=True, attn_softcap=5.0, final_softcap=3.0,
+                       query_scale=12 ** -0.5, sliding_window=4, tie_embeddings=True,
+                       layer_types=("sliding_attention", "full_attention"))
+
+
+def random_params(cfg, seed=0):
+  p = T.init_params(cfg, jax.random.PRNGKey(seed))
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [a + 0.2 * jax.random.normal(k, a.shape)
+                                   for a, k in zip(leaves, keys, strict=True)])
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_left_padded_batch_equals_single_prompts():
+  params = random_params(LLAMA)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [1]]
+  batch = G.generate(LLAMA, params, prompts, max_new_tokens=20)
+  for p, toks in zip(prompts, batch.tokens, strict=True):
+    assert G.generate(LLAMA, params, [p], max_new_tokens=20).tokens[0] == toks
+
+
+def test_cache_decoding_equals_full_forward():
+  params = random_params(GEMMA2)
+  prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+  out = G.generate(GEMMA2, params, [prompt], max_new_tokens=12).tokens[0]
+  # the no-cache loop: argmax of a full (causal, so right-padding is harmless) forward
+  full = jax.jit(lambda p, ids: hf.forward(GEMMA2, p, ids))
+  seq = list(prompt)
+  for _ in range(12):
+    ids = np.zeros((1, 20), np.int32)
+    ids[0, :len(seq)] = seq
+    seq.append(int(jnp.argmax(full(params, ids)[0, len(seq) - 1])))
+  assert seq[len(prompt):] == out
+
+
+def test_sampling_settings_and_no_recompilation():
+  params = random_params(LLAMA)
+  G.TRACES.update(prefill=0, decode=0)
+  greedy = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=16).tokens
+  # top_k = 1 and a tiny top_p are greedy whatever the temperature
+  assert G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=16, temperature=1.5,
+                    top_k=1, seed=3).tokens == greedy
+  assert G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=16, temperature=1.5,
+                    top_p=1e-6, seed=4).tokens == greedy
+  s1 = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=16, temperature=1.0, seed=7)
+  s2 = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=16, temperature=1.0, seed=7)
+  s3 = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=16, temperature=1.0, seed=8)
+  assert s1.tokens == s2.tokens and s1.tokens != s3.tokens
+  # other prompt lengths in the same bucket, other settings: nothing recompiles
+  G.generate(LLAMA, params, [[4, 5, 6, 7, 8, 9, 10]], max_new_tokens=16, top_k=5,
+             temperature=0.7)
+  assert G.TRACES == {"prefill": 1, "decode": 1}
+
+
+def test_top_k_sampling_stays_in_the_top_k():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, 50)), jnp.float32)
+  top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  for seed in range(5):
+    tok = np.asarray(G.sample(logits, jax.random.PRNGKey(seed), temperature=jnp.float32(2.0),
+                              top_k=jnp.int32(3), top_p=jnp.float32(1.0)))
+    assert all(t in row for t, row in zip(tok, top3, strict=True))
+
+
+def test_stop_tokens_and_strings():
+  params = random_params(LLAMA)
+  free = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=24).tokens[0]
+  stop_tok = free[5]
+  first = free.index(stop_tok)
+  got = G.generate(LLAMA, params, [[1, 2, 3], [7, 8]], max_new_tokens=24,
+                   stop_token_ids=[stop_tok])
+  assert got.tokens[0] == free[:first + 1] and got.stop_reason[0] == "stop_token"
+  decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+  target = f"{free[7]} {free[8]}"
+  got = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=24, stop_strings=[target],
+                   decode=decode)
+  assert got.stop_reason == ["stop_string"] and decode(got.tokens[0]).endswith(target)
+  assert got.tokens[0] == free[:len(got.tokens[0])]
+  with pytest.raises(ValueError, match="decode function"):
+    G.generate(LLAMA, params, [[1]], max_new_tokens=4, stop_strings=["x"])
+
+
+# ----------------------------------------------------------------------------- model options
+
+
+def test_packed_segments_equal_separate_runs():
+  params = random_params(GEMMA2)
+  a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+  ids = np.array([a + b + [0, 0]])
+  seg = np.array([[1] * 5 + [2] * 3 + [0, 0]])
+  pos = np.array([list(range(5)) + list(range(3)) + [0, 0]])
+  apply = jax.jit(lambda p, ids, pos, seg: T.Transformer(GEMMA2).apply(
+      {"params": p}, ids, positions_bt=pos, segment_ids_bt=seg))
+  packed = apply(params, ids, pos, seg)
+  # each trajectory alone, right-padded to the same length (causal: padding is harmless)
+  alone_a = apply(params, np.array([a + [0] * 5]), np.array([list(range(10))]), np.ones((1, 10)))
+  alone_b = apply(params, np.array([b + [0] * 7]), np.array([list(range(10))]), np.ones((1, 10)))
+  np.testing.assert_allclose(packed[0, :5], alone_a[0, :5], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[0, 5:8], alone_b[0, :3], rtol=1e-5, atol=1e-5)
+
+
+def test_vocabulary_padding():
+  cfg = LLAMA.replace(vocab_size=101)
+  params = random_params(cfg)
+  padded_cfg = cfg.replace(vocab_multiple=8)
+  padded = dict(params)
+  padded["embed"] = jnp.pad(params["embed"], [(0, 3), (0, 0)])
+  padded["lm_head"] = jnp.pad(params["lm_head"], [(0, 0), (0, 3)])
+  ids = np.array([[1, 2, 3, 100]])
+  z = T.Transformer(padded_cfg).apply({"params": padded}, ids)
+  assert z.shape[-1] == 104 and bool(jnp.all(z[..., 101:] < -1e29))
+  np.testing.assert_allclose(z[..., :101], hf.forward(cfg, params, ids), rtol=1e-6)
+
+
+def test_remat_and_bf16():
+  params = random_params(LLAMA)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 16)))
+
+  def loss(p, remat):
+    h, w, _ = T.features(LLAMA, p, ids, remat=remat)
+    return jnp.mean(h @ w)
+
+  g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, "none")
+  g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, "block")
+  for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  fwd = jax.jit(lambda p, dt: hf.forward(LLAMA, p, ids, dtype=dt), static_argnums=1)
+  z32, z16 = fwd(params, jnp.float32), fwd(params, jnp.bfloat16)
+  assert z16.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(z16 - z32)) / jnp.max(jnp.abs(z32))) < 0.05
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+@functools.lru_cache(maxsize=None)
+def one_device(cfg):
+  return sharded_case(cfg, None)
+
+
+def sharded_case(cfg, shape, seed=0):
+  """(loss, grads) of the sad objective through the model, on a mesh of `shape` (or on
+  one device when shape is None)."""
+  params = random_params(cfg, seed)
+  rng = np.random.default_rng(seed)
+  B, L, k = 8, 16, 4
+  ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, L)))
+  kinds = jnp.asarray(rng.choice([3, 4, 5], (B, L)))
+  teacher = losses.TeacherTopK(
+      jnp.asarray(rng.integers(0, cfg.vocab_size, (B, L, k))),
+      jnp.asarray(np.log(rng.dirichlet(np.ones(k), (B, L)) * 0.9), jnp.float32), kinds == 3)
+  obj = O.Objective(name="sad", groups=O.groups_for("sad"),
+                    settings=losses.LossSettings(chunk_size=8, softcap=cfg.final_softcap))
+
+  def loss_fn(p, ids, kinds, teacher):
+    h, w, b = T.features(cfg, p, ids)
+    return O.objective_loss(obj, h_btd=h, w_dv=w, b_v=b, labels_bt=ids, label_kinds_bt=kinds,
+                            teacher=teacher, fixed_weights_g=jnp.array([1.0, 0.5]))[0]
+
+  vg = jax.value_and_grad(loss_fn)
+  if shape is None:
+    return jax.jit(vg)(params, ids, kinds, teacher)
+  mesh = sharding.make_mesh(shape)
+  psh = sharding.tree_shardings(params, T.param_axes(params), mesh)
+  bsh = sharding.sharding_for((B, L), ("batch", "length"), mesh)
+  tk = sharding.sharding_for((B, L, k), ("batch", "length", None), mesh)
+  tsh = losses.TeacherTopK(tk, tk, bsh)
+  with sharding.use_mesh(mesh):
+    f = jax.jit(vg, in_shardings=(psh, bsh, bsh, tsh),
+                out_shardings=(NamedSharding(mesh, P()), psh))
+    out = f(jax.device_put(params, psh), jax.device_put(ids, bsh), jax.device_put(kinds, bsh),
+            jax.device_put(teacher, tsh))
+  # the parameters really were split across devices
+  q = out[1]["layers_0"]["attn"]["q"]
+  assert len(q.sharding.device_set) == 8
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg, shape", [
+    (LLAMA, (8, 1, 1)), (LLAMA, (1, 8, 1)), (LLAMA, (2, 2, 2)), (LLAMA, (4, 1, 2)),
+    (QWEN, (2, 2, 2)), (GEMMA2, (2, 2, 2)), (GEMMA2, (1, 2, 4)),
+], ids=lambda x: x.model_type if isinstance(x, ModelConfig) else "x".join(map(str, x)))
+def test_sharded_loss_and_grads_equal_one_device(cfg, shape):
+  ref_loss, ref_grads = one_device(cfg)
+  loss, grads = sharded_case(cfg, shape)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
+                          jax.tree.leaves(ref_grads), strict=True):
+    err = float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-12))
+    assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+def test_fsdp_tp_chain_with_output_constraint_is_right_on_222():
+  """DESIGN.md's minimal case: grad of sum(sin((x@W1)@W2)), x on (data, fsdp), both W on
+  (fsdp, tensor). With the output constrained (as the model constrains every block), the
+  (2,2,2) gradients equal the one-device ones."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32)
+
+  def f(w1, w2, x):
+    y = sharding.constrain((x @ w1) @ w2, ("batch", "act_embed"))
+    return jnp.sum(jnp.sin(y))
+
+  ref = jax.grad(f, argnums=(0, 1))(w1, w2, x)
+  mesh = sharding.make_mesh((2, 2, 2))
+  ws = NamedSharding(mesh, P("fsdp", "tensor"))
+  xs = NamedSharding(mesh, P(("data", "fsdp")))
+  with sharding.use_mesh(mesh):
+    got = jax.jit(jax.grad(f, argnums=(0, 1)), in_shardings=(ws, ws, xs))(w1, w2, x)
+  for a, b in zip(got, ref, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_onto_a_mesh(tmp_path):
+  cfg = LLAMA.replace(vocab_size=101)
+  params = random_params(cfg)
+  hf.save(cfg, params, tmp_path / "m")
+  mesh = sharding.make_mesh((2, 2, 2))
+  cfg2, placed = hf.load(tmp_path / "m", mesh=mesh)
+  assert cfg2.padded_vocab == 102  # padded to the tensor axis
+  q = placed["layers_0"]["attn"]["q"]
+  assert q.sharding.spec == P("fsdp", "tensor", None)
+  assert placed["embed"].sharding.spec == P("tensor", "fsdp")
+  with sharding.use_mesh(mesh):
+    z = jax.jit(lambda p: hf.forward(cfg2, p, np.array([[1, 2, 3]] * 2)))(placed)
+  np.testing.assert_allclose(z, hf.forward(cfg, params, np.array([[1, 2, 3]] * 2)), rtol=1e-5,
+                             atol=1e-6)
