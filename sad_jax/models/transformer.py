@@ -164,7 +164,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
     cfg = self.cfg
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype, name=name)  # noqa: E731
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype, name=name)
     y, new_cache = Attention(cfg, self.layer, self.dtype, name="attn")(
         norm("input_norm")(x), positions=positions, segment_ids=segment_ids, cache=cache,
         cache_index=cache_index)

@@ -39,7 +39,7 @@ def hf_config(family: str):
 FAMILIES = ("llama", "llama3", "qwen2", "mistral", "phi3", "gemma", "gemma2")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checkpoint(family: str) -> tuple[str, object]:
   """(folder, torch model) of a random model with weights perturbed away from init
   (so that norms, biases and offsets are not trivially 0 or 1)."""

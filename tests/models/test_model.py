@@ -95,7 +95,7 @@ def test_stop_tokens_and_strings():
   got = G.generate(LLAMA, params, [[1, 2, 3], [7, 8]], max_new_tokens=24,
                    stop_token_ids=[stop_tok])
   assert got.tokens[0] == free[:first + 1] and got.stop_reason[0] == "stop_token"
-  decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+  decode = lambda ids: " ".join(map(str, ids))
   target = f"{free[7]} {free[8]}"
   got = G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=24, stop_strings=[target],
                    decode=decode)
@@ -158,7 +158,7 @@ def test_remat_and_bf16():
 # ----------------------------------------------------------------------------- sharding
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def one_device(cfg):
   return sharded_case(cfg, None)
 
