@@ -29,17 +29,23 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def sample(logits_bv, rng, *, temperature, top_k, top_p):
   """One token per row. temperature 0 → argmax; top_k 0 → off; top_p 1 → off."""
-  greedy = jnp.argmax(logits_bv, axis=-1)
-  z = logits_bv / jnp.maximum(temperature, 1e-6)
-  order = jnp.argsort(-z, axis=-1)
-  sorted_z = jnp.take_along_axis(z, order, axis=-1)
-  rank = jnp.arange(z.shape[-1])
-  keep = jnp.where(top_k > 0, rank < top_k, True)
-  probs = jax.nn.softmax(jnp.where(keep, sorted_z, -jnp.inf), axis=-1)
-  keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p   # nucleus: always keeps the first
-  choice = jax.random.categorical(rng, jnp.where(keep, sorted_z, -jnp.inf), axis=-1)
-  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+  def sampled(z):
+    z = z / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-z, axis=-1)
+    sorted_z = jnp.take_along_axis(z, order, axis=-1)
+    rank = jnp.arange(z.shape[-1])
+    keep = jnp.where(top_k > 0, rank < top_k, True)
+    probs = jax.nn.softmax(jnp.where(keep, sorted_z, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p  # nucleus: keeps the first always
+    choice = jax.random.categorical(rng, jnp.where(keep, sorted_z, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+  def greedy(z):
+    return jnp.argmax(z, axis=-1).astype(jnp.int32)
+
+  # a traced switch: one compiled step serves every setting, and greedy skips the sort
+  return jax.lax.cond(temperature > 0, sampled, greedy, logits_bv)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "dtype"))
