@@ -1,0 +1,165 @@
+"""`sad-jax teacher precompute`: run the teacher once over a prepared dataset, keep top-k.
+
+Shards are the unit of work and of resumption: shard i of a split holds that split's
+examples [i·S, (i+1)·S) in dataset order, computed in fixed batches, so a shard's bytes
+do not depend on which shards ran before it. A rerun skips the shards whose completion
+marker and file are on disk, and the manifest is written only when every shard is there.
+The device computes the next batch while a background thread serialises and writes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sad_jax import sharding
+from sad_jax.data import prepare
+from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_write
+from sad_jax.models.config import ModelConfig
+from sad_jax.models.transformer import Transformer, param_axes
+from sad_jax.teacher import store as store_lib
+from sad_jax.types import SpanKind
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "temperature", "chunk", "dtype"))
+def teacher_topk(params, ids_bt, *, cfg: ModelConfig, k: int, temperature: float,
+                 chunk: int = 256, dtype=jnp.float32):
+  """(ids [B,T,k] int32, log-probs [B,T,k] float32) of the teacher's next-token
+  distribution at every position, at temperature τ, over sequence chunks (the [B,T,V]
+  log-probs never exist at once)."""
+  model = Transformer(cfg, dtype=dtype)
+  h, _ = model.apply({"params": params}, ids_bt, method=Transformer.hidden)
+  b, t, d = h.shape
+  c = min(chunk, t)
+  pad = -t % c
+  h = jnp.pad(h, [(0, 0), (0, pad), (0, 0)])
+  hc = jnp.moveaxis(h.reshape(b, -1, c, d), 1, 0)
+
+  def one(x):
+    z = model.apply({"params": params}, x, method=Transformer.logits)[..., :cfg.vocab_size]
+    logp = jax.nn.log_softmax(z / temperature, axis=-1)
+    vals, idx = jax.lax.top_k(logp, k)
+    return idx.astype(jnp.int32), vals
+
+  idx, vals = jax.lax.map(one, hc)
+  unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, -1, k)[:, :t]
+  return unchunk(idx), unchunk(vals)
+
+
+def target_positions(kinds: np.ndarray, span_kinds: Sequence[int]) -> np.ndarray:
+  """Input positions t whose next token t+1 is of a covered kind."""
+  return np.flatnonzero(np.isin(kinds[1:], span_kinds)).astype(np.int32)
+
+
+def _bucket(n: int, cap: int) -> int:
+  return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
+def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str, out_dir: str,
+               k: int = 64, temperature: float = 1.0, span_kinds: Sequence[str] = ("reason",),
+               splits: Sequence[str] | None = None, shard_size: int = 128, batch_size: int = 8,
+               logp_dtype: str = "float16", mesh=None, progress: bool = True,
+               stop_after_shards: int | None = None, chunk: int = 256) -> store_lib.Manifest:
+  """Writes (or completes) a store at out_dir; returns its manifest."""
+  from tqdm.auto import tqdm
+
+  if logp_dtype not in store_lib.LOGP_DTYPES:
+    raise DataError(f"logp_dtype must be one of {store_lib.LOGP_DTYPES}", field="logp_dtype")
+  builder, _, meta = prepare.load_prepared(dataset_dir)
+  kinds = [int(SpanKind.from_name(s)) for s in span_kinds]
+  student_vocab = int(meta["vocab_size"])
+  if cfg.vocab_size < student_vocab:
+    raise DataError(f"teacher vocabulary {cfg.vocab_size} is smaller than the dataset's "
+                    f"tokenizer ({student_vocab})", field="vocab_size")
+  if k > cfg.vocab_size:
+    raise DataError(f"k={k} exceeds the teacher vocabulary {cfg.vocab_size}", field="k")
+  settings = {"teacher": teacher_name, "k": k, "temperature": temperature,
+              "span_kinds": list(span_kinds), "logp_dtype": logp_dtype,
+              "dataset_fingerprint": meta["fingerprint"], "shard_size": shard_size,
+              "batch_size": batch_size}
+  os.makedirs(out_dir, exist_ok=True)
+  settings_path = os.path.join(out_dir, "precompute.json")
+  if os.path.exists(settings_path):
+    with open(settings_path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old != settings:
+      diff = sorted(k_ for k_ in settings if old.get(k_) != settings[k_])
+      raise DataError(f"an earlier precompute in this folder used other settings ({diff}); "
+                      "use a new folder", path=settings_path)
+  else:
+    with atomic_write(settings_path) as f:
+      json.dump(settings, f, indent=1)
+
+  if mesh is not None:
+    shardings = sharding.tree_shardings(params, param_axes(params), mesh)
+    params = jax.device_put(params, shardings)
+  splits = list(splits or builder.info.splits)
+  plan = []
+  for split in splits:
+    n = builder.info.splits[split].num_examples
+    plan += [(split, i, range(i * shard_size, min(n, (i + 1) * shard_size)))
+             for i in range(-(-n // shard_size))]
+  total = sum(len(r) for _, _, r in plan)
+  bar = tqdm(total=total, desc="teacher top-k", unit="traj", disable=not progress)
+  writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  pending: list[tuple[str, concurrent.futures.Future]] = []
+  markers: list[dict] = []
+  done_now = 0
+  cap = int(meta["max_len"])
+  for split, index, rows in plan:
+    name = store_lib.shard_name(split, index)
+    marker = store_lib.read_marker(out_dir, name)
+    if marker is not None:
+      markers.append({**marker, "split": split})
+      bar.update(len(rows))
+      continue
+    if stop_after_shards is not None and done_now >= stop_after_shards:
+      break
+    source = builder.as_data_source(split)
+    examples = [source[i] for i in rows]
+    records, ids = [], []
+    for lo in range(0, len(examples), batch_size):
+      batch = examples[lo: lo + batch_size]
+      length = _bucket(max(len(e["ids"]) for e in batch), cap)
+      tokens = np.zeros((batch_size, length), np.int32)  # fixed batch: one compile per bucket
+      for j, e in enumerate(batch):
+        tokens[j, :len(e["ids"])] = e["ids"]
+      with sharding.use_mesh(mesh):
+        top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), cfg=cfg, k=k,
+                                         temperature=float(temperature), chunk=chunk)
+      top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
+      for j, e in enumerate(batch):
+        ident = e["id"].decode() if isinstance(e["id"], bytes) else str(e["id"])
+        pos = target_positions(np.asarray(e["kinds"]), kinds)
+        rec = store_lib.TopK(ident, pos, top_ids[j, pos], top_logp[j, pos])
+        if (rec.ids >= student_vocab).any():
+          raise DataError(f"teacher top-k of example {ident} holds ids ≥ the student "
+                          f"vocabulary {student_vocab}: the vocabularies differ beyond "
+                          "padding", field="vocab_size")
+        records.append(store_lib.encode_record(rec, vocab_size=student_vocab,
+                                               logp_dtype=logp_dtype))
+        ids.append(ident)
+      bar.update(len(batch))
+    pending.append((split, writer.submit(store_lib.write_shard, out_dir, name, records, ids)))
+    done_now += 1
+  for split, fut in pending:
+    markers.append({**fut.result(), "split": split})
+  writer.shutdown()
+  bar.close()
+  manifest = store_lib.Manifest(
+      teacher=teacher_name, k=k, temperature=float(temperature), vocab_size=student_vocab,
+      teacher_vocab_size=cfg.vocab_size, tokenizer_fingerprint=meta["tokenizer_fingerprint"],
+      dataset_fingerprint=meta["fingerprint"], span_kinds=list(span_kinds),
+      logp_dtype=logp_dtype, shards=sorted(markers, key=lambda m: m["name"]))
+  if len(markers) == len(plan):
+    with atomic_write(os.path.join(out_dir, "manifest.json")) as f:
+      f.write(manifest.to_json())
+  return manifest

@@ -1,0 +1,271 @@
+"""The teacher-logit store: per trajectory, the teacher's top-k log-probs at the target
+positions the loss needs, in ArrayRecord shards with a manifest (DESIGN.md).
+
+Layout of a store folder:
+  manifest.json                    written last: teacher, k, τ, vocab sizes, tokenizer and
+                                   dataset fingerprints, span kinds, dtypes, format version,
+                                   and per shard its split, example ids, bytes and sha256
+  {split}-{i:05d}.arrayrecord      one record per trajectory (a shard appears under its
+                                   name only once complete: written as .tmp, then renamed)
+  {split}-{i:05d}.done.json        the shard's completion marker: ids, bytes, sha256
+
+A record holds `positions` int32[n] — the input positions t whose next token (t+1) is a
+target of the covered span kinds — and the top-k ids [n, k] (uint16 when the vocabulary
+fits, else uint32) and log-probs [n, k] normalised over the teacher's full vocabulary at
+temperature τ (float16 by default; bfloat16; or int8 with a float32 scale per row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_write
+
+FORMAT_VERSION = 1
+LOGP_DTYPES = ("float16", "bfloat16", "int8")
+_MAGIC = b"SADT"
+_LOGP_CODE = {"float16": 0, "bfloat16": 1, "int8": 2}
+_CODE_LOGP = {v: k for k, v in _LOGP_CODE.items()}
+
+
+@dataclasses.dataclass
+class TopK:
+  """One trajectory's teacher top-k."""
+
+  id: str
+  positions: np.ndarray   # int32[n]
+  ids: np.ndarray         # int32[n, k] (widened on read)
+  logp: np.ndarray        # float32[n, k] (dequantised on read)
+
+
+def id_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def encode_record(rec: TopK, *, vocab_size: int, logp_dtype: str) -> bytes:
+  n, k = rec.ids.shape
+  ident = rec.id.encode()
+  idt = id_dtype(vocab_size)
+  parts = [_MAGIC, struct.pack("<IIIBB", len(ident), n, k, np.dtype(idt).itemsize,
+                               _LOGP_CODE[logp_dtype]), ident,
+           np.asarray(rec.positions, "<i4").tobytes(), np.asarray(rec.ids, idt).tobytes()]
+  logp = np.asarray(rec.logp, np.float32)
+  if logp_dtype == "float16":
+    parts.append(logp.astype("<f2").tobytes())
+  elif logp_dtype == "bfloat16":
+    parts.append(logp.astype(ml_dtypes.bfloat16).tobytes())
+  else:  # int8 with a per-row scale: logp ≈ q · scale, q ∈ [−127, 0]
+    lo = np.minimum(logp.min(axis=-1, keepdims=True), -1e-8)
+    scale = (-lo / 127.0).astype(np.float32)
+    q = np.clip(np.round(logp / scale), -127, 0).astype(np.int8)
+    parts += [scale.astype("<f4").tobytes(), q.tobytes()]
+  return b"".join(parts)
+
+
+def decode_record(blob: bytes, *, where: str = "store") -> TopK:
+  if blob[:4] != _MAGIC:
+    raise DataError("not a teacher top-k record (bad magic)", path=where)
+  try:
+    len_id, n, k, id_size, code = struct.unpack_from("<IIIBB", blob, 4)
+    off = 4 + struct.calcsize("<IIIBB")
+    ident = blob[off: off + len_id].decode()
+    off += len_id
+    positions = np.frombuffer(blob, "<i4", n, off)
+    off += 4 * n
+    idt = {2: np.uint16, 4: np.uint32}[id_size]
+    ids = np.frombuffer(blob, idt, n * k, off).reshape(n, k).astype(np.int32)
+    off += id_size * n * k
+    kind = _CODE_LOGP[code]
+    if kind == "float16":
+      logp = np.frombuffer(blob, "<f2", n * k, off).reshape(n, k).astype(np.float32)
+      off += 2 * n * k
+    elif kind == "bfloat16":
+      logp = np.frombuffer(blob, ml_dtypes.bfloat16, n * k, off).reshape(n, k).astype(
+          np.float32)
+      off += 2 * n * k
+    else:
+      scale = np.frombuffer(blob, "<f4", n, off).reshape(n, 1)
+      off += 4 * n
+      logp = np.frombuffer(blob, np.int8, n * k, off).reshape(n, k).astype(np.float32) * scale
+      off += n * k
+  except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+    raise DataError(f"truncated or corrupt teacher record: {e}", path=where) from None
+  if off != len(blob):
+    raise DataError(f"teacher record has {len(blob) - off} trailing bytes", path=where)
+  return TopK(ident, positions.astype(np.int32), ids, logp)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclasses.dataclass
+class Manifest:
+  teacher: str
+  k: int
+  temperature: float
+  vocab_size: int                  # the student's (ids are below it)
+  teacher_vocab_size: int
+  tokenizer_fingerprint: str
+  dataset_fingerprint: str
+  span_kinds: list[str]
+  logp_dtype: str = "float16"
+  format_version: int = FORMAT_VERSION
+  shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def read(cls, folder: str) -> Manifest:
+    path = os.path.join(folder, "manifest.json")
+    try:
+      with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    except FileNotFoundError:
+      raise DataError("not a teacher store (no manifest.json; an interrupted precompute "
+                      "leaves none: rerun it)", path=folder) from None
+    except (OSError, ValueError) as e:
+      raise DataError(f"cannot read the manifest: {e}", path=path) from None
+    if d.get("format_version") != FORMAT_VERSION:
+      raise DataError(f"format_version {d.get('format_version')!r} is not {FORMAT_VERSION}",
+                      path=path, field="format_version")
+    try:
+      return cls(**d)
+    except TypeError as e:
+      raise DataError(f"bad manifest fields: {e}", path=path) from None
+
+
+def shard_name(split: str, index: int) -> str:
+  return f"{split}-{index:05d}.arrayrecord"
+
+
+def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[str]) -> dict:
+  """Writes one shard under a temporary name, then its marker, then renames it.
+  Returns the marker (ids, bytes, sha256)."""
+  from array_record.python import array_record_module
+
+  tmp = os.path.join(folder, name + ".tmp")
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  for blob in records:
+    writer.write(blob)
+  writer.close()
+  h = hashlib.sha256()
+  with open(tmp, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  marker = {"name": name, "ids": list(ids), "bytes": os.path.getsize(tmp),
+            "sha256": h.hexdigest()}
+  with atomic_write(os.path.join(folder, name.replace(".arrayrecord", ".done.json"))) as f:
+    json.dump(marker, f)
+  os.replace(tmp, os.path.join(folder, name))
+  return marker
+
+
+def read_marker(folder: str, name: str) -> dict | None:
+  """The completion marker of a shard that is complete on disk, else None."""
+  path = os.path.join(folder, name.replace(".arrayrecord", ".done.json"))
+  if not (os.path.exists(path) and os.path.exists(os.path.join(folder, name))):
+    return None
+  with open(path, encoding="utf-8") as f:
+    marker = json.load(f)
+  if os.path.getsize(os.path.join(folder, name)) != marker["bytes"]:
+    return None
+  return marker
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class TeacherStore:
+  """Random access by example id; nothing is loaded whole (one ArrayRecord reader per
+  shard, opened on first use)."""
+
+  def __init__(self, folder: str | os.PathLike):
+    self.folder = os.fspath(folder)
+    self.manifest = Manifest.read(self.folder)
+    self._where: dict[str, tuple[int, int]] = {}
+    for s, shard in enumerate(self.manifest.shards):
+      for r, ident in enumerate(shard["ids"]):
+        self._where[ident] = (s, r)
+    self._readers: dict[int, Any] = {}
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+  def __contains__(self, example_id: str) -> bool:
+    return example_id in self._where
+
+  def ids(self) -> list[str]:
+    return list(self._where)
+
+  def _reader(self, s: int):
+    if s not in self._readers:
+      from array_record.python import array_record_module
+
+      path = os.path.join(self.folder, self.manifest.shards[s]["name"])
+      if not os.path.exists(path):
+        raise DataError("shard listed in the manifest is missing", path=path)
+      self._readers[s] = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+    return self._readers[s]
+
+  def get(self, example_id: str) -> TopK:
+    if example_id not in self._where:
+      raise DataError(f"example {example_id!r} is not in the store", path=self.folder)
+    s, r = self._where[example_id]
+    where = os.path.join(self.folder, self.manifest.shards[s]["name"])
+    try:
+      blob = self._reader(s).read([r])[0]
+    except Exception as e:  # array_record raises RuntimeError on damaged files
+      raise DataError(f"cannot read record {r}: {e}", path=where) from None
+    rec = decode_record(blob, where=where)
+    if rec.id != example_id:
+      raise DataError(f"record {r} holds {rec.id!r}, not {example_id!r}", path=where)
+    return rec
+
+  def close(self) -> None:
+    for reader in self._readers.values():
+      reader.close()
+    self._readers.clear()
+
+
+def gather(store: TeacherStore, rows: Sequence[Sequence[tuple[str, int]]], *, length: int,
+           k: int | None = None) -> dict[str, np.ndarray]:
+  """Teacher arrays aligned with a [B, T] token batch.
+
+  rows[b] lists (example id, offset) for the trajectories packed into row b: the
+  trajectory's token 0 sits at column `offset`. Returns ids_btk, logp_btk (float32) and
+  mask_bt, where position t holds the teacher's distribution for token t+1.
+  """
+  k = k or store.manifest.k
+  b = len(rows)
+  ids = np.zeros((b, length, k), np.int32)
+  logp = np.zeros((b, length, k), np.float32)
+  mask = np.zeros((b, length), bool)
+  for i, row in enumerate(rows):
+    for example_id, offset in row:
+      rec = store.get(example_id)
+      cols = rec.positions + offset
+      keep = cols < length
+      cols = cols[keep]
+      ids[i, cols] = rec.ids[keep, :k]
+      logp[i, cols] = rec.logp[keep, :k]
+      mask[i, cols] = True
+  return {"ids_btk": ids, "logp_btk": logp, "mask_bt": mask}

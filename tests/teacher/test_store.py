@@ -1,0 +1,182 @@
+"""Teacher store: precompute → verify → read, kill/rerun byte equality, import, corruption."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sad_jax.data import prepare, schema
+from sad_jax.errors import DataError
+from sad_jax.models import transformer as T
+from sad_jax.models.config import ModelConfig
+from sad_jax.teacher import precompute as pc
+from sad_jax.teacher import store as S
+from sad_jax.teacher import verify as V
+from sad_jax.types import SpanKind
+from tests import helpers
+from tests.data.test_prepare import make_config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, spm_path):
+  root = tmp_path_factory.mktemp("teacher")
+  schema.write_jsonl(root / "t.jsonl", helpers.synthetic_trajectories(40, seed=11))
+  out = str(root / "ds")
+  prepare.prepare(make_config([str(root / "t.jsonl")], tokenizer__path=spm_path, max_len=256),
+                  out, progress=False)
+  return out
+
+
+@pytest.fixture(scope="module")
+def teacher(dataset):
+  _, tok, _ = prepare.load_prepared(dataset)
+  cfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=32,
+                    intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+  params = T.init_params(cfg, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda a: a * 20, params)  # peaked distributions, not uniform
+  return cfg, params
+
+
+def run(dataset, teacher, out, **kw):
+  cfg, params = teacher
+  kw = {"k": 8, "shard_size": 12, "batch_size": 4, "progress": False, **kw}
+  return pc.precompute(dataset_dir=dataset, cfg=cfg, params=params, teacher_name="tiny",
+                       out_dir=str(out), **kw)
+
+
+def digests(folder):
+  return {n: S.file_sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+          if n.endswith(".arrayrecord") or n == "manifest.json"}
+
+
+def test_precompute_verify_read(dataset, teacher, tmp_path):
+  m = run(dataset, teacher, tmp_path / "st")
+  assert m.k == 8 and m.span_kinds == ["reason"]
+  report = V.verify(str(tmp_path / "st"), dataset, cfg=teacher[0], params=teacher[1])
+  assert report["examples"] == 40 and report["spot_max_rel_error"] < 1e-3
+  # every record equals a direct top-k of the teacher at the reason targets
+  builder, _, _ = prepare.load_prepared(dataset)
+  st = S.TeacherStore(tmp_path / "st")
+  ex = builder.as_data_source("train")[0]
+  ident = ex["id"].decode()
+  rec = st.get(ident)
+  ids, kinds = np.asarray(ex["ids"]), np.asarray(ex["kinds"])
+  want_pos = np.flatnonzero(kinds[1:] == SpanKind.REASON)
+  np.testing.assert_array_equal(rec.positions, want_pos)
+  z = np.asarray(T.Transformer(teacher[0]).apply({"params": teacher[1]}, ids[None]))[0]
+  logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(
+      -1, keepdims=True)
+  top = np.argsort(-logp[want_pos], axis=-1)[:, :8]
+  np.testing.assert_allclose(rec.logp, np.take_along_axis(logp[want_pos], top, -1), rtol=2e-3,
+                             atol=1e-3)
+  # gather into a packed [B, T, k] batch: two trajectories in one row
+  other = builder.as_data_source("train")[1]["id"].decode()
+  n0 = len(ids)
+  batch = S.gather(st, [[(ident, 0), (other, n0)], [(other, 0)]], length=n0 + 300)
+  assert batch["ids_btk"].shape == (2, n0 + 300, 8)
+  np.testing.assert_array_equal(np.flatnonzero(batch["mask_bt"][0][:n0]), want_pos)
+  np.testing.assert_array_equal(batch["logp_btk"][0, want_pos], rec.logp)
+  rec1 = st.get(other)
+  np.testing.assert_array_equal(batch["ids_btk"][0, rec1.positions + n0], rec1.ids)
+  np.testing.assert_array_equal(batch["ids_btk"][1, rec1.positions], rec1.ids)
+
+
+def test_kill_and_rerun_is_byte_identical(dataset, teacher, tmp_path):
+  run(dataset, teacher, tmp_path / "whole")
+  # "killed" after 2 shards, and a half-written shard left behind
+  m = run(dataset, teacher, tmp_path / "resumed", stop_after_shards=2)
+  assert not (tmp_path / "resumed" / "manifest.json").exists() and len(m.shards) == 2
+  (tmp_path / "resumed" / "train-00002.arrayrecord.tmp").write_bytes(b"partial")
+  with pytest.raises(DataError, match="no manifest"):
+    S.TeacherStore(tmp_path / "resumed")
+  run(dataset, teacher, tmp_path / "resumed")
+  assert digests(tmp_path / "resumed") == digests(tmp_path / "whole")
+  # a shard whose marker disagrees with the file is recomputed, not trusted
+  shard = tmp_path / "resumed" / "train-00000.arrayrecord"
+  shard.write_bytes(shard.read_bytes()[:-5])
+  os.remove(tmp_path / "resumed" / "manifest.json")
+  run(dataset, teacher, tmp_path / "resumed")
+  assert digests(tmp_path / "resumed") == digests(tmp_path / "whole")
+  with pytest.raises(DataError, match="other settings"):
+    run(dataset, teacher, tmp_path / "resumed", k=4)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 2e-2), ("bfloat16", 0.1), ("int8", 0.15)])
+def test_logp_encodings(dtype, tol):
+  rng = np.random.default_rng(0)
+  logp = np.sort(np.log(rng.dirichlet(np.ones(16), 5)), -1)[:, ::-1].astype(np.float32)
+  rec = S.TopK("x", np.arange(5, dtype=np.int32), rng.integers(0, 70000, (5, 16)), logp)
+  blob = S.encode_record(rec, vocab_size=70000, logp_dtype=dtype)
+  back = S.decode_record(blob)
+  np.testing.assert_array_equal(back.ids, rec.ids)  # uint32 for a vocabulary > 65,536
+  np.testing.assert_allclose(back.logp, logp, atol=tol * np.abs(logp).max(), rtol=tol)
+  small = S.encode_record(S.TopK("x", rec.positions, rec.ids % 1000, logp), vocab_size=1000,
+                          logp_dtype=dtype)
+  assert len(small) < len(blob)  # uint16 ids
+  with pytest.raises(DataError, match="truncated or corrupt"):
+    S.decode_record(blob[:-7])
+
+
+def test_corruption_and_mismatch_are_caught(dataset, teacher, tmp_path):
+  run(dataset, teacher, tmp_path / "st")
+  bad = tmp_path / "flip"
+  shutil.copytree(tmp_path / "st", bad)
+  shard = bad / "train-00001.arrayrecord"
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  with pytest.raises(DataError, match="checksum mismatch") as e:
+    V.verify(str(bad), dataset)
+  assert e.value.path.endswith("train-00001.arrayrecord")
+  wrong = tmp_path / "fp"
+  shutil.copytree(tmp_path / "st", wrong)
+  man = json.loads((wrong / "manifest.json").read_text())
+  man["dataset_fingerprint"] = "0" * 64
+  (wrong / "manifest.json").write_text(json.dumps(man))
+  with pytest.raises(DataError, match="dataset fingerprint"):
+    V.verify(str(wrong), dataset)
+  man["dataset_fingerprint"], man["k"] = json.loads(
+      (tmp_path / "st" / "manifest.json").read_text())["dataset_fingerprint"], 4
+  (wrong / "manifest.json").write_text(json.dumps(man))
+  with pytest.raises(DataError, match="k is 8, manifest says 4"):
+    V.verify(str(wrong), dataset)
+
+
+def test_import_server_prompt_logprobs(dataset, teacher, tmp_path):
+  """A vLLM-style prompt_logprobs file (made here from the teacher itself) imports to
+  the same records as precompute."""
+  cfg, params = teacher
+  run(dataset, teacher, tmp_path / "ref")
+  builder, _, _ = prepare.load_prepared(dataset)
+  lines = []
+  for split in builder.info.splits:
+    for ex in builder.as_data_source(split):
+      ids = np.asarray(ex["ids"])
+      top_ids, top_lp = pc.teacher_topk(params, jnp.asarray(ids[None]), cfg=cfg, k=10,
+                                        temperature=1.0)
+      entries = [None] + [{str(int(i)): {"logprob": float(v), "rank": r + 1}
+                           for r, (i, v) in enumerate(zip(top_ids[0, t], top_lp[0, t]))}
+                          for t in range(len(ids) - 1)]
+      lines.append({"id": ex["id"].decode(), "prompt_token_ids": ids.tolist(),
+                    "prompt_logprobs": entries})
+  src = helpers.write_jsonl(str(tmp_path / "lp.jsonl"), lines)
+  V.import_prompt_logprobs(src, dataset_dir=dataset, out_dir=str(tmp_path / "imp"), k=8,
+                           teacher_name="server", teacher_vocab_size=cfg.vocab_size + 128)
+  report = V.verify(str(tmp_path / "imp"), dataset)
+  assert report["examples"] == 40
+  a, b = S.TeacherStore(tmp_path / "imp"), S.TeacherStore(tmp_path / "ref")
+  for ident in b.ids():
+    ra, rb = a.get(ident), b.get(ident)
+    np.testing.assert_array_equal(ra.positions, rb.positions)
+    np.testing.assert_allclose(ra.logp, rb.logp, rtol=3e-3, atol=1e-3)  # float16 ulps
+  # a server that tokenized differently is refused, naming the record and position
+  lines[1]["prompt_token_ids"][3] += 1
+  helpers.write_jsonl(src, lines)
+  with pytest.raises(DataError, match="differ from the dataset's at position 3") as e:
+    V.import_prompt_logprobs(src, dataset_dir=dataset, out_dir=str(tmp_path / "imp2"), k=8,
+                             teacher_name="server", teacher_vocab_size=cfg.vocab_size)
+  assert e.value.record == 2
