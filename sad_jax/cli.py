@@ -70,6 +70,60 @@ def _cmd_inspect(args) -> int:
   return 0
 
 
+def _cmd_teacher_precompute(args, overrides) -> int:
+  import jax.numpy as jnp
+
+  from sad_jax import configlib, sharding
+  from sad_jax.errors import DataError
+  from sad_jax.models.checkpoint_io import load_model
+  from sad_jax.teacher import precompute
+
+  c = configlib.load(args.config, overrides)
+  for key in ("dataset", "teacher", "out"):
+    if not c[key]:
+      raise DataError(f"required (set --config.{key}=…)", field=f"config.{key}")
+  mesh = None if tuple(c.mesh) == (1, 1, 1) else sharding.make_mesh(c.mesh)
+  cfg, params = load_model(c.teacher, mesh=mesh)
+  m = precompute.precompute(
+      dataset_dir=c.dataset, cfg=cfg, params=params,
+      teacher_name=c.teacher_name or os.path.basename(os.path.normpath(c.teacher)),
+      out_dir=c.out, k=c.k, temperature=c.temperature, span_kinds=tuple(c.span_kinds),
+      shard_size=c.shard_size, batch_size=c.batch_size, logp_dtype=c.logp_dtype, mesh=mesh,
+      progress=not args.quiet, dtype=jnp.dtype(c.compute_dtype))
+  n = sum(len(s["ids"]) for s in m.shards)
+  size = sum(s["bytes"] for s in m.shards)
+  print(f"store {c.out}: {n} trajectories in {len(m.shards)} shards, {size / 2**20:.1f} MiB, "
+        f"k={m.k}, τ={m.temperature}, kinds={','.join(m.span_kinds)}")
+  return 0
+
+
+def _cmd_teacher_verify(args) -> int:
+  from sad_jax.models.checkpoint_io import load_model
+  from sad_jax.teacher import verify
+
+  cfg = params = None
+  if args.teacher:
+    cfg, params = load_model(args.teacher)
+  r = verify.verify(args.store, args.dataset, cfg=cfg, params=params, spot=args.spot)
+  print(f"ok: {r['examples']} examples, {r['tokens']} target tokens, {r['shards']} shards "
+        f"(checksums match), max top-k mass {r['max_topk_mass']:.4f}")
+  if r["spot_max_abs_error"] is not None:
+    print(f"spot recompute of {args.spot} examples: max abs error {r['spot_max_abs_error']:.3g}"
+          f" (relative {r['spot_max_rel_error']:.3g})")
+  return 0
+
+
+def _cmd_teacher_import(args) -> int:
+  from sad_jax.teacher import verify
+
+  m = verify.import_prompt_logprobs(
+      args.input, dataset_dir=args.dataset, out_dir=args.out, k=args.k,
+      teacher_name=args.teacher_name, teacher_vocab_size=args.teacher_vocab_size,
+      span_kinds=tuple(args.span_kinds.split(",")))
+  print(f"store {args.out}: {sum(len(s['ids']) for s in m.shards)} trajectories, k={m.k}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   from sad_jax.data.importers import FORMATS
 
@@ -101,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
   pre.add_argument("--on-error", choices=("raise", "skip"), default=None)
   pre.add_argument("--quiet", action="store_true", help="no progress bar")
   pre.set_defaults(func=_cmd_prepare, takes_overrides=True)
+
+  tea = sub.add_parser("teacher", help="teacher top-k store: precompute, verify, import")
+  tea_sub = tea.add_subparsers(dest="teacher_command", required=True)
+  tp = tea_sub.add_parser("precompute", help="run the teacher once, keep top-k (resumable)",
+                          epilog="Override config fields with --config.a.b=value.")
+  tp.add_argument("--config", default="configs/teacher_precompute.py")
+  tp.add_argument("--quiet", action="store_true")
+  tp.set_defaults(func=_cmd_teacher_precompute, takes_overrides=True)
+  tv = tea_sub.add_parser("verify", help="fingerprints, coverage, checksums, spot recompute")
+  tv.add_argument("store")
+  tv.add_argument("dataset")
+  tv.add_argument("--teacher", default=None, help="recompute a few examples with it")
+  tv.add_argument("--spot", type=int, default=3)
+  tv.set_defaults(func=_cmd_teacher_verify)
+  ti = tea_sub.add_parser("import", help="a store from server prompt log-probs (vLLM)")
+  ti.add_argument("input", metavar="LOGPROBS.jsonl")
+  ti.add_argument("--dataset", required=True)
+  ti.add_argument("--out", required=True)
+  ti.add_argument("--k", type=int, required=True)
+  ti.add_argument("--teacher-name", required=True)
+  ti.add_argument("--teacher-vocab-size", type=int, required=True)
+  ti.add_argument("--span-kinds", default="reason")
+  ti.set_defaults(func=_cmd_teacher_import)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

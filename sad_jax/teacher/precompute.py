@@ -67,7 +67,8 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
                k: int = 64, temperature: float = 1.0, span_kinds: Sequence[str] = ("reason",),
                splits: Sequence[str] | None = None, shard_size: int = 128, batch_size: int = 8,
                logp_dtype: str = "float16", mesh=None, progress: bool = True,
-               stop_after_shards: int | None = None, chunk: int = 256) -> store_lib.Manifest:
+               stop_after_shards: int | None = None, chunk: int = 256,
+               dtype=jnp.float32) -> store_lib.Manifest:
   """Writes (or completes) a store at out_dir; returns its manifest."""
   from tqdm.auto import tqdm
 
@@ -134,7 +135,8 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
         tokens[j, :len(e["ids"])] = e["ids"]
       with sharding.use_mesh(mesh):
         top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), cfg=cfg, k=k,
-                                         temperature=float(temperature), chunk=chunk)
+                                         temperature=float(temperature), chunk=chunk,
+                                         dtype=dtype)
       top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
       for j, e in enumerate(batch):
         ident = e["id"].decode() if isinstance(e["id"], bytes) else str(e["id"])

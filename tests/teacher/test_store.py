@@ -180,3 +180,27 @@ def test_import_server_prompt_logprobs(dataset, teacher, tmp_path):
     V.import_prompt_logprobs(src, dataset_dir=dataset, out_dir=str(tmp_path / "imp2"), k=8,
                              teacher_name="server", teacher_vocab_size=cfg.vocab_size)
   assert e.value.record == 2
+
+
+def test_cli_precompute_and_verify(dataset, teacher, tmp_path, capsys):
+  from sad_jax import cli
+  from sad_jax.models import checkpoint_io
+
+  checkpoint_io.save_params(tmp_path / "teacher", *teacher)
+  out = tmp_path / "store"
+  assert cli.main(["teacher", "precompute", "--quiet", f"--config.dataset={dataset}",
+                   f"--config.teacher={tmp_path / 'teacher'}", f"--config.out={out}",
+                   "--config.k=8", "--config.shard_size=16"]) == 0
+  builder, _, _ = prepare.load_prepared(dataset)
+  shards = sum(-(-builder.info.splits[s].num_examples // 16) for s in builder.info.splits)
+  assert f"40 trajectories in {shards} shards" in capsys.readouterr().out
+  assert cli.main(["teacher", "verify", str(out), dataset, "--teacher",
+                   str(tmp_path / "teacher")]) == 0
+  text = capsys.readouterr().out
+  assert "ok: 40 examples" in text and "spot recompute of 3 examples: max abs error" in text
+  (out / "train-00000.arrayrecord").write_bytes(b"garbage")
+  assert cli.main(["teacher", "verify", str(out), dataset]) == 2
+  err = capsys.readouterr().err
+  assert "train-00000.arrayrecord" in err and "checksum mismatch" in err
+  assert cli.main(["teacher", "precompute", "--quiet", f"--config.dataset={dataset}"]) == 2
+  assert "config.teacher" in capsys.readouterr().err
