@@ -30,13 +30,15 @@ from sad_jax.types import SpanKind
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "temperature", "chunk", "dtype"))
-def teacher_topk(params, ids_bt, *, cfg: ModelConfig, k: int, temperature: float,
-                 chunk: int = 256, dtype=jnp.float32):
-  """(ids [B,T,k] int32, log-probs [B,T,k] float32) of the teacher's next-token
-  distribution at every position, at temperature τ, over sequence chunks (the [B,T,V]
-  log-probs never exist at once)."""
+def teacher_topk(params, ids_bt, select_bp=None, *, cfg: ModelConfig, k: int,
+                 temperature: float, chunk: int = 256, dtype=jnp.float32):
+  """(ids [B,P,k] int32, log-probs [B,P,k] float32): the teacher's next-token top-k at
+  temperature τ, at the positions `select_bp` (all T positions when None). The head runs
+  only at the selected positions, over chunks (the [B,T,V] log-probs never exist)."""
   model = Transformer(cfg, dtype=dtype)
   h, _ = model.apply({"params": params}, ids_bt, method=Transformer.hidden)
+  if select_bp is not None:
+    h = jnp.take_along_axis(h, select_bp[..., None], axis=1)
   b, t, d = h.shape
   c = min(chunk, t)
   pad = -t % c
@@ -68,8 +70,16 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
                splits: Sequence[str] | None = None, shard_size: int = 128, batch_size: int = 8,
                logp_dtype: str = "float16", mesh=None, progress: bool = True,
                stop_after_shards: int | None = None, chunk: int = 256,
-               dtype=jnp.float32) -> store_lib.Manifest:
-  """Writes (or completes) a store at out_dir; returns its manifest."""
+               dtype=jnp.float32, process_index: int | None = None,
+               process_count: int | None = None) -> store_lib.Manifest:
+  """Writes (or completes) a store at out_dir; returns its manifest.
+
+  With several processes (hosts), shard i belongs to process i mod process_count, each
+  running its shards on its own devices (`mesh` of local devices). Whichever process
+  finds every shard complete writes the manifest (the same bytes from any of them).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   from tqdm.auto import tqdm
 
   if logp_dtype not in store_lib.LOGP_DTYPES:
@@ -115,13 +125,15 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
   markers: list[dict] = []
   done_now = 0
   cap = int(meta["max_len"])
-  for split, index, rows in plan:
+  for n_shard, (split, index, rows) in enumerate(plan):
     name = store_lib.shard_name(split, index)
     marker = store_lib.read_marker(out_dir, name)
     if marker is not None:
       markers.append({**marker, "split": split})
       bar.update(len(rows))
       continue
+    if n_shard % process_count != process_index:
+      continue  # another host's shard
     if stop_after_shards is not None and done_now >= stop_after_shards:
       break
     source = builder.as_data_source(split)
@@ -131,17 +143,20 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       batch = examples[lo: lo + batch_size]
       length = _bucket(max(len(e["ids"]) for e in batch), cap)
       tokens = np.zeros((batch_size, length), np.int32)  # fixed batch: one compile per bucket
+      targets = [target_positions(np.asarray(e["kinds"]), kinds) for e in batch]
+      select = np.zeros((batch_size, _bucket(max(len(p) for p in targets), cap)), np.int32)
       for j, e in enumerate(batch):
         tokens[j, :len(e["ids"])] = e["ids"]
+        select[j, :len(targets[j])] = targets[j]
       with sharding.use_mesh(mesh):
-        top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), cfg=cfg, k=k,
-                                         temperature=float(temperature), chunk=chunk,
-                                         dtype=dtype)
+        top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), jnp.asarray(select),
+                                         cfg=cfg, k=k, temperature=float(temperature),
+                                         chunk=chunk, dtype=dtype)
       top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
       for j, e in enumerate(batch):
         ident = e["id"].decode() if isinstance(e["id"], bytes) else str(e["id"])
-        pos = target_positions(np.asarray(e["kinds"]), kinds)
-        rec = store_lib.TopK(ident, pos, top_ids[j, pos], top_logp[j, pos])
+        n = len(targets[j])
+        rec = store_lib.TopK(ident, targets[j], top_ids[j, :n], top_logp[j, :n])
         if (rec.ids >= student_vocab).any():
           raise DataError(f"teacher top-k of example {ident} holds ids ≥ the student "
                           f"vocabulary {student_vocab}: the vocabularies differ beyond "
@@ -156,6 +171,9 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
     markers.append({**fut.result(), "split": split})
   writer.shutdown()
   bar.close()
+  if process_count > 1:  # other hosts' shards may have completed meanwhile
+    markers = [{**m_, "split": sp} for sp, i, _ in plan
+               if (m_ := store_lib.read_marker(out_dir, store_lib.shard_name(sp, i)))]
   manifest = store_lib.Manifest(
       teacher=teacher_name, k=k, temperature=float(temperature), vocab_size=student_vocab,
       teacher_vocab_size=cfg.vocab_size, tokenizer_fingerprint=meta["tokenizer_fingerprint"],

@@ -269,3 +269,25 @@ def gather(store: TeacherStore, rows: Sequence[Sequence[tuple[str, int]]], *, le
       logp[i, cols] = rec.logp[keep, :k]
       mask[i, cols] = True
   return {"ids_btk": ids, "logp_btk": logp, "mask_bt": mask}
+
+
+class JoinTeacher:
+  """A grain map transform: adds the example's teacher record (unpadded) to a prepared
+  example, looked up by id. Picklable (holds the path; opens the store per worker)."""
+
+  def __init__(self, folder: str | os.PathLike):
+    self.folder = os.fspath(folder)
+    self._store: TeacherStore | None = None
+
+  def __getstate__(self):
+    return {"folder": self.folder, "_store": None}
+
+  def map(self, example: dict) -> dict:
+    if self._store is None:
+      self._store = TeacherStore(self.folder)
+    ident = example["id"].decode() if isinstance(example["id"], bytes) else str(example["id"])
+    rec = self._store.get(ident)
+    return {**example, "teacher_positions": rec.positions, "teacher_ids": rec.ids,
+            "teacher_logp": rec.logp}
+
+  __call__ = map

@@ -204,3 +204,75 @@ def test_cli_precompute_and_verify(dataset, teacher, tmp_path, capsys):
   assert "train-00000.arrayrecord" in err and "checksum mismatch" in err
   assert cli.main(["teacher", "precompute", "--quiet", f"--config.dataset={dataset}"]) == 2
   assert "config.teacher" in capsys.readouterr().err
+
+
+def test_grain_join_streams_records(dataset, teacher, tmp_path):
+  import grain
+
+  run(dataset, teacher, tmp_path / "st")
+  builder, _, _ = prepare.load_prepared(dataset)
+  ds = grain.MapDataset.source(builder.as_data_source("train")).map(
+      S.JoinTeacher(tmp_path / "st"))
+  st = S.TeacherStore(tmp_path / "st")
+  n = 0
+  for ex in ds.to_iter_dataset():
+    rec = st.get(ex["id"].decode())
+    np.testing.assert_array_equal(ex["teacher_positions"], rec.positions)
+    np.testing.assert_array_equal(ex["teacher_ids"], rec.ids)
+    n += 1
+  assert n == builder.info.splits["train"].num_examples
+
+
+def test_two_hosts_split_the_shards(dataset, teacher, tmp_path):
+  run(dataset, teacher, tmp_path / "one")
+  first = run(dataset, teacher, tmp_path / "two", process_index=0, process_count=2)
+  assert not (tmp_path / "two" / "manifest.json").exists()  # host 1 still has shards to do
+  assert len(first.shards) == len({m["name"] for m in first.shards})
+  run(dataset, teacher, tmp_path / "two", process_index=1, process_count=2)
+  assert digests(tmp_path / "two") == digests(tmp_path / "one")
+
+
+KILL_SCRIPT = """
+import os, sys, jax
+sys.path.insert(0, {root!r})
+from sad_jax.models import checkpoint_io
+from sad_jax.teacher import precompute
+cfg, params = checkpoint_io.load_model({teacher!r})
+precompute.precompute(dataset_dir={dataset!r}, cfg=cfg, params=params, teacher_name="tiny",
+                      out_dir={out!r}, k=8, shard_size=4, batch_size=4, progress=False)
+"""
+
+
+def test_sigkill_mid_precompute_then_rerun_is_byte_identical(dataset, teacher, tmp_path):
+  """A real kill -9 of a precompute process after its first shards, then a rerun."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from sad_jax.models import checkpoint_io
+
+  checkpoint_io.save_params(tmp_path / "teacher", *teacher)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  script = KILL_SCRIPT.format(root=root, teacher=str(tmp_path / "teacher"), dataset=dataset,
+                              out=str(tmp_path / "killed"))
+  proc = subprocess.Popen([sys.executable, "-c", script])
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if len(list((tmp_path / "killed").glob("*.done.json"))) >= 2:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "precompute finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  done = len(list((tmp_path / "killed").glob("*.done.json")))
+  assert not (tmp_path / "killed" / "manifest.json").exists() and done >= 2
+  print(f"killed after {done} complete shards")
+  cfg, params = checkpoint_io.load_model(tmp_path / "teacher")
+  kw = dict(k=8, shard_size=4, batch_size=4, progress=False)
+  pc.precompute(dataset_dir=dataset, cfg=cfg, params=params, teacher_name="tiny",
+                out_dir=str(tmp_path / "killed"), **kw)
+  pc.precompute(dataset_dir=dataset, cfg=cfg, params=params, teacher_name="tiny",
+                out_dir=str(tmp_path / "clean"), **kw)
+  assert digests(tmp_path / "killed") == digests(tmp_path / "clean")
+  assert not list((tmp_path / "killed").glob("*.tmp"))
