@@ -276,3 +276,27 @@ def test_sigkill_mid_precompute_then_rerun_is_byte_identical(dataset, teacher, t
                 out_dir=str(tmp_path / "clean"), **kw)
   assert digests(tmp_path / "killed") == digests(tmp_path / "clean")
   assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+@pytest.mark.fireact
+def test_fireact_precompute_verify_read(tmp_path):
+  """End to end on the prepared FireAct data with a small teacher."""
+  from configs import prepare_fireact
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cfgp = prepare_fireact.get_config()
+  cfgp.inputs = tuple(os.path.join(root, p) for p in cfgp.inputs)
+  ds = str(tmp_path / "ds")
+  prepare.prepare(cfgp, ds, progress=False)
+  _, tok, _ = prepare.load_prepared(ds)
+  cfg = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=32,
+                    intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                    qkv_bias=True, tie_embeddings=True)
+  params = T.init_params(cfg, jax.random.PRNGKey(3))
+  m = pc.precompute(dataset_dir=ds, cfg=cfg, params=params, teacher_name="tiny", out_dir=str(
+      tmp_path / "st"), k=16, span_kinds=("reason", "action"), progress=False, batch_size=16)
+  report = V.verify(str(tmp_path / "st"), ds, cfg=cfg, params=params)
+  assert report["examples"] == 500 and m.span_kinds == ["reason", "action"]
+  st = S.TeacherStore(tmp_path / "st")
+  batch = S.gather(st, [[(i, 0)] for i in st.ids()[:4]], length=1024)
+  assert batch["mask_bt"].sum() == sum(len(st.get(i).positions) for i in st.ids()[:4])
