@@ -104,11 +104,6 @@ GENERATED = REASON + ACTION
 # ----------------------------------------------------------------------------- per token
 
 
-def _xlogy(x, y_log):
-  """x · log y with 0 · log 0 = 0 (y given as its log)."""
-  return jnp.where(x > 0, x * y_log, 0.0)
-
-
 def _kl_terms(p_log, q_log):
   """Σ p (log p − log q) over the last axis, 0·log 0 = 0."""
   return jnp.sum(jnp.where(p_log > _NEG / 2, jnp.exp(p_log) * (p_log - q_log), 0.0), axis=-1)

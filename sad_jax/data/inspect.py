@@ -67,7 +67,8 @@ def inspect_prepared(path: str, *, index: int, split: str, colour: bool) -> str:
   ids, kinds = np.asarray(ex["ids"]), np.asarray(ex["kinds"])
   pieces = [(tok.decode(ids[s:e]), k) for s, e, k in runs(kinds)]
   stats = tfds_builder.named_stats(ex)
-  header = (f"{path} [{split}] #{index}  id={_s(ex['id'])}  source={_s(ex['source'])}  "
+  source = ex["source"].decode() if isinstance(ex["source"], bytes) else ex["source"]
+  header = (f"{path} [{split}] #{index}  id={tfds_builder.example_id(ex)}  source={source}  "
             + " ".join(f"{k}={stats[k]}" for k in ("steps", "tool_calls", "success",
                                                    "truncated")))
   return "\n".join([header, legend(colour=colour), paint(pieces, colour=colour),
@@ -107,7 +108,3 @@ def inspect(path: str, *, index: int = 0, split: str = "train", fmt: str = "auto
   if not os.path.exists(path):
     raise DataError("no such file or dataset folder", path=path)
   return inspect_jsonl(path, index=index, fmt=fmt, tokenizer=tokenizer, colour=colour)
-
-
-def _s(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)

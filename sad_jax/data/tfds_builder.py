@@ -36,6 +36,12 @@ def _features():
   })
 
 
+def example_id(example: dict) -> str:
+  """A record's id as str (TFDS returns Text features as bytes)."""
+  ident = example["id"]
+  return ident.decode() if isinstance(ident, bytes) else str(ident)
+
+
 def named_stats(example: dict) -> dict[str, int]:
   """{steps, tool_calls, tokens, observation_tokens, …, success (-1 unknown), truncated}."""
   return dict(zip(STATS_FIELDS, (int(x) for x in example["stats"]), strict=True))

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sad_jax import sharding
-from sad_jax.data import prepare
+from sad_jax.data import prepare, tfds_builder
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.models.config import ModelConfig
+from sad_jax.models.generate import bucket
 from sad_jax.models.transformer import Transformer, param_axes
 from sad_jax.teacher import store as store_lib
 from sad_jax.types import SpanKind
@@ -62,7 +63,7 @@ def target_positions(kinds: np.ndarray, span_kinds: Sequence[int]) -> np.ndarray
 
 
 def _bucket(n: int, cap: int) -> int:
-  return min(cap, max(16, 1 << (n - 1).bit_length()))
+  return min(cap, bucket(n))
 
 
 def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str, out_dir: str,
@@ -154,7 +155,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
                                          chunk=chunk, dtype=dtype)
       top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
       for j, e in enumerate(batch):
-        ident = e["id"].decode() if isinstance(e["id"], bytes) else str(e["id"])
+        ident = tfds_builder.example_id(e)
         n = len(targets[j])
         rec = store_lib.TopK(ident, targets[j], top_ids[j, :n], top_logp[j, :n])
         if (rec.ids >= student_vocab).any():

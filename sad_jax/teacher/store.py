@@ -159,12 +159,8 @@ def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[
   for blob in records:
     writer.write(blob)
   writer.close()
-  h = hashlib.sha256()
-  with open(tmp, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
   marker = {"name": name, "ids": list(ids), "bytes": os.path.getsize(tmp),
-            "sha256": h.hexdigest()}
+            "sha256": file_sha256(tmp)}
   with atomic_write(os.path.join(folder, name.replace(".arrayrecord", ".done.json"))) as f:
     json.dump(marker, f)
   os.replace(tmp, os.path.join(folder, name))
@@ -285,8 +281,9 @@ class JoinTeacher:
   def map(self, example: dict) -> dict:
     if self._store is None:
       self._store = TeacherStore(self.folder)
-    ident = example["id"].decode() if isinstance(example["id"], bytes) else str(example["id"])
-    rec = self._store.get(ident)
+    from sad_jax.data.tfds_builder import example_id  # tfds import only when streaming
+
+    rec = self._store.get(example_id(example))
     return {**example, "teacher_positions": rec.positions, "teacher_ids": rec.ids,
             "teacher_logp": rec.logp}
 

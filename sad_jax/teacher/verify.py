@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sad_jax.data import prepare
+from sad_jax.data import prepare, tfds_builder
 from sad_jax.data.schema import iter_records
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
@@ -30,8 +30,7 @@ EPS = 1e-2  # float16 log-probs: Σ exp of a full top-k may exceed 1 by rounding
 def _examples(builder):
   for split in builder.info.splits:
     for ex in builder.as_data_source(split):
-      ident = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
-      yield ident, np.asarray(ex["ids"]), np.asarray(ex["kinds"])
+      yield tfds_builder.example_id(ex), np.asarray(ex["ids"]), np.asarray(ex["kinds"])
 
 
 def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int = 3,
