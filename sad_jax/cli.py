@@ -124,6 +124,28 @@ def _cmd_teacher_import(args) -> int:
   return 0
 
 
+def _cmd_train(args, overrides) -> int:
+  from sad_jax import configlib
+  from sad_jax import train as train_lib
+
+  extra = list(overrides)
+  for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"),
+                    ("process_id", "process_id")):
+    value = getattr(args, flag)
+    if value is not None:
+      extra.append(f"--config.distributed.{key}={value}")
+  config = configlib.load(args.config, extra)
+  try:
+    result = train_lib.train_and_evaluate(config, args.workdir)
+  except train_lib.TrainingDiverged as e:
+    print(f"sad-jax: training stopped: {e}", file=sys.stderr)
+    return 3
+  val = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items() if "tokens" not in k)
+  print(f"{result.status} at step {result.step}; checkpoints {result.checkpoint_steps}"
+        + (f"; validation: {val}" if val else ""))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   from sad_jax.data.importers import FORMATS
 
@@ -178,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
   ti.add_argument("--teacher-vocab-size", type=int, required=True)
   ti.add_argument("--span-kinds", default="reason")
   ti.set_defaults(func=_cmd_teacher_import)
+
+  trn = sub.add_parser("train", help="span-level distillation (or a baseline) on a mesh",
+                       epilog="Override config fields with --config.a.b=value. Rerunning with "
+                       "the same workdir resumes from its latest checkpoint.")
+  trn.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  trn.add_argument("--workdir", required=True)
+  trn.add_argument("--coordinator", default=None, help="multi-host: host:port, or 'auto'")
+  trn.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+  trn.add_argument("--process-id", dest="process_id", type=int, default=None)
+  trn.set_defaults(func=_cmd_train, takes_overrides=True)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

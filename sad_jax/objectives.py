@@ -122,19 +122,23 @@ def _check(obj: Objective, h_btd, w_dv, labels_bt, label_kinds_bt, teacher) -> N
 def objective_loss(obj: Objective, *, h_btd, w_dv, b_v=None, labels_bt, label_kinds_bt,
                    teacher: TeacherTopK | None, fixed_weights_g, span_params_g=None,
                    counts_g=None, example_weight_b=None, curriculum_norm=None,
-                   only_group: int | None = None):
+                   only_group: int | None = None, reg_scale=1.0):
   """(loss, metrics). Differentiable in h, w, b and span_params_g.
 
   counts_g / curriculum_norm: global denominators; computed from this batch if None
   (pass the totals over all micro-batches when accumulating gradients).
+  example_weight_b: curriculum weight per row [B] or per target token [B, T] (packed rows
+  hold several trajectories).
   only_group: keep only this group's terms (its weighted loss and its tokens' share of
   the curriculum term): pcgrad's per-group gradients.
+  reg_scale: multiplies the span-weight regulariser (1 on one micro-batch, 0 on the others).
   """
   _check(obj, h_btd, w_dv, labels_bt, label_kinds_bt, teacher)
   if counts_g is None:
     counts_g = counts(obj, label_kinds_bt=label_kinds_bt, teacher=teacher)
   n_g = jnp.maximum(counts_g, 1.0)
   w_g, reg = span_weights(obj, fixed_g=fixed_weights_g, span_params_g=span_params_g)
+  reg = reg * reg_scale
   scale_g = jax.lax.stop_gradient(w_g) / n_g
   if only_group is not None:
     scale_g = jnp.where(jnp.arange(len(obj.groups)) == only_group, scale_g, 0.0)
@@ -142,7 +146,8 @@ def objective_loss(obj: Objective, *, h_btd, w_dv, b_v=None, labels_bt, label_ki
   gamma = obj.curriculum_gamma
   if gamma and example_weight_b is not None:
     member = jnp.isin(label_kinds_bt, jnp.asarray(losses.GENERATED))
-    c_bt = jnp.where(member, example_weight_b[:, None], 0.0)
+    c = example_weight_b if example_weight_b.ndim == 2 else example_weight_b[:, None]
+    c_bt = jnp.where(member, c, 0.0)
     if curriculum_norm is None:
       curriculum_norm = jnp.sum(c_bt)
     row_scale = gamma * c_bt / jnp.maximum(curriculum_norm, 1e-6)
@@ -196,14 +201,18 @@ def pcgrad(g_a, g_b):
 
 def value_and_grad(obj: Objective, features_fn: Callable[[Any], tuple], params, *,
                    labels_bt, label_kinds_bt, teacher, fixed_weights_g, span_params_g=None,
-                   counts_g=None, example_weight_b=None, curriculum_norm=None):
+                   counts_g=None, example_weight_b=None, curriculum_norm=None, reg_scale=1.0,
+                   project: bool = True):
   """((loss, metrics), (param_grads, span_param_grads)).
 
   features_fn(params) → (h_btd, w_dv, b_v or None): the student trunk and its head.
+  With pcgrad and project=False, param_grads is the pair of per-group gradients, to be
+  summed over micro-batches and projected once (`pcgrad`) on the whole batch.
   """
   kw = dict(labels_bt=labels_bt, label_kinds_bt=label_kinds_bt, teacher=teacher,
             fixed_weights_g=fixed_weights_g, counts_g=counts_g,
-            example_weight_b=example_weight_b, curriculum_norm=curriculum_norm)
+            example_weight_b=example_weight_b, curriculum_norm=curriculum_norm,
+            reg_scale=reg_scale)
   if not obj.pcgrad:
     def loss_fn(p, s):
       h, w, b = features_fn(p)
@@ -224,13 +233,16 @@ def value_and_grad(obj: Objective, features_fn: Callable[[Any], tuple], params, 
     loss = loss + loss_i
   # each loss_i holds the regulariser once; the per-group means are the same in both
   _, reg = span_weights(obj, fixed_g=fixed_weights_g, span_params_g=span_params_g)
-  loss = loss - (len(obj.groups) - 1) * reg
+  loss = loss - (len(obj.groups) - 1) * reg * reg_scale
   means = jnp.stack([metrics[f"{n}/loss"] for n in obj.group_names])
   span_grads = None
   if obj.learnable_weights:
     span_grads = jax.grad(lambda s: jnp.sum(
         span_weights(obj, fixed_g=fixed_weights_g, span_params_g=s)[0] * means)
-        + span_weights(obj, fixed_g=fixed_weights_g, span_params_g=s)[1])(span_params_g)
+        + span_weights(obj, fixed_g=fixed_weights_g, span_params_g=s)[1] * reg_scale)(
+            span_params_g)
+  if not project:
+    return (loss, {**metrics, "loss": loss}), (tuple(per_group), span_grads)
   grads, cos = pcgrad(per_group[0], per_group[1])
   metrics = {**metrics, "loss": loss, "pcgrad/cosine": cos}
   return (loss, metrics), (grads, span_grads)

@@ -98,3 +98,50 @@ def tree_shardings(values, axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) and its logical axes
   (a tree of the same structure whose leaves are tuples of names)."""
   return jax.tree.map(lambda v, a: sharding_for(v.shape, a, mesh, rules), values, axes_tree)
+
+
+def init_distributed(*, coordinator: str = "", num_processes: int = 0,
+                     process_id: int = -1) -> None:
+  """Multi-host start-up with jax.distributed, from arguments or the environment.
+
+  coordinator "host:port" (or env SAD_JAX_COORDINATOR with SAD_JAX_NUM_PROCESSES and
+  SAD_JAX_PROCESS_ID) starts an explicit cluster; "auto" lets JAX detect SLURM, TPU pods,
+  MPI and the like; "" (and no env) is a single process. On CPU, collectives across
+  processes use gloo. Idempotent.
+  """
+  import os
+
+  coordinator = coordinator or os.environ.get("SAD_JAX_COORDINATOR", "")
+  if not coordinator:
+    return
+  if jax.distributed.is_initialized():
+    return
+  if coordinator == "auto":
+    jax.distributed.initialize()
+    return
+  n = num_processes or int(os.environ.get("SAD_JAX_NUM_PROCESSES", "0"))
+  pid = process_id if process_id >= 0 else int(os.environ.get("SAD_JAX_PROCESS_ID", "-1"))
+  if n < 1 or pid < 0:
+    from sad_jax.errors import DataError
+
+    raise DataError(f"coordinator {coordinator} needs num_processes and process_id "
+                    "(config.distributed.* or SAD_JAX_NUM_PROCESSES / SAD_JAX_PROCESS_ID)",
+                    field="config.distributed")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid)
+
+
+def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+  """Resolves one −1 in a mesh shape to the remaining devices; checks the product."""
+  shape = [int(s) for s in shape]
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {tuple(shape)} has more than one -1")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    if n_devices % rest:
+      raise ValueError(f"mesh shape {tuple(shape)} does not divide {n_devices} devices")
+    shape[shape.index(-1)] = n_devices // rest
+  if int(np.prod(shape)) != n_devices:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"there are {n_devices}")
+  return tuple(shape)

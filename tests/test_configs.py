@@ -10,7 +10,11 @@ from sad_jax import configlib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                  if not p.endswith("__init__.py"))
-ARGS = {"prepare_fireact.py": ["", "alpaca", "chat"]}
+ARGS = {"prepare_fireact.py": ["", "alpaca", "chat"],
+        **{f"train_{o}.py": ["", "runlocal"] for o in ("sad", "token_kd", "sft")}}
+# Training configs and the device count their mesh is meant for (−1 resolves against it).
+TRAIN = {"train_sad.py": 8, "train_token_kd.py": 8, "train_sft.py": 8,
+         "train_base.py": 8, "pod_qwen7b_to_qwen0p5b.py": 256}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -29,3 +33,29 @@ def test_overrides_are_typed():
                            "--config.tokenizer.vocab_size=100"])
   assert config.max_len == 64 and config.add_bos is False and config.val_fraction == 0.0
   assert config.inputs == ("a", "b") and config.tokenizer.vocab_size == 100
+
+
+def test_every_training_config_is_listed():
+  names = {os.path.basename(p) for p in CONFIGS}
+  trainers = {n for n in names
+              if "objective" in configlib.load(os.path.join(REPO, "configs", n))}
+  assert trainers == set(TRAIN)
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN))
+def test_train_step_lowers_abstractly(name):
+  """The train step of each training config lowers on an abstract mesh of its intended
+  size (the pod example: 256 TPU chips), parameters and batch sharded by its rules."""
+  from sad_jax import train
+
+  config = configlib.load(os.path.join(REPO, "configs", name))
+  lowered = train.lower_abstract(config, devices=TRAIN[name],
+                                 platform="tpu" if TRAIN[name] > 8 else "cpu", vocab=2000)
+  text = lowered.as_text()
+  assert "sdy.sharding" in text
+  if name.startswith("pod"):
+    # 256 partitions; the 152k×896 embedding over (tensor, fsdp); batch rows over data×fsdp
+    assert "mhlo.num_partitions = 256" in text
+    assert ('tensor<151936x896xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"tensor"}, '
+            '{"fsdp"}]>') in text
+    assert 'tensor<2x128x4097xi32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"data", "fsdp"}, {}]>' in text

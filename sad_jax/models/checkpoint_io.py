@@ -13,6 +13,7 @@ import jax
 
 from sad_jax import sharding
 from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_write
 from sad_jax.models import hf
 from sad_jax.models.config import ModelConfig, load_config, to_hf_dict
 from sad_jax.models.transformer import param_axes
@@ -26,8 +27,9 @@ def save_params(path: str | os.PathLike, cfg: ModelConfig, params) -> None:
   ck = ocp.StandardCheckpointer()
   ck.save(os.path.join(path, "params"), params, force=True)
   ck.wait_until_finished()
-  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({**to_hf_dict(cfg), "vocab_multiple": cfg.vocab_multiple}, f, indent=1)
+  if jax.process_index() == 0:  # every process saves its shards; one writes the config
+    with atomic_write(os.path.join(path, "config.json")) as f:
+      json.dump({**to_hf_dict(cfg), "vocab_multiple": cfg.vocab_multiple}, f, indent=1)
 
 
 def load_model(path: str | os.PathLike, mesh=None, dtype=None):

@@ -1,0 +1,157 @@
+"""The jitted train step: sharded runs equal one device (several meshes, incl. (2,2,2)),
+gradient accumulation equals the full batch, packing never mixes trajectories, and the
+online teacher equals the precomputed store."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sad_jax import curriculum, sharding, train
+from sad_jax import step as step_lib
+from sad_jax.data import pipeline
+from sad_jax.models import checkpoint_io
+from sad_jax.models import transformer as T
+from sad_jax.types import SpanKind
+from tests.train.conftest import train_config
+
+STAGES = (curriculum.Stage("all", 10, (1.0,), (1.0, 1.0), 1.0),)
+
+
+def batches(train_data, *, accum=1, rows=4, n=2, k=8, teacher=True, length=129):
+  ds, store_dir, _ = train_data
+  split = pipeline.open_split(ds, "train")
+  store = pipeline.open_teacher(store_dir, split, k=k) if teacher else None
+  layout = pipeline.Layout(accum=accum, rows=rows, length=length, k=k if teacher else 0)
+  it = pipeline.TrainIterator(split=split, teacher=store, layout=layout, stages=STAGES,
+                              bucket_n=np.zeros(len(split), np.int32),
+                              weight_n=np.linspace(0.1, 1, len(split)).astype(np.float32),
+                              seed=3, prefetch=0)
+  return layout, [next(it)[0] for _ in range(n)]
+
+
+def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=(),
+        online=None, teacher_params=None):
+  config, _ = train_config(train_data, objective, extra=["--config.optim.warmup_steps=0",
+                                                          *extra])
+  n = int(np.prod(mesh_shape))
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:n])
+  rules = sharding.DEFAULT_RULES
+  model_cfg = train.student_config(config, vocab=600, tensor=mesh.shape["tensor"])
+  obj = train.objective_for(config, model_cfg)
+  tx = step_lib.make_optimizer(config.optim, 10)
+  schedule = step_lib.lr_schedule(config.optim, 10)
+
+  def init():
+    return step_lib.init_state(T.init_params(model_cfg, jax.random.key(0)),
+                               jnp.zeros(len(obj.groups)), tx, 0)
+
+  state_sh = train.state_shardings(jax.eval_shape(init), mesh, rules, tx)
+  batch_sh = train.batch_sharding_for(layout.rows, mesh, rules)
+  data_sh = jax.tree.map(lambda _: batch_sh, host_batches[0])
+  teacher_sh = None
+  if teacher_params is not None:
+    teacher_sh = sharding.tree_shardings(teacher_params, T.param_axes(teacher_params), mesh,
+                                         rules)
+    teacher_params = jax.device_put(teacher_params, teacher_sh)
+  step = train.jit_train_step(model_cfg=model_cfg, obj=obj, tx=tx, schedule=schedule,
+                              dtype=jnp.float32, remat="none", online=online,
+                              state_sh=state_sh, data_sh=data_sh, teacher_sh=teacher_sh)
+  weights = jnp.ones(len(obj.groups), jnp.float32)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.jit(init, out_shardings=state_sh)()
+    history = []
+    for b in host_batches:
+      state, m = step(state, jax.device_put(b, data_sh), weights, teacher_params)
+      history.append(jax.device_get(m))
+  return jax.tree.map(np.asarray, jax.device_get(state.params)), history, state
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("sad", ()),
+    ("sad", ("--config.objective.learnable_weights=true", "--config.objective.pcgrad=true")),
+])
+def test_sharded_steps_equal_one_device(train_data, objective, extra):
+  layout, host = batches(train_data, accum=2, rows=4)
+  ref_params, ref_hist, _ = run(train_data, (1, 1, 1), host, layout, objective=objective,
+                                extra=extra)
+  meshes = [(2, 2, 2), (1, 2, 4), (8, 1, 1)] if not extra else [(2, 2, 2)]
+  for shape in meshes:
+    params, hist, _ = run(train_data, shape, host, layout, objective=objective, extra=extra)
+    for h, r in zip(hist, ref_hist):
+      assert bool(h["ok"])
+      for key in ("loss", "grad_norm", "reason/loss", "action/loss", "curriculum/loss"):
+        np.testing.assert_allclose(h[key], r[key], rtol=2e-5, err_msg=f"{shape} {key}")
+    close(params, ref_params)
+
+
+def test_accumulation_equals_the_full_batch(train_data):
+  # lanes are numbered micro-batch-major, so A=2×b=2 holds the same rows as A=1×b=4
+  lay1, host1 = batches(train_data, accum=1, rows=4, n=1)
+  lay2, host2 = batches(train_data, accum=2, rows=2, n=1)
+  np.testing.assert_array_equal(host1[0]["ids"].reshape(4, -1), host2[0]["ids"].reshape(4, -1))
+  extra = ("--config.objective.learnable_weights=true",)
+  p1, h1, s1 = run(train_data, (1, 1, 1), host1, lay1, extra=extra)
+  p2, h2, s2 = run(train_data, (1, 1, 1), host2, lay2, extra=extra)
+  for key in ("loss", "grad_norm", "reason/loss", "action/loss", "reason/accuracy",
+              "curriculum/loss", "reason/tokens"):
+    np.testing.assert_allclose(h1[0][key], h2[0][key], rtol=1e-5, err_msg=key)
+  close(p1, p2)
+  np.testing.assert_allclose(s1.span_params, s2.span_params, rtol=1e-5, atol=1e-7)
+
+
+def test_packed_rows_equal_trajectories_run_alone(train_data):
+  """Sums and counts of the eval step over packed rows equal those over the same
+  trajectories one per row: attention and targets never cross a trajectory."""
+  layout, host = batches(train_data, accum=1, rows=2, n=1, length=513)
+  packed = host[0]
+  assert packed["segment_ids"].max() >= 2
+  # unpack: each trajectory alone in a row
+  alone = {k: [] for k in packed}
+  for r in range(2):
+    seg = packed["segment_ids"][0, r]
+    for s in range(1, seg.max() + 1):
+      cols = np.flatnonzero(seg == s)
+      for k, v in packed.items():
+        row = np.zeros_like(v[0, r])
+        row[: len(cols)] = v[0, r, cols]
+        if k == "positions":
+          row[: len(cols)] = np.arange(len(cols))
+        alone[k].append(row)
+  alone = {k: np.stack(v)[None] for k, v in alone.items()}
+  config, _ = train_config(train_data)
+  model_cfg = train.student_config(config, vocab=600, tensor=1)
+  obj = train.objective_for(config, model_cfg)
+  params = T.init_params(model_cfg, jax.random.key(1))
+  w = jnp.ones(2)
+  out = [step_lib.eval_step(params, jnp.zeros(2), {k: jnp.asarray(v) for k, v in b.items()}, w,
+                            model_cfg=model_cfg, obj=obj) for b in (packed, alone)]
+  np.testing.assert_array_equal(out[0]["count"], out[1]["count"])
+  np.testing.assert_allclose(out[0]["sum"], out[1]["sum"], rtol=1e-5)
+  np.testing.assert_allclose(out[0]["correct"], out[1]["correct"])
+
+
+def test_online_teacher_equals_the_store(train_data):
+  """The teacher's forward inside the step gives the loss of its precomputed top-k
+  (float16 storage: 1e-3)."""
+  _, _, teacher_dir = train_data
+  tcfg, tparams = checkpoint_io.load_model(teacher_dir)
+  layout, host = batches(train_data, rows=4, n=1, k=16)
+  online = step_lib.OnlineTeacher(cfg=tcfg, k=16, kinds=(int(SpanKind.REASON),
+                                                         int(SpanKind.ACTION)))
+  extra = ("--config.teacher.k=16",)
+  _, h_store, _ = run(train_data, (1, 1, 1), host, layout, extra=extra)
+  no_store = [{k: v for k, v in b.items() if not k.startswith("teacher")} for b in host]
+  layout0 = dataclasses.replace(layout, k=0)
+  _, h_online, _ = run(train_data, (1, 1, 1), no_store, layout0, extra=extra, online=online,
+                       teacher_params=tparams)
+  assert h_store[0]["reason/tokens"] == h_online[0]["reason/tokens"] > 0
+  np.testing.assert_allclose(h_online[0]["reason/loss"], h_store[0]["reason/loss"], rtol=1e-3)
+  np.testing.assert_allclose(h_online[0]["action/loss"], h_store[0]["action/loss"], rtol=1e-6)

@@ -1,0 +1,192 @@
+"""The real trainer on CPU: steps, metrics files, exact resume after SIGKILL, SIGTERM,
+divergence, bad configs."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sad_jax import metrics as metrics_lib
+from sad_jax import train
+from sad_jax.errors import DataError
+from sad_jax.models import checkpoint_io
+from tests.train.conftest import REPO, train_config
+
+
+def final_params(workdir):
+  _, params = checkpoint_io.load_model(os.path.join(workdir, "final"))
+  return jax.tree.map(np.asarray, params)
+
+
+def assert_bit_identical(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert np.array_equal(x.view(np.uint32), y.view(np.uint32))
+
+
+def cli(args, **kw):
+  return subprocess.Popen([sys.executable, "-m", "sad_jax.cli", "train", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_trainer_runs_writes_metrics_and_tensorboard(train_data, tmp_path):
+  config, _ = train_config(train_data)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result.status == "finished" and result.step == 6
+  assert result.checkpoint_steps == [3, 6]
+  rows = metrics_lib.read_jsonl(str(tmp_path))
+  train_rows = [r for r in rows if r["split"] == "train" and "loss" in r]
+  val_rows = [r for r in rows if r["split"] == "validation"]
+  assert [r["step"] for r in train_rows] == [2, 4, 6]
+  assert [r["step"] for r in val_rows] == [3, 6]
+  for r in train_rows:
+    for key in ("reason/loss", "action/loss", "reason/accuracy", "action/accuracy",
+                "reason/tokens", "action/tokens", "reason/weight", "grad_norm", "lr",
+                "tokens_per_s", "curriculum/loss"):
+      assert np.isfinite(r[key]), key
+    # the total is w·(group means) + γ·curriculum term
+    assert r["loss"] == pytest.approx(r["reason/loss"] + r["action/loss"]
+                                      + 0.1 * r["curriculum/loss"], rel=1e-5)
+  # stage transition logged at step 3
+  assert any(r.get("stage") == 1 and r["step"] == 3 for r in rows if "loss" not in r)
+  # lr: warm-up of 10 steps, so lr(step) = 3e-3 · step / 10 for logged step s (taken at s−1)
+  assert train_rows[0]["lr"] == pytest.approx(3e-3 * 1 / 10, rel=1e-5)
+  # TensorBoard's own reader accepts our event files (CRCs checked) and sees the same values
+  from tensorboard.backend.event_processing import event_accumulator
+
+  ea = event_accumulator.EventAccumulator(glob.glob(str(tmp_path / "tb" / "train" / "*"))[0])
+  ea.Reload()
+  assert [(s.step, s.value) for s in ea.Scalars("reason/loss")] == [
+      (r["step"], pytest.approx(r["reason/loss"], rel=1e-6)) for r in train_rows]
+  assert os.path.isdir(tmp_path / "final" / "params")
+  # rerun with the same workdir: nothing left to do, same result
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again.step == 6
+  assert_bit_identical(final_params(str(tmp_path)), final_params(str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(train_data, tmp_path):
+  extra = ["--config.train.checkpoint_every=2", "--config.train.steps=8",
+           "--config.checkpoint.use_async=true"]
+  config, overrides = train_config(train_data, extra=extra)
+  clean = train.train_and_evaluate(config, str(tmp_path / "clean"))
+  assert clean.step == 8
+
+  work = str(tmp_path / "killed")
+  args = ["--config", "configs/train_sad.py:runlocal", "--workdir", work, *overrides]
+  p = cli(args)
+  deadline = time.time() + 240
+  while not os.path.exists(os.path.join(work, "checkpoints", "2", "commit_success.txt")):
+    assert p.poll() is None, p.stdout.read()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  killed_at = max(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
+  print(f"killed with checkpoints up to step {killed_at}")
+
+  # SIGTERM on the resumed run: it saves the step it is at and exits 0
+  p = cli(args)
+  out = ""
+  while True:
+    line = p.stdout.readline()
+    out += line
+    assert line or p.poll() is None, out
+    if line.startswith("step ") and "/8" in line:
+      p.send_signal(signal.SIGTERM)
+      break
+  out += p.communicate(timeout=240)[0]
+  assert p.returncode == 0, out
+  assert "resumed from step" in out and "SIGTERM: saved step" in out
+  assert "preempted at step" in out
+
+  p = cli(args)
+  out = p.communicate(timeout=240)[0]
+  assert p.returncode == 0, out
+  assert "finished at step 8" in out
+  assert_bit_identical(final_params(work), final_params(str(tmp_path / "clean")))
+
+
+def test_divergence_stops_with_a_diagnostic_and_keeps_the_good_checkpoint(train_data, tmp_path):
+  # lr 1e30 (no clipping): parameters overflow after the first update, the loss is inf
+  config, _ = train_config(train_data, extra=["--config.optim.lr=1e30",
+                                              "--config.optim.clip_norm=0.0",
+                                              "--config.optim.warmup_steps=0",
+                                              "--config.train.checkpoint_every=1"])
+  with pytest.raises(train.TrainingDiverged) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  report = json.loads((tmp_path / "nan_report.process0.json").read_text())
+  assert report["step"] >= 1 and report["examples"]
+  assert f"step {report['step']}" in str(e.value)
+  assert not (tmp_path / "final").exists()
+  # the checkpoints on disk hold finite parameters only
+  from sad_jax import checkpoint as C
+
+  ck = C.Checkpoints(str(tmp_path / "checkpoints"))
+  assert ck.latest_step() == report["step"]
+  ck.close()
+
+
+def test_resume_refuses_a_changed_experiment(train_data, tmp_path):
+  config, _ = train_config(train_data, extra=["--config.train.steps=3"])
+  train.train_and_evaluate(config, str(tmp_path))
+  changed, _ = train_config(train_data, extra=["--config.train.steps=3",
+                                               "--config.optim.lr=0.1"])
+  with pytest.raises(DataError, match="optim.lr"):
+    train.train_and_evaluate(changed, str(tmp_path))
+
+
+def test_cli_errors_name_the_field(train_data, tmp_path):
+  p = cli(["--config", "configs/train_sad.py", "--workdir", str(tmp_path),
+           "--config.no_such=1"])
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 2 and "no_such" in out and "Traceback" not in out
+  ds, _, _ = train_data
+  p = cli(["--config", "configs/train_sad.py", "--workdir", str(tmp_path),
+           f"--config.dataset={ds}"])
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 2 and "config.teacher_store" in out and "Traceback" not in out
+
+
+@pytest.mark.fireact
+@pytest.mark.slow
+def test_fireact_demo_size_sad_with_a_teacher_store(tmp_path):
+  """The demo-size `sad` config on the prepared FireAct data with a precomputed store."""
+  from configs import prepare_fireact
+  from sad_jax import configlib
+  from sad_jax.data import prepare
+  from sad_jax.models import transformer as T
+  from sad_jax.models.config import ModelConfig
+  from sad_jax.teacher import precompute as pc
+
+  cfgp = prepare_fireact.get_config()
+  cfgp.inputs = tuple(os.path.join(REPO, p) for p in cfgp.inputs)
+  cfgp.max_len = 512
+  ds = str(tmp_path / "ds")
+  prepare.prepare(cfgp, ds, progress=False)
+  _, tok, _ = prepare.load_prepared(ds)
+  tcfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=64,
+                     intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=16)
+  tparams = jax.tree.map(lambda a: a * 10, T.init_params(tcfg, jax.random.PRNGKey(0)))
+  pc.precompute(dataset_dir=ds, cfg=tcfg, params=tparams, teacher_name="tiny",
+                out_dir=str(tmp_path / "store"), k=16, progress=False, batch_size=16)
+  config = configlib.load(os.path.join(REPO, "configs", "train_sad.py"), [
+      f"--config.dataset={ds}", f"--config.teacher_store={tmp_path / 'store'}",
+      "--config.train.steps=4", "--config.train.eval_batches=2", "--config.metrics.mfu=false"])
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert result.status == "finished" and result.step == 4
+  rows = [r for r in metrics_lib.read_jsonl(str(tmp_path / "run")) if "reason/loss" in r]
+  assert rows and all(r["reason/tokens"] > 0 and r["action/tokens"] > 0 for r in rows)
+  # sequential packing of 100–500-token trajectories into 513-token rows: ~75% tokens
+  assert max(r.get("packing", 0) for r in rows) > 0.6
