@@ -37,7 +37,8 @@ class Checkpoints:
     keepers = [policies.LatestN(n=keep)]
     if keep_best:
       keepers.append(policies.BestN(
-          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "max", n=keep_best,
+          # BestN keeps the *last* n after sorting: min mode sorts descending
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=keep_best,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keepers),

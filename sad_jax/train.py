@@ -268,6 +268,8 @@ def train_and_evaluate(config, workdir: str) -> Result:
   tokens_per_step = layout.lanes * (layout.length - 1)
   flops_per_token = metrics_lib.model_flops_per_token(model_cfg, config.data.seq_len)
   peak = metrics_lib.measure_matmul_peak(config.model.dtype) if config.metrics.mfu else None
+  # the peak is one device's; emulated CPU devices share their host's cores
+  chips = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
   stop = {"signal": None}
   previous = _install_signal_handlers(stop)
   from tqdm.auto import tqdm
@@ -307,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
                                                                        * layout.lanes
                                                                        * layout.length)}
         if peak:
-          last_train["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+          last_train["mfu"] = tps * flops_per_token / (peak * chips)
         writer.write(done, "train", last_train)
         bar.set_postfix(loss=f"{last_train['loss']:.3f}", tok_s=f"{tps:.0f}")
         _log(is_main, _line(done, total_steps, last_train, obj))

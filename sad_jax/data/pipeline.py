@@ -7,7 +7,8 @@ positions ℓ, ℓ+L, ℓ+2L, … (L = A·b) of the stage's sample stream. The s
 MapDataset (per complexity bucket: shuffle by seed, repeat; then `mix` by the stage's
 bucket weights), so position → example is a pure function of (seed, stage, position).
 A process owns the rows of every micro-batch that its devices hold (a contiguous range:
-`Layout.row_start/row_count`), and packs only those lanes. So one process with 8 devices and two with 4 each see the same global batch.
+`Layout.row_start/row_count`), and packs only those lanes. So one process with 8 devices
+and two with 4 each see the same global batch.
 
 Packing: a lane takes examples while the next one fits in T tokens (a longer example is
 cut to T and counted). Segment ids number the trajectories 1, 2, … in a row (0 = padding),

@@ -110,7 +110,7 @@ def test_accumulation_equals_the_full_batch(train_data):
 def test_packed_rows_equal_trajectories_run_alone(train_data):
   """Sums and counts of the eval step over packed rows equal those over the same
   trajectories one per row: attention and targets never cross a trajectory."""
-  layout, host = batches(train_data, accum=1, rows=2, n=1, length=513)
+  _, host = batches(train_data, accum=1, rows=2, n=1, length=513)
   packed = host[0]
   assert packed["segment_ids"].max() >= 2
   # unpack: each trajectory alone in a row

@@ -190,3 +190,42 @@ def test_fireact_demo_size_sad_with_a_teacher_store(tmp_path):
   assert rows and all(r["reason/tokens"] > 0 and r["action/tokens"] > 0 for r in rows)
   # sequential packing of 100–500-token trajectories into 513-token rows: ~75% tokens
   assert max(r.get("packing", 0) for r in rows) > 0.6
+
+
+def test_pretrained_student_online_teacher_bf16_and_keep_best(train_data, tmp_path):
+  """Student initialised from an HF folder holding the teacher itself, the teacher run
+  online inside the step, bf16 compute: the first reason KL is ~0 (student = teacher). With
+  keep=1 and keep_best=1 the latest and the best-validation checkpoints remain."""
+  from sad_jax.models import hf
+
+  _, _, teacher_dir = train_data
+  tcfg, tparams = checkpoint_io.load_model(teacher_dir)
+  hf.save(tcfg, tparams, str(tmp_path / "hf_student"))
+  config, _ = train_config(train_data, extra=[
+      "--config.model.init=pretrained", f"--config.model.path={tmp_path / 'hf_student'}",
+      f"--config.teacher.online={teacher_dir}", "--config.teacher_store=",
+      "--config.teacher.online_kinds=('reason', 'action')", "--config.model.dtype=bfloat16",
+      "--config.checkpoint.keep=1", "--config.checkpoint.keep_best=1",
+      "--config.train.eval_every=1", "--config.train.log_every=1",
+      "--config.train.checkpoint_every=1", "--config.metrics.mfu=true",
+      "--config.optim.lr=0.05", "--config.optim.warmup_steps=0"])
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = metrics_lib.read_jsonl(str(tmp_path / "run"))
+  first = next(r for r in rows if r["split"] == "train" and "reason/loss" in r)
+  assert first["step"] == 1 and 0 <= first["reason/loss"] < 0.05
+  assert 0 < first["mfu"] < 1
+  val = {r["step"]: r["loss"] for r in rows if r["split"] == "validation"}
+  best = min(val, key=val.get)
+  assert sorted(result.checkpoint_steps) == sorted({best, 6})
+
+
+def test_weight_decay_skips_norms_biases_and_span_weights():
+  from sad_jax import step as step_lib
+
+  tree = {"model": {"embed": np.zeros((4, 2)), "layers_0": {
+      "attn": {"q": np.zeros((2, 1, 2)), "q_bias": np.zeros((1, 2))},
+      "input_norm": {"scale": np.zeros(2)}}}, "span": np.zeros(2)}
+  mask = step_lib.decay_mask(tree)
+  assert mask == {"model": {"embed": True, "layers_0": {"attn": {"q": True, "q_bias": False},
+                                                        "input_norm": {"scale": False}}},
+                  "span": False}
