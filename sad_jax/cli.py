@@ -146,6 +146,58 @@ def _cmd_train(args, overrides) -> int:
   return 0
 
 
+def _cmd_generate(args) -> int:
+  from sad_jax.data import schema
+
+  if args.teacher == "oracle":
+    from sad_jax.agent import oracle
+
+    trajs = oracle.generate(args.env, split=args.split, episodes=args.episodes,
+                            seed=args.seed, start=args.start)
+  else:
+    from sad_jax.agent import llm
+
+    client = llm.Client(args.endpoint, model=args.model, api_key=os.environ.get(
+        "OPENAI_API_KEY", ""))
+    trajs = llm.generate(client, args.env, split=args.split, episodes=args.episodes,
+                         start=args.start, first_thought=not args.no_first_thought,
+                         keep_failed=args.keep_failed, max_steps=args.max_steps)
+  won = [0]
+
+  def counted(items):
+    for t in items:
+      won[0] += bool(t.success)
+      yield t
+
+  n = schema.write_jsonl(args.output, counted(trajs))
+  print(f"wrote {n} trajectories to {args.output} ({won[0]} successful)")
+  return 0
+
+
+def _cmd_eval(args) -> int:
+  import json
+
+  from sad_jax.agent import evaluate
+  from sad_jax.fileio import atomic_write
+
+  policy = evaluate.load_policy(args.checkpoint, tokenizer=args.tokenizer,
+                                max_new_tokens=args.max_new_tokens)
+  result = evaluate.evaluate(policy, env_spec=args.env, split=args.split,
+                             episodes=args.episodes, start=args.start,
+                             max_steps=args.max_steps, batch=args.batch, sag=args.sag,
+                             seed=args.seed, transcripts=args.transcripts,
+                             progress=not args.quiet)
+  print(result.summary())
+  if args.transcripts:
+    print(f"transcripts: {args.transcripts} (sad-jax inspect {args.transcripts} --index 0)")
+  if args.json:
+    import dataclasses
+
+    with atomic_write(args.json) as f:
+      json.dump(dataclasses.asdict(result), f, indent=1)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   from sad_jax.data.importers import FORMATS
 
@@ -210,6 +262,40 @@ def build_parser() -> argparse.ArgumentParser:
   trn.add_argument("--num-processes", dest="num_processes", type=int, default=None)
   trn.add_argument("--process-id", dest="process_id", type=int, default=None)
   trn.set_defaults(func=_cmd_train, takes_overrides=True)
+
+  gen = sub.add_parser("generate", help="teacher trajectories in an environment (oracle or "
+                       "an OpenAI-compatible LLM endpoint)")
+  gen.add_argument("--env", required=True, help="twx:GAME | textworld:CHALLENGE | math:DATASET")
+  gen.add_argument("--split", default="train", choices=("train", "dev", "test"))
+  gen.add_argument("--episodes", type=int, default=100)
+  gen.add_argument("--start", type=int, default=0, help="first task index in the fold")
+  gen.add_argument("--teacher", default="oracle", choices=("oracle", "llm"))
+  gen.add_argument("--endpoint", default="http://localhost:8000/v1")
+  gen.add_argument("--model", default="")
+  gen.add_argument("--no-first-thought", action="store_true",
+                   help="llm: do not seed the first thought from the teacher's own CoT")
+  gen.add_argument("--keep-failed", action="store_true", help="llm: keep failed episodes")
+  gen.add_argument("--max-steps", type=int, default=30)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--output", "-o", required=True, metavar="OUT.jsonl")
+  gen.set_defaults(func=_cmd_generate)
+
+  ev = sub.add_parser("eval", help="run a checkpoint as a ReAct agent; success rate and more")
+  ev.add_argument("--checkpoint", required=True, help="model folder (training's final/, or HF)")
+  ev.add_argument("--tokenizer", default=None, help="if the folder has none")
+  ev.add_argument("--env", required=True)
+  ev.add_argument("--split", default="test", choices=("train", "dev", "test"))
+  ev.add_argument("--episodes", type=int, default=20)
+  ev.add_argument("--start", type=int, default=0)
+  ev.add_argument("--max-steps", type=int, default=30)
+  ev.add_argument("--max-new-tokens", type=int, default=96)
+  ev.add_argument("--batch", type=int, default=8, help="episodes run in lockstep")
+  ev.add_argument("--sag", type=int, default=0, help="self-consistent action generation: N")
+  ev.add_argument("--seed", type=int, default=0)
+  ev.add_argument("--transcripts", default=None, metavar="OUT.jsonl")
+  ev.add_argument("--json", default=None, metavar="RESULT.json")
+  ev.add_argument("--quiet", action="store_true")
+  ev.set_defaults(func=_cmd_eval)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -339,7 +340,12 @@ def train_and_evaluate(config, workdir: str) -> Result:
     ckpt.close()
   final_step = int(jax.device_get(state.step))
   if status == "finished" and config.train.export:
-    checkpoint_io.save_params(os.path.join(workdir, "final"), model_cfg, state.params)
+    final = os.path.join(workdir, "final")
+    checkpoint_io.save_params(final, model_cfg, state.params)
+    if is_main:  # the tokenizer travels with the model (eval, serving)
+      for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(config.dataset, name)):
+          shutil.copyfile(os.path.join(config.dataset, name), os.path.join(final, name))
   return Result(step=final_step, status=status, train=last_train, validation=last_val,
                 checkpoint_steps=ckpt.all_steps())
 
