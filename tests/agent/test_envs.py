@@ -105,3 +105,19 @@ def test_oracle_trajectories_win_reason_and_prepare(tmp_path, spm_path, tw_games
   assert report.tokens["reason"] > 0 and report.tokens["action"] > 0
   rows = [json.loads(line) for line in path.read_text().splitlines()]
   assert {r["meta"]["env"] for r in rows} >= {"twx:cookingworld", "math:basic_arithmetic"}
+
+
+@pytest.mark.parametrize("game", ["cookingworld", "twc", "coin", "mapreader", "arithmetic",
+                                  "sorting", "simonsays", "peckingorder"])
+def test_every_twx_game_oracle_wins(game):
+  traj = next(oracle.generate(f"twx:{game}", split="dev", episodes=1))
+  assert traj.success, render.render_react(traj).text[-500:]
+
+
+@pytest.mark.slow
+def test_textworld_treasure_and_cooking_oracles_win(tw_games):
+  for spec in ("textworld:treasure", "textworld:cooking"):
+    traj = next(oracle.generate(spec, split="dev", episodes=1, game_dir=tw_games))
+    assert traj.success, (spec, render.render_react(traj).text[-800:])
+  traj = next(oracle.generate("math:chain_sum", split="dev", episodes=1))
+  assert traj.success
