@@ -198,6 +198,12 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _cmd_demo(args) -> int:
+  from sad_jax import demo
+
+  return demo.main_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   from sad_jax.data.importers import FORMATS
 
@@ -296,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--json", default=None, metavar="RESULT.json")
   ev.add_argument("--quiet", action="store_true")
   ev.set_defaults(func=_cmd_eval)
+
+  dem = sub.add_parser("demo", help="the whole method end to end on TextWorld-Express: "
+                       "SAD vs token-level KD vs SFT, with a report and plots")
+  dem.add_argument("--quick", action="store_true", help="one seed, fewer steps (≈3 min)")
+  dem.add_argument("--workdir", default="runs/demo")
+  dem.set_defaults(func=_cmd_demo)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

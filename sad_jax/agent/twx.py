@@ -104,6 +104,8 @@ class TWXEnv:
       self._env.close()
     except Exception:  # the JVM may already be gone
       pass
+    # the package's __del__ closes again and prints a BrokenPipeError: once is enough
+    self._env.close = lambda: None
 
 
 _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
