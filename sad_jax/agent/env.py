@@ -78,6 +78,17 @@ def make_env(spec: str, **kwargs) -> Env:
                   field="env")
 
 
+def act(env: Env, segments: list, action: str) -> StepResult:
+  """Steps the environment and records the action and its observation in `segments`
+  (trajectory segments), as every teacher and the student agent write them."""
+  from sad_jax.data.schema import Segment
+
+  segments.append(Segment("action", action))
+  result = env.step(action)
+  segments.append(Segment("observation", result.observation))
+  return result
+
+
 def check_split(split: str) -> str:
   if split not in SPLITS:
     raise DataError(f"split must be one of {SPLITS}, got {split!r}", field="split")

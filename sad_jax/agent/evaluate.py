@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from sad_jax.agent import react
-from sad_jax.agent.env import make_env
+from sad_jax.agent.env import act, make_env
 from sad_jax.agent.math_env import parse_action as math_action
 from sad_jax.agent.tools import SandboxLimits, run_python
 from sad_jax.data import schema
@@ -109,9 +109,7 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
             if (valid is not None and turn.action not in valid) or (
                 env_spec.startswith("math:") and math_action(turn.action) is None):
               invalid += 1
-            traj.segments.append(Segment("action", turn.action))
-            r = env.step(turn.action)
-            traj.segments.append(Segment("observation", r.observation))
+            r = act(env, traj.segments, turn.action)
             if r.done:
               live[i], won[i] = False, r.won
           steps[i] += 1

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from sad_jax.agent import react
-from sad_jax.agent.env import Env, make_env
+from sad_jax.agent.env import Env, act, make_env
 from sad_jax.data import render
 from sad_jax.data.schema import Segment, Trajectory
 from sad_jax.errors import DataError
@@ -112,10 +112,8 @@ def episode(client: Client, env: Env, task: int, *, first_thought: bool = True,
       segments.append(Segment("observation", react.INVALID))
       steps += 1
       continue
-    segments.append(Segment("action", action))
-    r = env.step(action)
+    r = act(env, segments, action)
     steps += 1
-    segments.append(Segment("observation", r.observation))
     if r.done:
       won = r.won
       break

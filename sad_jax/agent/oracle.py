@@ -14,7 +14,7 @@ import random
 import re
 from collections.abc import Iterator
 
-from sad_jax.agent.env import Env, make_env
+from sad_jax.agent.env import Env, act, make_env
 from sad_jax.data.schema import Segment, Trajectory
 
 _DIRECTIONS = {"north", "south", "east", "west", "up", "down"}
@@ -136,11 +136,9 @@ def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60) -
     inventory = env.inventory() if hasattr(env, "inventory") else ""
     segments.append(Segment("reason", thought(action=action, plan=plan, goal=goal,
                                               observation=obs, inventory=inventory, rng=rng)))
-    segments.append(Segment("action", action))
-    r = env.step(action)
+    r = act(env, segments, action)
     steps += 1
     obs = r.observation
-    segments.append(Segment("observation", obs))
     if r.done:
       won = r.won
       break
@@ -168,10 +166,8 @@ def _math_episode(env, task, segments, rng) -> Trajectory:
       else:
         text = f"The answer is {answer}."
     segments.append(Segment("reason", text))
-    segments.append(Segment("action", action))
-    r = env.step(action)
+    r = act(env, segments, action)
     steps += 1
-    segments.append(Segment("observation", r.observation))
     if r.done:
       won = r.won
       break
