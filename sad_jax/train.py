@@ -97,9 +97,10 @@ def train_and_evaluate(config, workdir: str) -> Result:
   val_split = None
   try:
     val_split = pipeline.open_split(config.dataset, "validation")
-  except DataError:
-    pass  # a dataset prepared with val_fraction=0 has none
-  obj = objectives.build(config.objective)  # settings completed once the model is known
+  except DataError as e:
+    if e.field != "split":  # a dataset prepared with val_fraction=0 has none; else: raise
+      raise
+  obj = objective_for(config, None)  # settings completed once the model is known
   online = None
   teacher_params = None
   store = val_store = None
@@ -363,9 +364,16 @@ def student_config(config, *, vocab: int, tensor: int):
 
 
 def objective_for(config, model_cfg):
-  obj = objectives.build(config.objective)
-  return dataclasses.replace(obj, settings=dataclasses.replace(
-      obj.settings, vocab_size=model_cfg.vocab_size, softcap=model_cfg.final_softcap))
+  """The configured objective (its vocabulary and soft-cap from the model, when given);
+  a bad objective section is a DataError naming it, not a traceback."""
+  try:
+    obj = objectives.build(config.objective)
+    if model_cfg is None:
+      return obj
+    return dataclasses.replace(obj, settings=dataclasses.replace(
+        obj.settings, vocab_size=model_cfg.vocab_size, softcap=model_cfg.final_softcap))
+  except ValueError as e:
+    raise DataError(str(e), field="config.objective") from None
 
 
 def batch_sharding_for(rows: int, mesh, rules):

@@ -229,3 +229,13 @@ def test_weight_decay_skips_norms_biases_and_span_weights():
   assert mask == {"model": {"embed": True, "layers_0": {"attn": {"q": True, "q_bias": False},
                                                         "input_norm": {"scale": False}}},
                   "span": False}
+
+
+def test_bad_objective_config_is_a_clear_error(train_data, tmp_path):
+  config, _ = train_config(train_data, "sft", extra=["--config.objective.pcgrad=true"])
+  with pytest.raises(DataError, match="pcgrad needs two loss groups") as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert e.value.field == "config.objective"
+  config, _ = train_config(train_data, extra=["--config.objective.divergence=kl"])
+  with pytest.raises(DataError, match="divergence must be one of"):
+    train.train_and_evaluate(config, str(tmp_path))
