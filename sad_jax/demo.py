@@ -324,6 +324,9 @@ def _param_count(folder: str) -> int:
 def per_span_eval(folder: str, dataset: str, store: str) -> dict[str, float]:
   """Reason KL to the teacher and action accuracy on the validation split, the same
   measurement for every student (the `sad` objective's eval step with unit weights)."""
+  import functools
+
+  import jax
   import jax.numpy as jnp
 
   from sad_jax import objectives, step
@@ -337,15 +340,12 @@ def per_span_eval(folder: str, dataset: str, store: str) -> dict[str, float]:
   layout = pipeline.Layout(accum=1, rows=4, length=513, k=16)
   obj = objectives.Objective(name="sad", groups=objectives.groups_for("sad"),
                              settings=LossSettings(vocab_size=cfg.vocab_size, chunk_size=128))
-  sums = counts = correct = 0.0
-  for batch, _ in pipeline.eval_batches(split, teacher, layout):
-    out = step.eval_step(params, jnp.zeros(2), {k: jnp.asarray(v) for k, v in batch.items()},
-                         jnp.ones(2), model_cfg=cfg, obj=obj)
-    sums = sums + np.asarray(out["sum"])
-    counts = counts + np.asarray(out["count"])
-    correct = correct + np.asarray(out["correct"])
-  n = np.maximum(counts, 1)
-  return {"reason_kl": float(sums[0] / n[0]), "action_accuracy": float(correct[1] / n[1])}
+  fn = jax.jit(functools.partial(step.eval_step, model_cfg=cfg, obj=obj))  # once per model
+  total = step.eval_totals(fn(params, jnp.zeros(2), batch, jnp.ones(2))
+                           for batch, _ in pipeline.eval_batches(split, teacher, layout))
+  n = np.maximum(total["count"], 1)
+  return {"reason_kl": float(total["sum"][0] / n[0]),
+          "action_accuracy": float(total["correct"][1] / n[1])}
 
 
 def report(work: str, p: Plan, results: dict[str, dict], runs: dict[str, str], dataset: str,

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sad_jax import losses, objectives
@@ -241,3 +242,11 @@ def eval_step(params, span_params, batch: dict, loss_weights_g: jax.Array,
   zeros = jnp.zeros((len(obj.groups),), jnp.float32)
   acc, _ = jax.lax.scan(micro, {"sum": zeros, "correct": zeros}, batch)
   return {"sum": acc["sum"], "correct": acc["correct"], "count": counts_g}
+
+
+def eval_totals(outputs) -> dict[str, np.ndarray]:
+  """Sums eval_step outputs over batches on the host: per-group sum, count, correct."""
+  total = {"sum": 0.0, "count": 0.0, "correct": 0.0}
+  for out in outputs:
+    total = {k: total[k] + np.asarray(out[k], np.float64) for k in total}
+  return total

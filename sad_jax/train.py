@@ -217,16 +217,14 @@ def train_and_evaluate(config, workdir: str) -> Result:
     if val_split is None:
       return {}
     w = jnp.asarray(stages[index].loss_weights, jnp.float32)
-    sums = counts = correct = 0.0
     with sharding.use_mesh(mesh, rules):
-      for host_batch, _ in pipeline.eval_batches(
-          val_split, val_store, layout, weight_n=val_weight,
-          max_batches=config.train.eval_batches or None):
-        out = eval_fn(index)(state.params, state.span_params, to_global(host_batch), w,
-                             teacher_params)
-        sums = sums + np.asarray(out["sum"])
-        counts = counts + np.asarray(out["count"])
-        correct = correct + np.asarray(out["correct"])
+      total = step_lib.eval_totals(
+          eval_fn(index)(state.params, state.span_params, to_global(host_batch), w,
+                         teacher_params)
+          for host_batch, _ in pipeline.eval_batches(
+              val_split, val_store, layout, weight_n=val_weight,
+              max_batches=config.train.eval_batches or None))
+    sums, counts, correct = total["sum"], total["count"], total["correct"]
     n = np.maximum(counts, 1)
     res = {"loss": float(np.sum(np.asarray(stages[index].loss_weights) * sums / n))}
     for g, name in enumerate(obj.group_names):
