@@ -152,8 +152,15 @@ def shard_name(split: str, index: int) -> str:
 def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[str]) -> dict:
   """Writes one shard under a temporary name, then its marker, then renames it.
   Returns the marker (ids, bytes, sha256)."""
+  import glob
+
   from array_record.python import array_record_module
 
+  marker_name = name.replace(".arrayrecord", ".done.json")
+  # a writer killed mid-shard leaves temporaries of this shard (its own, atomic_write's);
+  # the shard belongs to one process, so they are safe to drop before rewriting it
+  for stale in glob.glob(os.path.join(folder, f".{glob.escape(marker_name)}.*.tmp")):
+    os.remove(stale)
   tmp = os.path.join(folder, name + ".tmp")
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   for blob in records:
@@ -161,7 +168,7 @@ def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[
   writer.close()
   marker = {"name": name, "ids": list(ids), "bytes": os.path.getsize(tmp),
             "sha256": file_sha256(tmp)}
-  with atomic_write(os.path.join(folder, name.replace(".arrayrecord", ".done.json"))) as f:
+  with atomic_write(os.path.join(folder, marker_name)) as f:
     json.dump(marker, f)
   os.replace(tmp, os.path.join(folder, name))
   return marker
