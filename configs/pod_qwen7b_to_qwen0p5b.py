@@ -29,7 +29,8 @@ QWEN25_0P5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  if arg:  # a typo'd argument must not pass silently
+    raise ValueError(f"this config takes no argument, got {arg!r}")
   c = train_base.get_config("sad")
   c.model.init = "pretrained"
   c.model.path = ""                  # the student's HF folder (set on the command line)

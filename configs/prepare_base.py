@@ -7,7 +7,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  if arg:  # a typo'd argument must not pass silently
+    raise ValueError(f"this config takes no argument, got {arg!r}")
   config = ml_collections.ConfigDict()
   config.inputs = ("",)              # trajectory files, any importer format
   config.format = "auto"             # react | chat | openai | smolagents | sad | auto

@@ -15,9 +15,11 @@ FIREACT = "../shared/data/fireact"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  files = {"alpaca": "hotpotqa_react_alpaca.json", "chat": "hotpotqa_react_chat.jsonl"}
+  if (arg or "alpaca") not in files:
+    raise ValueError(f"unknown argument {arg!r}; expected one of {', '.join(files)}")
   config = prepare_base.get_config()
-  name = {"alpaca": "hotpotqa_react_alpaca.json", "chat": "hotpotqa_react_chat.jsonl"}[
-      arg or "alpaca"]
+  name = files[arg or "alpaca"]
   config.inputs = (f"{FIREACT}/{name}",)
   config.tokenizer.vocab_size = 2000
   config.max_len = 1024

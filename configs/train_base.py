@@ -23,6 +23,8 @@ def stage(name, steps, bucket_weights, loss_weights, temperature=1.0):
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   objective = arg or "sad"
+  if objective not in ("sad", "token_kd", "sft"):
+    raise ValueError(f"unknown objective {objective!r}; expected sad, token_kd or sft")
   c = ml_collections.ConfigDict()
   c.dataset = ""                   # prepared dataset folder (sad-jax prepare)
   c.teacher_store = ""             # top-k store (sad-jax teacher precompute); "" = none

@@ -11,6 +11,8 @@ from configs import train_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "runlocal"):
+    raise ValueError(f"unknown argument {arg!r}; the only one is 'runlocal'")
   c = train_base.get_config("sad")
   c.objective.curriculum_gamma = 0.1  # the complexity-weighted curriculum term
   return train_base.runlocal(c) if arg == "runlocal" else c

@@ -12,5 +12,7 @@ from configs import train_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "runlocal"):
+    raise ValueError(f"unknown argument {arg!r}; the only one is 'runlocal'")
   c = train_base.get_config("token_kd")
   return train_base.runlocal(c) if arg == "runlocal" else c

@@ -9,18 +9,26 @@ step may donate the state's buffers). Retention keeps the latest `keep` steps an
 `keep_best` best by a validation metric. A step folder is visible only once complete
 (orbax writes to a temporary name and renames), so a kill during a save leaves the
 previous step as the latest.
+
+Disk full: before a save, the free space is compared with the size of the latest complete
+step, and a save that cannot fit is refused (DiskFull) before anything is written. A save
+that still runs out of space (another writer took it) fails with the same error; the
+previous step stays intact either way.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from sad_jax.errors import DataError
+from sad_jax.errors import DataError, DiskFull
 
 ITEMS = ("state", "data", "meta")
 
@@ -68,7 +76,38 @@ class Checkpoints:
     metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
     if metrics is not None and self.best_metric not in metrics:
       metrics = None
-    return self.manager.save(step, args=args, metrics=metrics, force=True)
+    self._check_space(step)
+    try:
+      return self.manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:
+      raise self._disk_full(step, e) or e from None
+
+  def _intact(self) -> str:
+    latest = self.latest_step()
+    return ("no earlier checkpoint exists" if latest is None else
+            f"the last complete checkpoint, step {latest}, is intact")
+
+  def _check_space(self, step: int) -> None:
+    latest = self.latest_step()
+    if latest is None:
+      return
+    need = _folder_bytes(os.path.join(self.manager.directory, str(latest)))
+    free = shutil.disk_usage(self.manager.directory).free
+    if free < need:
+      raise DiskFull(f"{self.manager.directory}: no space for checkpoint step {step} (about "
+                     f"{need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free); "
+                     f"{self._intact()}. Free space and rerun to resume from it.")
+
+  def _disk_full(self, step: int | None, e: BaseException) -> DiskFull | None:
+    """A DiskFull for an out-of-space failure (OSError or a tensorstore message), else None."""
+    text = str(e)
+    if not ((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+            or "No space left on device" in text or "os_error_code='28'" in text):
+      return None
+    # saves are asynchronous: the failure may be the previous save's, surfacing now
+    what = "a checkpoint" if step is None else f"checkpoint step {step} or the one before it"
+    return DiskFull(f"{self.manager.directory}: disk full while writing {what} (No space "
+                    f"left on device); {self._intact()}. Free space and rerun to resume.")
 
   def restore(self, step: int, *, abstract_state, data_iter) -> tuple[Any, dict]:
     """(state, meta) at `step`; the data iterator is set to its saved state in place."""
@@ -89,13 +128,59 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._disk_full(None, e) or e from None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+
+def latest_complete(directory: str) -> int | None:
+  """The highest committed step under `directory` (orbax renames a step's folder to its
+  number only once complete), without opening a manager."""
+  try:
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def _folder_bytes(folder: str) -> int:
+  total = 0
+  for root, _, names in os.walk(folder):
+    for n in names:
+      try:
+        total += os.path.getsize(os.path.join(root, n))
+      except OSError:
+        pass
+  return total
 
 
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
+
+
+class _OneLineDiskFull(logging.Filter):
+  """orbax and asyncio log every failed write of an out-of-space save with a traceback (one
+  per array); the DiskFull error says it once, so keep one short line per write (absl) and
+  drop asyncio's never-retrieved reports of the same failure."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += f"\n{record.exc_info[1]}"
+    if "No space left on device" not in text and "RESOURCE_EXHAUSTED" not in text:
+      return True
+    if record.name == "asyncio":
+      return False
+    record.msg, record.args = text.splitlines()[0][:200] + " …", None
+    record.exc_info = record.exc_text = None
+    return True
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_OneLineDiskFull())

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import os
 import sys
 
-from sad_jax.errors import SadJaxError, SkipReport
+from sad_jax.errors import DiskFull, SadJaxError, SkipReport
 
 
 def _cmd_import(args) -> int:
@@ -84,12 +85,17 @@ def _cmd_teacher_precompute(args, overrides) -> int:
       raise DataError(f"required (set --config.{key}=…)", field=f"config.{key}")
   mesh = None if tuple(c.mesh) == (1, 1, 1) else sharding.make_mesh(c.mesh)
   cfg, params = load_model(c.teacher, mesh=mesh)
-  m = precompute.precompute(
-      dataset_dir=c.dataset, cfg=cfg, params=params,
-      teacher_name=c.teacher_name or os.path.basename(os.path.normpath(c.teacher)),
-      out_dir=c.out, k=c.k, temperature=c.temperature, span_kinds=tuple(c.span_kinds),
-      shard_size=c.shard_size, batch_size=c.batch_size, logp_dtype=c.logp_dtype, mesh=mesh,
-      progress=not args.quiet, dtype=jnp.dtype(c.compute_dtype))
+  try:
+    m = precompute.precompute(
+        dataset_dir=c.dataset, cfg=cfg, params=params,
+        teacher_name=c.teacher_name or os.path.basename(os.path.normpath(c.teacher)),
+        out_dir=c.out, k=c.k, temperature=c.temperature, span_kinds=tuple(c.span_kinds),
+        shard_size=c.shard_size, batch_size=c.batch_size, logp_dtype=c.logp_dtype, mesh=mesh,
+        progress=not args.quiet, dtype=jnp.dtype(c.compute_dtype))
+  except DataError as e:
+    if e.field in ("vocab_size", "k"):  # the teacher's vocabulary: name the teacher
+      raise e.located(path=c.teacher) from None
+    raise
   n = sum(len(s["ids"]) for s in m.shards)
   size = sum(s["bytes"] for s in m.shards)
   print(f"store {c.out}: {n} trajectories in {len(m.shards)} shards, {size / 2**20:.1f} MiB, "
@@ -140,6 +146,16 @@ def _cmd_train(args, overrides) -> int:
   except train_lib.TrainingDiverged as e:
     print(f"sad-jax: training stopped: {e}", file=sys.stderr)
     return 3
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    from sad_jax.checkpoint import latest_complete
+
+    step = latest_complete(os.path.join(args.workdir, "checkpoints"))
+    intact = ("no checkpoint was complete yet" if step is None else
+              f"the last complete checkpoint, step {step}, is intact")
+    raise DiskFull(f"{e.filename or args.workdir}: disk full (No space left on device); "
+                   f"{intact}. Free space and rerun to resume.") from None
   val = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items() if "tokens" not in k)
   print(f"{result.status} at step {result.step}; checkpoints {result.checkpoint_steps}"
         + (f"; validation: {val}" if val else ""))

@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -28,8 +29,20 @@ def _import_file(path: str):
   if spec is None or spec.loader is None:
     raise DataError("cannot import config file", path=path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise DataError(f"syntax error at line {e.lineno}: {e.msg}", path=path) from None
+  except Exception as e:  # the config is user code: report it, located, without a traceback
+    raise DataError(f"{_where(e, path)}{type(e).__name__}: {e}", path=path) from None
   return module
+
+
+def _where(e: BaseException, path: str) -> str:
+  """'line N: ' of the innermost frame of the config file in e's traceback, if any."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f"line {frames[-1].lineno}: " if frames else ""
 
 
 def _parse_value(text: str, old):
@@ -85,7 +98,15 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   module = _import_file(path)
   if not hasattr(module, "get_config"):
     raise DataError("config file has no get_config(arg)", path=path)
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except Exception as e:  # user code; configs raise ValueError for an argument they refuse
+    kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+    raise DataError(f"get_config({arg or None!r}): {_where(e, path)}{kind}{e}", path=path,
+                    field="get_config") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise DataError(f"get_config returned {type(config).__name__}, not an "
+                    "ml_collections.ConfigDict", path=path, field="get_config")
   apply_overrides(config, overrides)
   config.lock()
   return config

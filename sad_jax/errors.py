@@ -13,6 +13,10 @@ class SadJaxError(Exception):
   """Base class for errors reported to the user without a traceback."""
 
 
+class DiskFull(SadJaxError):
+  """No space left where we write; says what is intact and how to go on."""
+
+
 class DataError(SadJaxError):
   """Bad input, located by file, record (1-based line or record number) and field."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -30,13 +32,54 @@ def _fsync_dir(folder: str) -> None:
     os.close(fd)
 
 
+def _tmp_prefix(path: str) -> str:
+  """`.NAME.HOST-PID.`: a temporary names its writer, so a rerun can tell a dead writer's
+  leftovers (SIGKILL, power loss) from a live one's."""
+  return f".{os.path.basename(path)}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def drop_stale_temporaries(path: str | os.PathLike) -> list[str]:
+  """Removes temporaries for `path` whose writer on this host is dead; returns them."""
+  path = os.fspath(path).rstrip("/")
+  folder = os.path.dirname(os.path.abspath(path))
+  pattern = re.compile(re.escape(f".{os.path.basename(path)}.{socket.gethostname()}-")
+                       + r"(\d+)\..*\.tmp(\.old)?$")
+  dropped = []
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return dropped
+  for name in names:
+    m = pattern.match(name)
+    if m and not _pid_alive(int(m.group(1))):
+      full = os.path.join(folder, name)
+      if os.path.isdir(full):
+        shutil.rmtree(full, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(full)
+      dropped.append(full)
+  return dropped
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
   """Yields a file that becomes `path` only when the block ends without error."""
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+  drop_stale_temporaries(path)
+  fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=folder)
   try:
     encoding = None if "b" in mode else "utf-8"
     with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -59,7 +102,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   path = os.fspath(path).rstrip("/")
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+  drop_stale_temporaries(path)
+  tmp = tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=parent)
   try:
     yield tmp
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700

@@ -332,11 +332,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
         break
     ckpt.wait()
   finally:
-    bar.close()
-    writer.close()
-    train_iter.close()
-    _restore_signal_handlers(previous)
-    ckpt.close()
+    _close_all(bar.close, writer.close, train_iter.close,
+               lambda: _restore_signal_handlers(previous), ckpt.close,
+               failing=sys.exc_info()[1] is not None)
   final_step = int(jax.device_get(state.step))
   if status == "finished" and config.train.export:
     final = os.path.join(workdir, "final")
@@ -462,6 +460,19 @@ def _line(step_now: int, total: int, m: dict, obj) -> str:
   if "mfu" in m:
     parts.append(f"MFU {100 * m['mfu']:.1f}%")
   return " | ".join(parts)
+
+
+def _close_all(*closers, failing: bool) -> None:
+  """Runs every closer. While another error is on its way out, their errors (for example a
+  full disk again on the metrics flush) must not replace it; otherwise the first is raised."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      first = first or e
+  if first is not None and not failing:
+    raise first
 
 
 def _log(is_main: bool, text: str) -> None:

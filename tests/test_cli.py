@@ -113,3 +113,58 @@ def test_inspect_errors(tmp_path, capsys):
   assert cli.main(["inspect", path, "--index", "5"]) == 2
   assert "index 5 out of range" in capsys.readouterr().err
   json.loads(open(path).readline())
+
+
+@pytest.mark.slow
+def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path):
+  """SIGKILL at a random moment of `sad-jax prepare`: no output folder appears (its
+  temporary is not taken for it), and the rerun writes exactly the clean run's bytes."""
+  import hashlib
+  import random
+  import signal
+  import time
+
+  src = str(tmp_path / "t.jsonl")
+  schema.write_jsonl(src, helpers.synthetic_trajectories(3000, seed=3, multiline=True))
+
+  def cmd(out):
+    return [sys.executable, "-m", "sad_jax.cli", "prepare", "--config",
+            "configs/prepare_base.py", "--out", out, f"--config.inputs=('{src}',)",
+            "--config.tokenizer.vocab_size=600"]
+
+  def digests(folder):
+    out = {}
+    for root, _, names in os.walk(folder):
+      for n in names:
+        path = os.path.join(root, n)
+        out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+  def start(name):
+    """Starts a prepare; returns it once its temporary output folder exists (work begun)."""
+    p = subprocess.Popen(cmd(str(tmp_path / name)), cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    while not [n for n in os.listdir(tmp_path) if n.startswith(f".{name}.")]:
+      assert p.poll() is None, p.stderr.read()
+      time.sleep(0.005)
+    return p, time.time()
+
+  p, t0 = start("clean")
+  assert p.wait(timeout=300) == 0, p.stderr.read()
+  took = time.time() - t0
+  work = str(tmp_path / "killed")
+  delay = random.uniform(0, took)
+  p, _ = start("killed")
+  time.sleep(delay)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  print(f"SIGKILL {delay:.2f} s into the {took:.2f} s of writing (rc {p.returncode})")
+  leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".killed.")]
+  if p.returncode == -signal.SIGKILL:
+    assert not os.path.exists(work), "a killed prepare left an output folder"
+    assert cli.main(["inspect", work, "--index", "0"]) != 0  # nothing there to load
+  r = subprocess.run(cmd(work), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert digests(work) == digests(str(tmp_path / "clean"))
+  # the dead writer's temporary folder is gone after the rerun
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".killed.")], leftovers

@@ -19,6 +19,7 @@ from sad_jax.agent.math_env import parse_action as math_action
 from sad_jax.agent.tools import SandboxLimits, run_python
 from sad_jax.data import schema
 from sad_jax.data.schema import Segment, Trajectory
+from sad_jax.errors import DataError
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -63,6 +64,9 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
   """Runs `episodes` tasks of the fold, `batch` environments in lockstep."""
   from tqdm.auto import tqdm
 
+  if episodes < 1 or batch < 1:
+    raise DataError(f"episodes ({episodes}) and batch ({batch}) must be at least 1",
+                    field="episodes" if episodes < 1 else "batch")
   envs = [make_env(env_spec, **(env_kwargs or {})) for _ in range(min(batch, episodes))]
   tasks = envs[0].tasks(split)[start: start + episodes]
   done_trajs: list[Trajectory] = []
@@ -139,7 +143,6 @@ def load_policy(checkpoint: str, *, tokenizer: str | None = None, **kw) -> react
   """A model folder (orbax params + config.json, e.g. a training run's `final/`, or an HF
   folder) and its tokenizer (in the folder, or given)."""
   from sad_jax.data.tokenizer import load_tokenizer
-  from sad_jax.errors import DataError
   from sad_jax.models.checkpoint_io import load_model
 
   cfg, params = load_model(checkpoint)

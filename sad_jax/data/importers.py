@@ -420,7 +420,8 @@ def import_smolagents_record(rec: Any, *, source: str) -> Trajectory:
   else:
     system, task, segments = _smol_from_messages(_messages(rec))
   if task is None:
-    raise DataError("no task (a user message or a task step)", field="messages")
+    raise DataError("no task (a user message or a task step)",
+                    field="steps" if isinstance(rec, dict) and "steps" in rec else "messages")
   return _finish(task, segments, source=source, system=system,
                  meta={"action_format": "code"},
                  record_id=rec.get("id") if isinstance(rec, dict) else None)

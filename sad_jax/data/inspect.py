@@ -60,7 +60,7 @@ def inspect_prepared(path: str, *, index: int, split: str, colour: bool) -> str:
   builder, tok, _ = prepare.load_prepared(path)
   if split not in builder.info.splits:
     raise DataError(f"no split {split!r}; have {', '.join(builder.info.splits)}", path=path)
-  src = builder.as_data_source(split)
+  src = tfds_builder.DataSource(builder, split)
   if not 0 <= index < len(src):
     raise DataError(f"index {index} out of range (split {split!r} has {len(src)})", path=path)
   ex = src[index]

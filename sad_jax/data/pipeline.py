@@ -64,7 +64,7 @@ def open_split(dataset_dir: str, split: str) -> Split:
   if split not in builder.info.splits:
     raise DataError(f"dataset has no split {split!r} (it has {list(builder.info.splits)})",
                     path=dataset_dir, field="split")
-  source = builder.as_data_source(split)
+  source = tfds_builder.DataSource(builder, split)
   n = len(source)
   stats = np.zeros((n, len(tfds_builder.STATS_FIELDS)), np.int64)
   ids = []
@@ -73,8 +73,8 @@ def open_split(dataset_dir: str, split: str) -> Split:
     ids.append(tfds_builder.example_id(ex))
     stats[i] = ex["stats"]
     if len(ex["ids"]) != stats[i, tfds_builder.STATS_FIELDS.index("tokens")]:
-      raise DataError(f"record {i} ({ids[-1]}): {len(ex['ids'])} tokens but stats say "
-                      f"{stats[i, 2]}", path=dataset_dir, record=i, field="stats")
+      raise DataError(f"example {ids[-1]}: {len(ex['ids'])} tokens but stats say "
+                      f"{stats[i, 2]}", path=source.where(), record=i + 1, field="stats")
   named = {f: stats[:, j] for j, f in enumerate(tfds_builder.STATS_FIELDS)}
   return Split(path=dataset_dir, name=split, source=source, ids=ids,
                lengths=named["tokens"].copy(), stats=named, meta=meta)

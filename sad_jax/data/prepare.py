@@ -177,14 +177,26 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
                     field="config.length_policy")
   if not 0.0 <= config.val_fraction < 1.0:
     raise DataError("val_fraction must be in [0, 1)", field="config.val_fraction")
+  if config.on_error not in ("raise", "skip"):
+    raise DataError("on_error must be raise or skip", field="config.on_error")
+  if not config.inputs or not all(config.inputs):
+    raise DataError("required: the trajectory files (--config.inputs='(\"a.jsonl\",)')",
+                    field="config.inputs")
+  if not config.tokenizer.path and config.tokenizer.model_type not in ("bpe", "unigram"):
+    raise DataError("model_type must be bpe or unigram", field="config.tokenizer.model_type")
   skips = SkipReport(on_error=config.on_error)
-  trajectories = importers.import_files(list(config.inputs), fmt=config.format, skips=skips)
-  ids = collections.Counter(t.id for t in trajectories)
-  dup = [i for i, n in ids.items() if n > 1]
-  if dup:
-    raise DataError(f"duplicate trajectory ids across inputs: {dup[:5]}", field="id")
+  trajectories: list[Trajectory] = []
+  origin: dict[str, str] = {}  # id → the input it came from, to name both of a duplicate
+  for path in config.inputs:
+    for t in importers.import_file(path, fmt=config.format, skips=skips):
+      if t.id in origin:
+        raise DataError(f"duplicate trajectory ids across inputs: {t.id!r} is also in "
+                        f"{origin[t.id]}", path=path, field="id")
+      origin[t.id] = path
+      trajectories.append(t)
   if not trajectories:
-    raise DataError("no trajectories to prepare", field="config.inputs")
+    raise DataError("no trajectories to prepare", field="config.inputs",
+                    path=config.inputs[0] if len(config.inputs) == 1 else None)
 
   report = Report(imported=len(trajectories), skipped=skips.count,
                   skip_reasons=list(skips.reasons), max_len=config.max_len)
@@ -195,9 +207,12 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
     cfg_tok = config.tokenizer
     if not cfg_tok.path:
       # Train into the output itself: the tokenizer ships with the dataset.
-      tok = train_sentencepiece([render.render_react(t).text for t in trajectories],
-                                vocab_size=cfg_tok.vocab_size, model_type=cfg_tok.model_type,
-                                out_path=os.path.join(tmp, "tokenizer.model"))
+      try:
+        tok = train_sentencepiece([render.render_react(t).text for t in trajectories],
+                                  vocab_size=cfg_tok.vocab_size, model_type=cfg_tok.model_type,
+                                  out_path=os.path.join(tmp, "tokenizer.model"))
+      except DataError as e:  # it names our temporary folder: name the setting instead
+        raise DataError(e.message, field="config.tokenizer.vocab_size") from None
     else:
       tok = load_tokenizer(cfg_tok.path)
       _copy_tokenizer(tok, tmp)
@@ -269,6 +284,7 @@ def load_prepared(path: str | os.PathLike):
   """(builder, tokenizer, metadata) of a prepared dataset; checks the tokenizer fingerprint."""
   builder = tfds_builder.load_builder(path)
   meta = dict(builder.info.metadata)
+  _check_report(path, meta)
   tok_path = next((os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")
                    if os.path.exists(os.path.join(path, n))), None)
   if tok_path is None:
@@ -278,3 +294,21 @@ def load_prepared(path: str | os.PathLike):
     raise DataError("tokenizer does not match the dataset's tokenizer_fingerprint",
                     path=tok_path, field="tokenizer_fingerprint")
   return builder, tok, meta
+
+
+def _check_report(path: str | os.PathLike, meta: dict) -> None:
+  """metadata.json's fingerprint must be the one prepare reported: training and the teacher
+  store trust it, so an edited one would pair a dataset with the wrong store."""
+  report_path = os.path.join(path, "prepare_report.json")
+  if not os.path.exists(report_path):
+    return
+  try:
+    with open(report_path, encoding="utf-8") as f:
+      reported = json.load(f).get("fingerprint")
+  except (OSError, ValueError, AttributeError) as e:
+    raise DataError(f"cannot read the prepare report: {e}", path=report_path) from None
+  if reported != meta.get("fingerprint"):
+    raise DataError(f"fingerprint {str(meta.get('fingerprint'))[:12]}… differs from the "
+                    f"{str(reported)[:12]}… that prepare reported: the dataset was edited "
+                    "after prepare; prepare it again", path=os.path.join(path, "metadata.json"),
+                    field="fingerprint")

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -132,8 +133,13 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
   DataError naming it (callers raise or skip it); a broken JSON array raises.
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:
-    data = f.read()
+  if not path:
+    raise DataError("empty input path (set the input file)")
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f"cannot read: {e.strerror}", path=path) from None
   head = data.lstrip()[:1]
   if head == b"[":
     try:
@@ -145,7 +151,10 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
       records = json.loads(text)
     except json.JSONDecodeError as e:
       raise DataError(f"malformed JSON at line {e.lineno}: {e.msg}", path=path) from None
-    yield from enumerate(records, start=1)
+    escapes = _SURROGATE_ESCAPE.search(text) is not None  # once: the file may be large
+    for i, rec in enumerate(records, start=1):
+      yield i, (DataError(_SURROGATE_MESSAGE, path=path, record=i)
+                if escapes and _lone_surrogate(rec) else rec)
     return
   for lineno, raw in enumerate(data.split(b"\n"), start=1):
     if not raw.strip():
@@ -160,7 +169,25 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
       rec = DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, record=lineno)
+    else:
+      if _SURROGATE_ESCAPE.search(line) and _lone_surrogate(rec):
+        rec = DataError(_SURROGATE_MESSAGE, path=path, record=lineno)
     yield lineno, rec
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_MESSAGE = ("a \\uD800–\\uDFFF escape that is not half of a pair (a lone "
+                      "surrogate, not a character)")
+
+
+def _lone_surrogate(parsed: Any) -> bool:
+  """True when a \\uD8xx escape decoded to a lone UTF-16 surrogate, which no UTF-8 file can
+  hold (pairs, as ensure_ascii writes emoji, decode to one character and are fine)."""
+  try:
+    json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
 
 
 def read_jsonl(path: str | os.PathLike, *, skips: SkipReport | None = None) -> list[Trajectory]:

@@ -1,15 +1,18 @@
 """The TFDS builder behind a prepared dataset: ArrayRecord files, one record per trajectory.
 
 Prepared datasets are read with `tfds.builder_from_directory(path).as_data_source(split)`
-(random access, no TensorFlow) and fed to grain. `load_prepared` does both checks and
-the reading; callers never touch TFDS paths themselves.
+(random access, no TensorFlow), wrapped in `DataSource` for located errors, and fed to
+grain. `load_prepared` does both checks and the reading; callers never touch TFDS paths
+themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -89,8 +92,29 @@ def build(*, data_dir: str, splits: dict[str, list[dict]], metadata: dict[str, A
   builder = TrajectoryDataset(splits=splits, metadata=metadata, description=description,
                               data_dir=data_dir, file_format="array_record")
   download_config = tfds.download.DownloadConfig(try_download_gcs=False)
-  builder.download_and_prepare(download_config=download_config)
+  with _deterministic_records():
+    builder.download_and_prepare(download_config=download_config)
   return str(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _deterministic_records() -> Iterator[None]:
+  """TFDS serializes tf.Example with the proto map in the process's hash order, so the
+  same examples gave different bytes in another process (a rerun after a kill was not
+  byte-identical). Serialize with sorted map keys while we build."""
+  from tensorflow_datasets.core import example_serializer
+
+  cls = example_serializer.ExampleSerializer
+  original = cls.serialize_example
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+  cls.serialize_example = serialize_example
+  try:
+    yield
+  finally:
+    cls.serialize_example = original
 
 
 def load_builder(path: str | os.PathLike):
@@ -108,6 +132,50 @@ def load_builder(path: str | os.PathLike):
     raise DataError(f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}",
                     path=os.path.join(path, "metadata.json"), field="format_version")
   return builder
+
+
+class DataSource:
+  """`builder.as_data_source(split)`, where a damaged file (truncated, flipped bytes,
+  missing) raises DataError naming the file and record (1-based), not array_record's or
+  TFDS's own exceptions."""
+
+  def __init__(self, builder, split: str):
+    self.split = split
+    self.dir = os.fspath(builder.data_dir)
+    if not self._files():
+      raise DataError(f"the record file of split {split!r} is missing",
+                      path=os.path.join(self.dir, f"*-{split}.array_record-*"))
+    try:
+      self._src = builder.as_data_source(split)
+      self._n = len(self._src)
+    except Exception as e:  # array_record raises RuntimeError when it opens a damaged file
+      raise DataError(f"cannot open split {split!r}: {e}", path=self.where()) from None
+
+  def _files(self) -> list[str]:
+    return glob.glob(os.path.join(glob.escape(self.dir),
+                                  f"*-{glob.escape(self.split)}.array_record-*"))
+
+  def where(self) -> str:
+    """The split's record file (or their pattern when there are several)."""
+    files = self._files()
+    return files[0] if len(files) == 1 else os.path.join(
+        self.dir, f"*-{self.split}.array_record-*")
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int) -> dict:
+    if not 0 <= i < self._n:
+      raise IndexError(i)
+    try:
+      return self._src[i]
+    except Exception as e:  # RuntimeError (bad hash), ValueError (a record cut short), …
+      raise DataError(f"damaged record (split {self.split!r}, index {i}): {e}",
+                      path=self.where(), record=i + 1) from None
+
+  def __iter__(self) -> Iterator[dict]:
+    for i in range(self._n):
+      yield self[i]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -386,7 +386,7 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, out_path: str 
         max_sentence_length=1 << 20, user_defined_symbols=["\n", *user_defined_symbols],
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
         num_threads=os.cpu_count() or 1, minloglevel=2)
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:  # ValueError: an option it does not know
     raise DataError(f"sentencepiece training failed: {e}", path=out_path) from None
   tok = SentencePieceTokenizer(buf.getvalue(), path=os.fspath(out_path))
   tok.save(out_path)

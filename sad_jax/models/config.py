@@ -15,6 +15,11 @@ from typing import Any
 from sad_jax.errors import DataError
 
 SUPPORTED = ("llama", "qwen2", "mistral", "phi3", "gemma", "gemma2")
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads")  # required, positive integers
+_COUNTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+           "max_window_layers")  # optional, non-negative integers
+_FLOATS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor", "query_pre_attn_scalar")
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -105,14 +110,15 @@ def from_hf_dict(hf: dict, *, where: str = "config.json") -> ModelConfig:
   if moe:
     raise DataError(f"mixture-of-experts models are not supported (found {moe}); supported: "
                     f"dense {', '.join(SUPPORTED)}", path=where, field=moe[0])
+  _check_numbers(hf, where)
+  heads = int(hf["num_attention_heads"])
+  d = int(hf["hidden_size"])
   try:
-    heads = int(hf["num_attention_heads"])
-    d = int(hf["hidden_size"])
     theta, scaling, partial = _rope(hf)
-  except KeyError as e:
-    raise DataError("missing field", path=where, field=e.args[0]) from None
   except DataError as e:
     raise e.located(path=where) from None
+  except (TypeError, ValueError) as e:
+    raise DataError(f"bad RoPE parameters: {e}", path=where, field="rope_scaling") from None
   gemma = mt in ("gemma", "gemma2")
   act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
   if act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
@@ -153,6 +159,24 @@ def from_hf_dict(hf: dict, *, where: str = "config.json") -> ModelConfig:
       fused_qkv=mt == "phi3", bos_token_id=hf.get("bos_token_id"),
       pad_token_id=hf.get("pad_token_id"),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+
+
+def _check_numbers(hf: dict, where: str) -> None:
+  """Sizes are integers, other numbers are numbers: a located error, not a ValueError from
+  int() or a shape error later."""
+  for key in _SIZES + _COUNTS:
+    value = hf.get(key)
+    if value is None:
+      if key in _SIZES:
+        raise DataError("missing field", path=where, field=key)
+      continue
+    low = 1 if key in _SIZES else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise DataError(f"expected an integer ≥ {low}, got {value!r}", path=where, field=key)
+  for key in _FLOATS:
+    value = hf.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+      raise DataError(f"expected a number, got {value!r}", path=where, field=key)
 
 
 def to_hf_dict(cfg: ModelConfig) -> dict:
@@ -209,6 +233,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     raise DataError(f"cannot read model config: {e.strerror}", path=cfg_path) from None
   except ValueError as e:
     raise DataError(f"malformed JSON: {e}", path=cfg_path) from None
+  if not isinstance(hf, dict):
+    raise DataError(f"expected a JSON object, got {type(hf).__name__}", path=cfg_path)
   if hf.get("model_type") in ("gemma2", "gemma") and hf.get("text_config"):
     hf = {**hf, **hf["text_config"]}
   return from_hf_dict(hf, where=cfg_path)

@@ -43,23 +43,37 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise DataError(f"cannot read: {e.strerror}", path=path) from None
   except ValueError as e:
     raise DataError(f"malformed safetensors header: {e}", path=path) from None
+  if not isinstance(header, dict):
+    raise DataError(f"safetensors header is not a JSON object but {type(header).__name__}",
+                    path=path)
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else (
       np.zeros(0, np.uint8))
   out = {}
   for name, meta in header.items():
     if name == "__metadata__":
       continue
+    if not isinstance(meta, dict):
+      raise DataError("tensor entry is not an object", path=path, field=name)
     dt = _DTYPES.get(meta.get("dtype"))
     if dt is None:
       raise DataError(f"unsupported dtype {meta.get('dtype')!r}", path=path, field=name)
-    lo, hi = meta["data_offsets"]
-    shape = tuple(meta["shape"])
+    lo_hi, shape = meta.get("data_offsets"), meta.get("shape")
+    if not (_ints(lo_hi) and len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] and _ints(shape)
+            and min(shape, default=0) >= 0):
+      raise DataError(f"malformed entry (shape {shape!r}, data_offsets {lo_hi!r})", path=path,
+                      field=name)
+    lo, hi = lo_hi
+    shape = tuple(shape)
     if hi > len(data) or hi - lo != int(np.prod(shape)) * np.dtype(dt).itemsize:
       raise DataError(f"tensor bytes [{lo}, {hi}) do not fit shape {shape} {meta['dtype']} "
                       f"in a data section of {len(data)} bytes (truncated file?)",
                       path=path, field=name)
     out[name] = data[lo:hi].view(dt).reshape(shape)
   return out
+
+
+def _ints(x) -> bool:
+  return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
@@ -93,8 +107,11 @@ def read_checkpoint(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
     try:
       with open(index, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
       raise DataError(f"cannot read the shard index: {e}", path=index) from None
+    if not (isinstance(weight_map, dict)
+            and all(isinstance(v, str) for v in weight_map.values())):
+      raise DataError("must map tensor names to file names", path=index, field="weight_map")
     files = sorted(set(weight_map.values()))
   elif os.path.exists(os.path.join(folder, "model.safetensors")):
     files = ["model.safetensors"]

@@ -27,7 +27,6 @@ from sad_jax.models.config import ModelConfig
 from sad_jax.models.generate import bucket
 from sad_jax.models.transformer import Transformer, param_axes
 from sad_jax.teacher import store as store_lib
-from sad_jax.types import SpanKind
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "temperature", "chunk", "dtype"))
@@ -86,7 +85,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
   if logp_dtype not in store_lib.LOGP_DTYPES:
     raise DataError(f"logp_dtype must be one of {store_lib.LOGP_DTYPES}", field="logp_dtype")
   builder, _, meta = prepare.load_prepared(dataset_dir)
-  kinds = [int(SpanKind.from_name(s)) for s in span_kinds]
+  kinds = store_lib.span_kind_ids(span_kinds)
   student_vocab = int(meta["vocab_size"])
   if cfg.vocab_size < student_vocab:
     raise DataError(f"teacher vocabulary {cfg.vocab_size} is smaller than the dataset's "
@@ -137,7 +136,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       continue  # another host's shard
     if stop_after_shards is not None and done_now >= stop_after_shards:
       break
-    source = builder.as_data_source(split)
+    source = tfds_builder.DataSource(builder, split)
     examples = [source[i] for i in rows]
     records, ids = [], []
     for lo in range(0, len(examples), batch_size):

@@ -30,6 +30,7 @@ import numpy as np
 
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
+from sad_jax.types import SpanKind
 
 FORMAT_VERSION = 1
 LOGP_DTYPES = ("float16", "bfloat16", "int8")
@@ -46,6 +47,14 @@ class TopK:
   positions: np.ndarray   # int32[n]
   ids: np.ndarray         # int32[n, k] (widened on read)
   logp: np.ndarray        # float32[n, k] (dequantised on read)
+
+
+def span_kind_ids(names: Sequence[str]) -> list[int]:
+  """Span kind names → SpanKind values; DataError (field span_kinds) on an unknown one."""
+  try:
+    return [int(SpanKind.from_name(s)) for s in names]
+  except (ValueError, AttributeError) as e:
+    raise DataError(str(e), field="span_kinds") from None
 
 
 def id_dtype(vocab_size: int):
@@ -136,13 +145,56 @@ class Manifest:
                       "leaves none: rerun it)", path=folder) from None
     except (OSError, ValueError) as e:
       raise DataError(f"cannot read the manifest: {e}", path=path) from None
+    if not isinstance(d, dict):
+      raise DataError(f"manifest must be a JSON object, got {type(d).__name__}", path=path)
     if d.get("format_version") != FORMAT_VERSION:
       raise DataError(f"format_version {d.get('format_version')!r} is not {FORMAT_VERSION}",
                       path=path, field="format_version")
     try:
-      return cls(**d)
+      m = cls(**d)
     except TypeError as e:
       raise DataError(f"bad manifest fields: {e}", path=path) from None
+    m.check(path)
+    return m
+
+  def check(self, path: str) -> None:
+    """Types and ranges of every field, so that readers never fail on a hand-edited or
+    damaged manifest with a KeyError or TypeError far from it."""
+    def bad(field: str, why: str):
+      return DataError(why, path=path, field=field)
+
+    for name, want in _MANIFEST_TYPES.items():
+      value = getattr(self, name)
+      if not isinstance(value, want) or isinstance(value, bool):
+        raise bad(name, f"expected {_type_names(want)}, got {value!r}")
+    for name in ("k", "vocab_size", "teacher_vocab_size", "temperature"):
+      if getattr(self, name) <= 0:
+        raise bad(name, f"must be positive, got {getattr(self, name)!r}")
+    if self.logp_dtype not in LOGP_DTYPES:
+      raise bad("logp_dtype", f"{self.logp_dtype!r} is not one of {LOGP_DTYPES}")
+    try:
+      span_kind_ids(self.span_kinds)
+    except DataError as e:
+      raise e.located(path=path) from None
+    for i, shard in enumerate(self.shards):
+      if not isinstance(shard, dict):
+        raise bad(f"shards[{i}]", f"expected an object, got {shard!r}")
+      for key, want in (("name", str), ("ids", list), ("bytes", int), ("sha256", str)):
+        if not isinstance(shard.get(key), want):
+          raise bad(f"shards[{i}].{key}", f"expected {_type_names(want)}, got "
+                    f"{shard.get(key)!r}")
+      if not all(isinstance(x, str) for x in shard["ids"]):
+        raise bad(f"shards[{i}].ids", "example ids must be strings")
+
+
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "teacher": str, "k": int, "temperature": (int, float), "vocab_size": int,
+    "teacher_vocab_size": int, "tokenizer_fingerprint": str, "dataset_fingerprint": str,
+    "span_kinds": list, "logp_dtype": str, "shards": list}
+
+
+def _type_names(t: type | tuple[type, ...]) -> str:
+  return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
 
 
 def shard_name(split: str, index: int) -> str:
@@ -152,15 +204,10 @@ def shard_name(split: str, index: int) -> str:
 def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[str]) -> dict:
   """Writes one shard under a temporary name, then its marker, then renames it.
   Returns the marker (ids, bytes, sha256)."""
-  import glob
-
   from array_record.python import array_record_module
 
   marker_name = name.replace(".arrayrecord", ".done.json")
-  # a writer killed mid-shard leaves temporaries of this shard (its own, atomic_write's);
-  # the shard belongs to one process, so they are safe to drop before rewriting it
-  for stale in glob.glob(os.path.join(folder, f".{glob.escape(marker_name)}.*.tmp")):
-    os.remove(stale)
+  # atomic_write drops a dead writer's temporaries of the marker (SIGKILL mid-write)
   tmp = os.path.join(folder, name + ".tmp")
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   for blob in records:
@@ -233,14 +280,32 @@ class TeacherStore:
     if example_id not in self._where:
       raise DataError(f"example {example_id!r} is not in the store", path=self.folder)
     s, r = self._where[example_id]
-    where = os.path.join(self.folder, self.manifest.shards[s]["name"])
+    m = self.manifest
+    where = os.path.join(self.folder, m.shards[s]["name"])
     try:
       blob = self._reader(s).read([r])[0]
+    except DataError:
+      raise
     except Exception as e:  # array_record raises RuntimeError on damaged files
-      raise DataError(f"cannot read record {r}: {e}", path=where) from None
-    rec = decode_record(blob, where=where)
+      raise DataError(f"cannot read example {example_id!r}: {e}", path=where,
+                      record=r + 1) from None
+    try:
+      rec = decode_record(blob, where=where)
+    except DataError as e:
+      raise e.located(record=r + 1) from None
+    # what training would otherwise meet as a shape error, a clamped id or a NaN loss
     if rec.id != example_id:
-      raise DataError(f"record {r} holds {rec.id!r}, not {example_id!r}", path=where)
+      raise DataError(f"holds {rec.id!r}, not {example_id!r}", path=where, record=r + 1,
+                      field="id")
+    if rec.ids.shape[1] != m.k:
+      raise DataError(f"example {example_id}: k is {rec.ids.shape[1]}, manifest says {m.k}",
+                      path=where, record=r + 1, field="k")
+    if rec.ids.size and rec.ids.max() >= m.vocab_size:
+      raise DataError(f"example {example_id}: token id {int(rec.ids.max())} outside "
+                      f"[0, {m.vocab_size})", path=where, record=r + 1, field="ids")
+    if not np.isfinite(rec.logp).all():
+      raise DataError(f"example {example_id}: non-finite log-prob", path=where, record=r + 1,
+                      field="logp")
     return rec
 
   def close(self) -> None:

@@ -22,14 +22,13 @@ from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as store_lib
-from sad_jax.types import SpanKind
 
 EPS = 1e-2  # float16 log-probs: Σ exp of a full top-k may exceed 1 by rounding
 
 
 def _examples(builder):
   for split in builder.info.splits:
-    for ex in builder.as_data_source(split):
+    for ex in tfds_builder.DataSource(builder, split):
       yield tfds_builder.example_id(ex), np.asarray(ex["ids"]), np.asarray(ex["kinds"])
 
 
@@ -47,6 +46,13 @@ def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int
   if m.tokenizer_fingerprint != meta["tokenizer_fingerprint"]:
     raise DataError("tokenizer fingerprint does not match the dataset's", path=where,
                     field="tokenizer_fingerprint")
+  if m.vocab_size != int(meta["vocab_size"]):
+    raise DataError(f"vocab_size {m.vocab_size} is not the dataset tokenizer's "
+                    f"{meta['vocab_size']}", path=where, field="vocab_size")
+  if m.teacher_vocab_size < m.vocab_size:
+    raise DataError(f"teacher vocabulary {m.teacher_vocab_size} is smaller than the dataset "
+                    f"tokenizer's {m.vocab_size}: the vocabularies differ", path=where,
+                    field="teacher_vocab_size")
   for shard in m.shards:
     path = os.path.join(store_dir, shard["name"])
     if not os.path.exists(path):
@@ -54,7 +60,7 @@ def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int
     if store_lib.file_sha256(path) != shard["sha256"]:
       raise DataError("checksum mismatch (the shard changed after it was written)", path=path,
                       field="sha256")
-  kinds = [int(SpanKind.from_name(s)) for s in m.span_kinds]
+  kinds = store_lib.span_kind_ids(m.span_kinds)
   n_examples = n_tokens = 0
   max_mass = -np.inf
   checked = []
@@ -122,7 +128,10 @@ def import_prompt_logprobs(jsonl: str, *, dataset_dir: str, out_dir: str, k: int
   or x, ...}, ...]} (entry t+1 is the distribution of token t+1 given tokens ≤ t)."""
   builder, _, meta = prepare.load_prepared(dataset_dir)
   student_vocab = int(meta["vocab_size"])
-  kinds = [int(SpanKind.from_name(s)) for s in span_kinds]
+  if teacher_vocab_size < student_vocab:
+    raise DataError(f"teacher vocabulary {teacher_vocab_size} is smaller than the dataset "
+                    f"tokenizer's {student_vocab}", field="teacher_vocab_size")
+  kinds = store_lib.span_kind_ids(span_kinds)
   dataset = {ident: (ids, kd) for ident, ids, kd in _examples(builder)}
   records: dict[str, bytes] = {}
   for line, rec in iter_records(jsonl):
@@ -132,11 +141,14 @@ def import_prompt_logprobs(jsonl: str, *, dataset_dir: str, out_dir: str, k: int
       ident, toks, lps = str(rec["id"]), rec["prompt_token_ids"], rec["prompt_logprobs"]
     except (KeyError, TypeError) as e:
       raise DataError(f"missing field {e}", path=jsonl, record=line) from None
+    if not (isinstance(toks, list) and isinstance(lps, list)):
+      raise DataError("prompt_token_ids and prompt_logprobs must be lists", path=jsonl,
+                      record=line, field="prompt_logprobs")
     if ident not in dataset:
       raise DataError(f"id {ident!r} is not in the dataset", path=jsonl, record=line,
                       field="id")
     ids, ex_kinds = dataset[ident]
-    if list(map(int, toks)) != ids.tolist():
+    if toks != ids.tolist():
       first = next((i for i, (a, b) in enumerate(zip(toks, ids, strict=False)) if a != b),
                    min(len(toks), len(ids)))
       raise DataError(f"the server's tokens differ from the dataset's at position {first} "
@@ -151,8 +163,13 @@ def import_prompt_logprobs(jsonl: str, *, dataset_dir: str, out_dir: str, k: int
     top_lp = np.full((len(pos), k), -1e4, np.float32)
     for r, t in enumerate(pos):
       entry = lps[t + 1] or {}
-      items = sorted(((int(tid), float(v["logprob"] if isinstance(v, dict) else v))
-                      for tid, v in entry.items()), key=lambda x: -x[1])[:k]
+      try:
+        items = sorted(((int(tid), float(v["logprob"] if isinstance(v, dict) else v))
+                        for tid, v in entry.items()), key=lambda x: -x[1])[:k]
+      except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"position {t + 1}: expected {{token id: {{logprob}} or logprob}} "
+                        f"({type(e).__name__}: {e})", path=jsonl, record=line,
+                        field=f"prompt_logprobs[{t + 1}]") from None
       if len(items) < k:
         raise DataError(f"position {t + 1} has {len(items)} log-probs, k={k} needed",
                         path=jsonl, record=line, field="prompt_logprobs")

@@ -74,46 +74,93 @@ def test_trainer_runs_writes_metrics_and_tensorboard(train_data, tmp_path):
   assert_bit_identical(final_params(str(tmp_path)), final_params(str(tmp_path)))
 
 
+def _wait_for(p, out: list[str], until, deadline: float) -> bool:
+  """Reads `p`'s lines into `out` until `until(line)` is true (True) or `p` exits (False)."""
+  while time.time() < deadline:
+    line = p.stdout.readline()
+    if not line:
+      return False
+    out.append(line)
+    if until(line):
+      return True
+  raise AssertionError("timed out:\n" + "".join(out))
+
+
+def _kill_during_checkpoint_write(p, work: str, deadline: float) -> bool:
+  """SIGKILLs `p` while an orbax checkpoint folder is still a temporary (not committed)."""
+  ckpts = os.path.join(work, "checkpoints")
+  while time.time() < deadline and p.poll() is None:
+    try:
+      names = os.listdir(ckpts)
+    except FileNotFoundError:
+      names = []
+    if any("tmp" in n for n in names):
+      p.send_signal(signal.SIGKILL)
+      return True
+    time.sleep(0.001)
+  return False
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(train_data, tmp_path):
-  extra = ["--config.train.checkpoint_every=2", "--config.train.steps=8",
-           "--config.checkpoint.use_async=true"]
+def test_sigkill_at_five_random_points_then_resume_is_bit_identical(train_data, tmp_path):
+  """Five SIGKILLs at random points (a random step plus a random delay, and at least one
+  while an async checkpoint is being written), one SIGTERM, then a run to the end: the final
+  parameters are bit-identical to an uninterrupted run."""
+  total = 16
+  extra = ["--config.train.checkpoint_every=2", f"--config.train.steps={total}",
+           "--config.train.log_every=1", "--config.checkpoint.use_async=true"]
   config, overrides = train_config(train_data, extra=extra)
   clean = train.train_and_evaluate(config, str(tmp_path / "clean"))
-  assert clean.step == 8
+  assert clean.step == total
 
+  rng = np.random.default_rng()
+  seed = int(rng.integers(1 << 31))
+  rng = np.random.default_rng(seed)
+  # five kill steps, increasing so that the run makes progress; one of them (at random) is
+  # "the first checkpoint write in flight after this step" instead of "this step + delay"
+  at_steps = sorted(int(x) for x in rng.choice(np.arange(1, total - 1), 5, replace=False))
+  write_kill = int(rng.integers(5))
+  print(f"kill points (seed {seed}):")
   work = str(tmp_path / "killed")
   args = ["--config", "configs/train_sad.py:runlocal", "--workdir", work, *overrides]
-  p = cli(args)
-  deadline = time.time() + 240
-  while not os.path.exists(os.path.join(work, "checkpoints", "2", "commit_success.txt")):
-    assert p.poll() is None, p.stdout.read()
-    assert time.time() < deadline
-    time.sleep(0.05)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
-  killed_at = max(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
-  print(f"killed with checkpoints up to step {killed_at}")
+  committed: list[int] = []
+  for i, at in enumerate(at_steps):
+    p = cli(args)
+    out: list[str] = []
+    deadline = time.time() + 240
+    reached = _wait_for(p, out, lambda line, at=at: line.startswith(f"step {at}/"), deadline)
+    assert reached, "".join(out)
+    if i == write_kill:
+      assert _kill_during_checkpoint_write(p, work, deadline), "".join(out)
+      where = f"during the first async checkpoint write after step {at}"
+    else:
+      delay = float(rng.uniform(0, 0.2))
+      time.sleep(delay)
+      p.send_signal(signal.SIGKILL)
+      where = f"{1000 * delay:.0f} ms after step {at}"
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    committed = sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints"))
+                       if s.isdigit())
+    print(f"  SIGKILL {where}; committed checkpoints {committed}")
 
-  # SIGTERM on the resumed run: it saves the step it is at and exits 0
+  # SIGTERM (preemption) on a resumed run: it saves the step it is at and exits 0
   p = cli(args)
-  out = ""
-  while True:
-    line = p.stdout.readline()
-    out += line
-    assert line or p.poll() is None, out
-    if line.startswith("step ") and "/8" in line:
-      p.send_signal(signal.SIGTERM)
-      break
-  out += p.communicate(timeout=240)[0]
-  assert p.returncode == 0, out
-  assert "resumed from step" in out and "SIGTERM: saved step" in out
-  assert "preempted at step" in out
+  out = []
+  assert _wait_for(p, out, lambda line: line.startswith("step "), time.time() + 240)
+  p.send_signal(signal.SIGTERM)
+  rest = p.communicate(timeout=240)[0]
+  text = "".join(out) + rest
+  assert p.returncode == 0, text
+  assert ("resumed from step" in text) == bool(committed), text
+  assert "SIGTERM: saved step" in text
+  assert "preempted at step" in text
 
   p = cli(args)
-  out = p.communicate(timeout=240)[0]
-  assert p.returncode == 0, out
-  assert "finished at step 8" in out
+  text = p.communicate(timeout=240)[0]
+  assert p.returncode == 0, text
+  assert f"finished at step {total}" in text
+  assert not [n for n in os.listdir(os.path.join(work, "checkpoints")) if "tmp" in n]
   assert_bit_identical(final_params(work), final_params(str(tmp_path / "clean")))
 
 
@@ -239,3 +286,68 @@ def test_bad_objective_config_is_a_clear_error(train_data, tmp_path):
   config, _ = train_config(train_data, extra=["--config.objective.divergence=kl"])
   with pytest.raises(DataError, match="divergence must be one of"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def _can_mount_tmpfs() -> bool:
+  try:
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                       capture_output=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return r.returncode == 0
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(train_data, tmp_path):
+  """The workdir is a 64 MB tmpfs (in a user + mount namespace). After the step-2 checkpoint
+  commits, a filler takes the rest of the space: the next save fails with a clear error and
+  a non-zero exit, the step-2 checkpoint stays intact, and a resume from it (with space
+  again) ends bit-identical to an uninterrupted run."""
+  if not _can_mount_tmpfs():
+    pytest.skip("needs unprivileged user + mount namespaces (unshare -rm) to mount a tmpfs")
+  total = 8
+  extra = ["--config.train.checkpoint_every=2", f"--config.train.steps={total}",
+           "--config.checkpoint.use_async=true"]
+  config, overrides = train_config(train_data, extra=extra)
+  clean = train.train_and_evaluate(config, str(tmp_path / "clean"))
+  assert clean.step == total
+
+  mnt, copy = tmp_path / "mnt", tmp_path / "copy"
+  mnt.mkdir()
+  cmd = " ".join(["exec", sys.executable, "-m", "sad_jax.cli", "train", "--config",
+                  "configs/train_sad.py:runlocal", "--workdir", f"{mnt}/work",
+                  *[f"'{o}'" for o in overrides]])
+  script = f"""
+set -u
+mount -t tmpfs -o size=64m tmpfs {mnt}
+{cmd} > {tmp_path}/out.txt 2>&1 &
+pid=$!
+for i in $(seq 2400); do
+  [ -e {mnt}/work/checkpoints/2/commit_success.txt ] && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.05
+done
+dd if=/dev/zero of={mnt}/filler bs=1M count=100 2>/dev/null
+wait $pid
+echo "exit $?" >> {tmp_path}/out.txt
+rm -f {mnt}/filler
+cp -a {mnt}/work {copy}
+"""
+  subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=REPO, timeout=300, check=True)
+  out = (tmp_path / "out.txt").read_text()
+  print(out)
+  code = int(out.rsplit("exit ", 1)[1])
+  assert code == 2, out
+  last = out.strip().splitlines()[-2]  # before our "exit N"
+  assert last.startswith("sad-jax: error: ") and "checkpoint, step 2, is intact" in last, out
+  # the first write to fail may be the checkpoint's or the metrics'; either way it says so
+  assert "no space for checkpoint step" in last or "disk full" in last, out
+  # orbax's background threads may log their failed writes first (one line each); nothing
+  # of a traceback comes from the main thread
+  assert "Traceback" not in out.split("sad-jax: error: ")[-1], out
+  steps = sorted(int(s) for s in os.listdir(copy / "checkpoints") if s.isdigit())
+  assert steps and steps[0] == 2, steps
+  # resume from what survived, with space again: the same final parameters
+  resumed = train.train_and_evaluate(config, str(copy))
+  assert resumed.step == total
+  assert_bit_identical(final_params(str(copy)), final_params(str(tmp_path / "clean")))
