@@ -1,11 +1,12 @@
 """Decode throughput: KV-cache generation against the no-cache loop, in one run.
 
-  python bench/decode.py [--repeats 3] [--batch 4] [--new 64]
+  python bench/decode.py [--repeats 3] [--batch 4] [--new 64] [--json OUT.json]
 
 Model: a Llama-style decoder (vocab 8192, d_model 256, 4 layers, 4 heads, 2 kv heads,
 ffn 704: shape S of the training benchmark), float32, prompts of 64 tokens. The no-cache
 loop recomputes a full forward over the padded sequence for every new token (one
-compile, static shapes). Prints new tokens/s for each and their ratio.
+compile, static shapes). Prints new tokens/s for each and their ratio; `--json` writes every
+figure (and the arguments) to a file.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--new", type=int, default=64)
+  parser.add_argument("--json", default=None, help="write all results here")
   args = parser.parse_args()
   params = T.init_params(CFG, jax.random.PRNGKey(0))
   prompts = np.random.default_rng(0).integers(0, CFG.vocab_size, (args.batch, args.prompt))
@@ -71,6 +73,18 @@ def main():
         f"kv-cache {best['kv_cache']:.0f} tok/s, no-cache loop {best['no_cache']:.0f} tok/s, "
         f"ratio {best['kv_cache'] / best['no_cache']:.2f}x; identical greedy tokens: {same}")
   print(json.dumps({"tokens_per_s_best": best, "seconds": times, "identical": same}))
+  if args.json:
+    out = {"args": {"repeats": args.repeats, "batch": args.batch, "prompt": args.prompt,
+                    "new": args.new},
+           "device": str(jax.devices()[0].device_kind), "dtype": "float32",
+           "model": {"vocab": CFG.vocab_size, "d": CFG.hidden_size, "layers": CFG.num_layers,
+                     "heads": CFG.num_heads, "kv": CFG.num_kv_heads,
+                     "ffn": CFG.intermediate_size},
+           "new_tokens": n, "seconds": times, "tokens_per_s_best": best,
+           "tokens_per_s_median": {k: n / float(np.median(v)) for k, v in times.items()},
+           "ratio_best": best["kv_cache"] / best["no_cache"], "identical": same}
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

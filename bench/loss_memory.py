@@ -1,6 +1,6 @@
 """Loss memory and step time: the chunked (fused) head loss against the naive one.
 
-  python bench/loss_memory.py [--repeats 3] [--time-batch 1]
+  python bench/loss_memory.py [--repeats 3] [--time-batch 1] [--json OUT.json]
 
 1. Peak temporary memory of value_and_grad(sad loss) w.r.t. hidden states and LM head,
    from XLA's compiled memory analysis (deterministic), at B=8, T=2048, V=32000, d=1024
@@ -9,6 +9,7 @@
    the same T, V, d with --time-batch rows (B=8 takes about a minute per step on 2 cores).
 3. PCGrad's cost: objectives.value_and_grad with pcgrad on vs off, a one-layer trunk.
 Targets (issue 4): chunked peak ≤ 25% of naive; chunked time within 10% of naive.
+`--json` writes every figure (and the arguments) to a file.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--time-batch", type=int, default=1)
   parser.add_argument("--chunk", type=int, default=256)
+  parser.add_argument("--json", default=None, help="write all results here")
   args = parser.parse_args()
   B, T, V, D, k = 8, 2048, 32000, 1024, 64
   mem = memory(B, T, V, D, k, args.chunk)
@@ -142,6 +144,21 @@ def main():
         f"{pbest['pcgrad']:.2f} s, ratio {pbest['pcgrad'] / pbest['plain']:.2f}")
   print(json.dumps({"memory_mib": mib, "time_best_s": best, "time_median_s": med,
                     "pcgrad_best_s": pbest, "device": str(jax.devices()[0].device_kind)}))
+  if args.json:
+    out = {"args": {"repeats": args.repeats, "time_batch": tb, "chunk": args.chunk},
+           "device": str(jax.devices()[0].device_kind), "dtype": "float32",
+           "memory": {"B": B, "T": T, "V": V, "d": D, "k": k, "naive_mib": mib["naive"],
+                      "chunked_mib": mib["chunked"], "ratio": mem["chunked"] / mem["naive"],
+                      "target_ratio": 0.25},
+           "time": {"B": tb, "T": T, "V": V, "d": D, "k": k, "seconds": times,
+                    "best_s": best, "median_s": med,
+                    "ratio_best": best["chunked"] / best["naive"],
+                    "ratio_median": med["chunked"] / med["naive"], "target_ratio": 1.10,
+                    "rel_loss_diff": loss_err, "rel_grad_diff": grad_err},
+           "pcgrad": {"B": 1, "T": 1024, "V": V, "d": 512, "k": k, "seconds": pc,
+                      "best_s": pbest, "ratio_best": pbest["pcgrad"] / pbest["plain"]}}
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Import + prepare throughput on the FireAct file, in one process.
 
-  python bench/prepare_throughput.py [--repeats 5] [--copies 10]
+  python bench/prepare_throughput.py [--repeats 5] [--copies 10] [--json OUT.json]
 
 Measures, interleaved and repeated (spread on these machines reaches 20–35%):
   import    FireAct alpaca JSON → trajectories
@@ -8,7 +8,8 @@ Measures, interleaved and repeated (spread on these machines reaches 20–35%):
             with an existing tokenizer (the steady state of `sad-jax prepare`)
 and prints trajectories/s and tokens/s (best and median) and the ratio to the target of
 2,000 trajectories/s. `--copies N` also runs a corpus of N copies of the file (distinct
-ids) to separate fixed per-run costs from per-trajectory costs.
+ids) to separate fixed per-run costs from per-trajectory costs. `--json` writes every figure
+(and the arguments) to a file.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--copies", type=int, default=10)
+  parser.add_argument("--json", default=None, help="write all results here")
   args = parser.parse_args()
   if not os.path.exists(FIREACT):
     sys.exit(f"FireAct data not found at {FIREACT} (needs ../shared beside the repo)")
@@ -96,7 +98,7 @@ def main() -> None:
 
   print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
   print(f"tokenizer training (vocab 2000, 500 trajectories): {train_s:.2f} s (one-off)")
-  rows = []
+  rows, stages = [], []
   for name, rates in runs.items():
     best, med = max(rates), statistics.median(rates)
     n_traj = 500 * (args.copies if name == "prepare_copies" else 1)
@@ -104,9 +106,21 @@ def main() -> None:
     rows.append({"stage": name, "trajectories": n_traj, "best_traj_per_s": round(best),
                  "median_traj_per_s": round(med), "best_tokens_per_s": tok_rate,
                  "ratio_to_target_best": round(best / TARGET, 2)})
+    stages.append({"stage": name, "trajectories": n_traj, "tokens": tokens.get(name),
+                   "traj_per_s": rates, "best_traj_per_s": best, "median_traj_per_s": med,
+                   "best_tokens_per_s": None if name == "import" else best * tokens[name] / n_traj,
+                   "ratio_to_target_best": best / TARGET})
     print(f"{name:15s} n={n_traj:5d}  best {best:8,.0f} traj/s  median {med:8,.0f} traj/s  "
           f"tokens/s {tok_rate:>10s}  best/target {best / TARGET:.2f}")
   print(json.dumps(rows))
+  if args.json:
+    out = {"args": {"repeats": args.repeats, "copies": args.copies},
+           "machine": cpu_model(), "cores": os.cpu_count(),
+           "python": platform.python_version(), "file_trajectories": len(trajs),
+           "tokenizer_vocab": 2000, "max_len": 1024, "tokenizer_train_s": train_s,
+           "target_traj_per_s": TARGET, "stages": stages}
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Teacher store figures on the prepared FireAct data with a teacher trained here.
 
-  python bench/teacher_store.py [--steps 300]
+  python bench/teacher_store.py [--steps 300] [--repeats 3] [--json OUT.json]
 
 1. Trains a small teacher (Llama-style, d=128, 2 layers) with SFT on FireAct for
    --steps steps, and keeps an early checkpoint (step steps/6) as a stand-in student.
@@ -11,6 +11,7 @@
    the same fixed batches (target ≥ 90%).
 4. Reader throughput (random access + gather into [B, T, k], trajectories/s) against what
    a training step at shape S consumes (target ≥ 20×).
+`--json` writes every figure (and the arguments) to a file.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def train_teacher(cfg, source, steps):
     if s == steps // 6:
       early = params
   print(f"teacher: {steps} SFT steps, final loss {float(val):.3f}")
-  return params, early
+  return params, early, float(val)
 
 
 def kl_errors(cfg, teacher, student, source, ks, n_examples=24):
@@ -118,6 +119,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--json", default=None, help="write all results here")
   args = parser.parse_args()
   work = tempfile.mkdtemp(prefix="bench_store_")
   cfgp = prepare_fireact.get_config()
@@ -129,7 +131,7 @@ def main():
   cfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=128,
                     intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=32)
-  teacher, student = train_teacher(cfg, train, args.steps)
+  teacher, student, final_loss = train_teacher(cfg, train, args.steps)
 
   # 2. bytes per token and KL error
   ks = (16, 64, 128)
@@ -166,7 +168,7 @@ def main():
       ids[j, :len(e["ids"])] = e["ids"]
     groups.append(ids)
   cfg_big = cfg.replace(hidden_size=256, intermediate_size=704, num_layers=4, head_dim=64)
-  rates = {}
+  rates, rate_times = {}, {}
   for label, c, p in (("trained d=128 x2", cfg, teacher),
                       ("shape S d=256 x4", cfg_big, T.init_params(cfg_big, jax.random.PRNGKey(2)))):
     fwd = jax.jit(lambda p, ids, c=c: jax.nn.log_softmax(T.Transformer(c).apply({"params": p},
@@ -187,6 +189,7 @@ def main():
       t_fwd.append(time.perf_counter() - t0)
     pre_rate, fwd_rate = n / min(t_pre), n / min(t_fwd)
     rates[label] = (pre_rate, fwd_rate)
+    rate_times[label] = {"precompute_s": t_pre, "forward_s": t_fwd}
     print(f"{label}: precompute {pre_rate:.1f} traj/s vs pure forward {fwd_rate:.1f} traj/s: "
           f"{pre_rate / fwd_rate:.2f} (target >= 0.90)")
   pre_rate, fwd_rate = rates["trained d=128 x2"]
@@ -229,6 +232,24 @@ def main():
                     "kl_rel_error": {f"{k}_{t}": v for (k, t), v in errs.items()},
                     "precompute_vs_forward_traj_s": rates,
                     "reader_traj_s": read_rate, "train_traj_s": train_rate}))
+  if args.json:
+    out = {"args": {"steps": args.steps, "repeats": args.repeats},
+           "device": str(jax.devices()[0].device_kind), "dtype": "float32",
+           "vocab_size": tok.vocab_size, "trajectories": n,
+           "teacher": {"d": cfg.hidden_size, "layers": cfg.num_layers, "sft_steps": args.steps,
+                       "final_loss": final_loss, "student_step": args.steps // 6},
+           "kl_full_sum": full,
+           "bytes_per_token": {str(k): {d: sizes[(k, d)] for d in S.LOGP_DTYPES} for k in ks},
+           "kl_rel_error": {str(k): {t: errs[(k, t)] for t in losses.TAIL_RULES} for k in ks},
+           "precompute": [{"teacher": label, "precompute_traj_s": pre, "forward_traj_s": fwd,
+                           "ratio": pre / fwd, **rate_times[label]}
+                          for label, (pre, fwd) in rates.items()],
+           "precompute_target": 0.90,
+           "reader": {"traj_s": read_rate, "batch": 8, "length": 1024, "k": 64},
+           "train": {"traj_s": train_rate, "batch": B, "length": L, "step_s": times},
+           "reader_vs_train": read_rate / train_rate, "reader_target": 20.0}
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
   shutil.rmtree(work)
 
 

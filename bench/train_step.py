@@ -1,6 +1,18 @@
-"""Train-step throughput, peak memory and MFU of the project's full train step.
+"""Train-step throughput, peak memory and MFU of the project's full train step, side by side
+with a PyTorch peer (bench/peer_torch.py: transformers' LlamaForCausalLM + the same span
+losses in plain PyTorch + torch.optim.AdamW).
 
   python bench/train_step.py [--shapes S,M] [--repeats 3] [--steps 3] [--dtype float32]
+                             [--peer] [--threads N] [--json OUT.json]
+
+Each framework runs in its own worker process (so that memory is measured alike and the
+two never share the cores), with the same shape, dtype and thread count (XLA's CPU client
+uses one thread per core; torch.set_num_threads(N)). Workers alternate per shape (JAX,
+then the peer). Each reports tokens/s (best and median of --repeats timed repeats of
+--steps steps), MFU against its own framework's n×n×n matmul peak measured in the same
+worker, and peak memory: the highest resident set size sampled every 2 ms during the timed
+steps, less the resident size before the model was built (same method for both). For the
+JAX step, XLA's compiled memory analysis is reported as well.
 
 The step is `step.train_step` exactly as the trainer jits it (forward, span losses with the
 teacher top-k, backward, AdamW, one device), on packed rows of random tokens whose span
@@ -20,8 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -43,6 +58,12 @@ SHAPES = {
     "M": dict(vocab=32000, d=512, layers=8, heads=8, kv=4, ffn=1408, seq=1024, batch=2),
 }
 K = 16
+# matmul sizes for the measured peak: an accelerator needs larger ones to reach its peak
+PEAK_SIZES = {"cpu": (1024, 2048), "gpu": (4096, 8192), "tpu": (4096, 8192)}
+
+
+def platform_kind() -> str:
+  return jax.devices()[0].platform
 
 
 def model_config(s) -> ModelConfig:
@@ -114,24 +135,127 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float)
     mem = compiled.memory_analysis()
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    state, m = compiled(state, dev_batch, weights, None)  # warm-up
-    jax.block_until_ready(m)
-    times = []
+    box = {"state": state}
+
+    def one_step():
+      box["state"], m = compiled(box["state"], dev_batch, weights, None)
+      return m
+
+    times, rss = timed(one_step, repeats=repeats, steps=steps, sync=jax.block_until_ready)
+    m = one_step()
+  tokens = s["batch"] * s["seq"]
+  flops = metrics.model_flops_per_token(cfg, s["seq"]) * tokens
+  return {"shape": name, "dtype": dtype, "times": times, "rss_peak": rss,
+          "model_gflop_per_step": flops / 1e9, "peak_memory_mib": peak_bytes / 2**20,
+          "temp_memory_mib": mem.temp_size_in_bytes / 2**20, "compile_s": compile_s,
+          "loss": float(m["loss"])}
+
+
+class RssPeak:
+  """Highest resident set size seen while active (sampled every 2 ms from /proc)."""
+
+  def __init__(self):
+    self.peak = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  @staticmethod
+  def now() -> int:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+  def _run(self):
+    while not self._stop.is_set():
+      self.peak = max(self.peak, self.now())
+      time.sleep(0.002)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, self.now())
+
+
+def trim_heap() -> None:
+  """Return freed heap pages to the OS, so that compilation's transient memory (kept by
+  glibc's allocator) does not count as the step's."""
+  import ctypes
+
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def timed(step_fn, *, repeats: int, steps: int, sync) -> tuple[list[float], int]:
+  """Per-step seconds of each repeat and the peak RSS during them (after one warm-up)."""
+  sync(step_fn())
+  trim_heap()
+  times = []
+  with RssPeak() as rss:
     for _ in range(repeats):
       t0 = time.perf_counter()
       for _ in range(steps):
-        state, m = compiled(state, dev_batch, weights, None)
-      jax.block_until_ready(m)
+        out = step_fn()
+      sync(out)
       times.append((time.perf_counter() - t0) / steps)
+  return times, rss.peak
+
+
+def summary(name: str, framework: str, s: dict, times: list[float], peak: float,
+            flops_per_token: float) -> dict:
   tokens = s["batch"] * s["seq"]
-  flops = metrics.model_flops_per_token(cfg, s["seq"]) * tokens
   best, med = min(times), statistics.median(times)
-  return {"shape": name, "dtype": dtype, "tokens_per_step": tokens,
+  return {"shape": name, "framework": framework, "tokens_per_step": tokens,
           "step_s_best": best, "step_s_median": med, "tokens_per_s_best": tokens / best,
-          "tokens_per_s_median": tokens / med, "model_gflop_per_step": flops / 1e9,
-          "mfu_best": flops / best / peak, "mfu_median": flops / med / peak,
-          "peak_memory_mib": peak_bytes / 2**20, "temp_memory_mib": mem.temp_size_in_bytes / 2**20,
-          "compile_s": compile_s, "loss": float(m["loss"])}
+          "tokens_per_s_median": tokens / med, "matmul_peak_gflops": peak / 1e9,
+          "mfu_best": flops_per_token * tokens / best / peak,
+          "mfu_median": flops_per_token * tokens / med / peak}
+
+
+def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str) -> dict:
+  s = SHAPES[name]
+  cfg = model_config(s)
+  flops = metrics.model_flops_per_token(cfg, s["seq"])
+  if framework == "jax":
+    peak = max(metrics.measure_matmul_peak(dtype, n=n) for n in PEAK_SIZES[platform_kind()])
+    trim_heap()
+    base = RssPeak.now()
+    r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak)
+    r.update(summary(name, "jax", s, r.pop("times"), peak, flops))
+    r["peak_rss_mib"] = (r.pop("rss_peak") - base) / 2**20
+    return r
+  import torch
+
+  from bench import peer_torch
+
+  peak = max(peer_torch.matmul_peak(dtype, n=n) for n in (1024, 2048))
+  trim_heap()
+  base = RssPeak.now()
+  model, opt = peer_torch.build(s, dtype)
+  batch = peer_torch.to_torch_batch(host_batch(s))
+  step = peer_torch.make_step(model, opt, int(SpanKind.REASON), int(SpanKind.ACTION))
+  losses = []
+  times, rss = timed(lambda: losses.append(step(batch)), repeats=repeats, steps=steps,
+                     sync=lambda _: None)
+  r = summary(name, "torch", s, times, peak, flops)
+  r |= {"dtype": dtype, "peak_rss_mib": (rss - base) / 2**20, "loss": losses[0],
+        "threads": torch.get_num_threads(), "version": torch.__version__}
+  return r
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -140,18 +264,62 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--peer", action="store_true", help="also time the PyTorch peer")
+  ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                  help="threads for both frameworks (XLA: one per core)")
+  ap.add_argument("--json", default=None, help="write all results here")
+  ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
-  peak = max(metrics.measure_matmul_peak(args.dtype, n=n) for n in (1024, 2048))
-  print(f"device: {jax.devices()[0].device_kind} ×1; matmul peak ({args.dtype}) "
-        f"{peak / 1e9:.1f} GFLOP/s")
+  if args.worker:
+    if args.worker == "torch":
+      import torch
+
+      torch.set_num_threads(args.threads)
+    r = worker(args.worker, args.shapes, repeats=args.repeats, steps=args.steps,
+               dtype=args.dtype)
+    print("RESULT " + json.dumps(r), flush=True)
+    return
+  env = dict(os.environ)
+  # XLA's CPU client sizes its pool from the visible cores: pin both workers to the same set
+  cores = sorted(os.sched_getaffinity(0))[:args.threads]
+  print(f"{cpu_model()}, {os.cpu_count()} cores; {args.threads} threads per framework; "
+        f"{args.dtype}")
+  results = []
   for name in args.shapes.split(","):
-    r = bench_shape(name, repeats=args.repeats, steps=args.steps, dtype=args.dtype, peak=peak)
-    r["matmul_peak_gflops"] = peak / 1e9
-    print(json.dumps(r))
-    print(f"{name}: {r['tokens_per_s_best']:.0f} tokens/s best ({r['tokens_per_s_median']:.0f} "
-          f"median), step {r['step_s_best']:.2f} s, MFU {100 * r['mfu_best']:.1f}% best "
-          f"({100 * r['mfu_median']:.1f}% median) of the measured matmul peak, peak memory "
-          f"{r['peak_memory_mib']:.0f} MiB, compile {r['compile_s']:.1f} s")
+    row = {}
+    for fw in ("jax", "torch") if args.peer else ("jax",):
+      cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--shapes", name,
+             "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
+             "--threads", str(args.threads)]
+      p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, cores))
+      lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+      if p.returncode or not lines:
+        sys.exit(f"{fw} worker for {name} failed:\n{p.stdout}\n{p.stderr[-3000:]}")
+      r = json.loads(lines[-1][len("RESULT "):])
+      row[fw] = r
+      print(f"{name} {fw:5s}: {r['tokens_per_s_best']:.0f} tokens/s best "
+            f"({r['tokens_per_s_median']:.0f} median), MFU {100 * r['mfu_best']:.1f}% of its "
+            f"{r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak, peak memory "
+            f"{r['peak_rss_mib']:.0f} MiB (RSS)"
+            + (f", XLA analysis {r['peak_memory_mib']:.0f} MiB" if fw == "jax" else ""),
+            flush=True)
+    if "torch" in row:
+      ratio = row["jax"]["tokens_per_s_best"] / row["torch"]["tokens_per_s_best"]
+      row["speedup_best"] = ratio
+      row["speedup_median"] = (row["jax"]["tokens_per_s_median"]
+                               / row["torch"]["tokens_per_s_median"])
+      row["memory_ratio"] = row["jax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"]
+      print(f"{name}: sad_jax / PyTorch peer = {ratio:.2f}× tokens/s (best), "
+            f"{row['speedup_median']:.2f}× (median); memory {row['memory_ratio']:.2f}×")
+    results.append({"shape": name, "config": SHAPES[name], **row})
+  if args.json:
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+           "cores": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
+           "repeats": args.repeats, "steps": args.steps, "shapes": args.shapes,
+           "peer": args.peer, "results": results}
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

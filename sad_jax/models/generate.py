@@ -94,7 +94,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     raise ValueError("stop_strings need a decode function (token ids → text)")
   if any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
-  b = len(prompts)
+  # The batch is bucketed too (rows repeat the first prompt, and are dropped): an agent's
+  # batch shrinks as episodes end, and each new size would compile prefill and decode again.
+  n_real = len(prompts)
+  b = bucket(n_real, minimum=1)
+  prompts = list(prompts) + [prompts[0]] * (b - n_real)
   p_len = bucket(max(len(p) for p in prompts))
   steps = -(-max_new_tokens // chunk) * chunk
   ids = np.zeros((b, p_len), np.int32)
@@ -125,6 +129,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     elif len(toks) >= max_new_tokens:
       reason[i] = "length"
 
+  for i in range(n_real, b):
+    reason[i] = "padding"
   done_at = [None] * b
   for i in range(b):
     check(i)
@@ -149,4 +155,4 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
           check(i)
   for i in range(b):
     reason[i] = reason[i] or "length"
-  return Generation(tokens=out, stop_reason=reason)
+  return Generation(tokens=out[:n_real], stop_reason=reason[:n_real])

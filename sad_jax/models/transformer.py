@@ -24,6 +24,7 @@ from sad_jax.models.config import ModelConfig
 from sad_jax.sharding import constrain
 
 _NEG = -1e30  # masked attention logits / padded vocabulary: exp() is exactly 0
+ATTN_BLOCK = 256  # query block of the training-time (no cache) causal attention
 
 BTD = ("batch", "length", "act_embed")
 
@@ -97,9 +98,13 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, self.dtype
     h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 
+    b, t = x.shape[:2]
+    x_rows = constrain(x.reshape(b * t, d), ("batch", "act_embed"))
+
     def proj(name, heads):
+      # as [B·T, D] @ [D, H·Dh]: plain GEMMs forward and backward (see MLP)
       w = self.param(name, _init(), (d, heads, hd), jnp.float32)
-      y = jnp.einsum("btd,dhk->bthk", x, w.astype(dt))
+      y = (x_rows @ w.astype(dt).reshape(d, heads * hd)).reshape(b, t, heads, hd)
       if cfg.qkv_bias:
         y = y + self.param(f"{name}_bias", nn.initializers.zeros, (heads, hd),
                            jnp.float32).astype(dt)
@@ -124,20 +129,37 @@ class Attention(nn.Module):
                                                   axis=1)
       new_cache = {"k": k, "v": v, "pos": k_pos, "seg": k_seg}
       k, v = k.astype(dt), v.astype(dt)
-    b, t = q.shape[:2]
     qg = q.reshape(b, t, kv, h // kv, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                        preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_softcap:
-      logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
-    mask = attention_mask(positions, k_pos, segment_ids, k_seg, cfg.window(self.layer))
-    logits = jnp.where(mask[:, None, None], logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    window = cfg.window(self.layer)
+
+    def attend(q_blk, q_pos, q_seg, k_blk, v_blk, kp, ks):
+      logits = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk,
+                          preferred_element_type=jnp.float32) * cfg.scale
+      if cfg.attn_softcap:
+        logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+      mask = attention_mask(q_pos, kp, q_seg, ks, window)
+      logits = jnp.where(mask[:, None, None], logits, _NEG)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      return jnp.einsum("bkgts,bskd->btkgd", probs, v_blk)
+
+    n_blk = t // ATTN_BLOCK if cache is None and t % ATTN_BLOCK == 0 else 1
+    if n_blk > 1:
+      # Training rows are causal in index order (a packed trajectory's positions rise with
+      # its index; other segments are masked), so query block i needs keys [0, (i+1)·blk)
+      # only: the exact softmax over fewer keys, about half the work and memory of the
+      # full [T, T] einsum.
+      outs = []
+      for i in range(n_blk):
+        lo, hi = i * ATTN_BLOCK, (i + 1) * ATTN_BLOCK
+        outs.append(attend(qg[:, lo:hi], positions[:, lo:hi], segment_ids[:, lo:hi],
+                           k[:, :hi], v[:, :hi], k_pos[:, :hi], k_seg[:, :hi]))
+      out = jnp.concatenate(outs, axis=1).reshape(b, t, h, hd)
+    else:
+      out = attend(qg, positions, segment_ids, k, v, k_pos, k_seg).reshape(b, t, h, hd)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     wo = self.param("o", _init(), (h, hd, d), jnp.float32)
-    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
-    return constrain(y, BTD), new_cache
+    y = out.reshape(b * t, h * hd) @ wo.astype(dt).reshape(h * hd, d)
+    return constrain(y.reshape(b, t, d), BTD), new_cache
 
 
 class MLP(nn.Module):
@@ -148,12 +170,16 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg, dt = self.cfg, self.dtype
     d, f = cfg.hidden_size, cfg.intermediate_size
+    # [B·T, D] rows: the weight gradients are then plain GEMMs. With [B, T, D] they contract
+    # two dims, which XLA's CPU backend ran at half the speed (bench/train_step.py).
+    b, t = x.shape[:2]
+    x = constrain(x.reshape(b * t, d), ("batch", "act_embed"))
     gate = x @ self.param("gate", _init(), (d, f), jnp.float32).astype(dt)
     up = x @ self.param("up", _init(), (d, f), jnp.float32).astype(dt)
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    hidden = constrain(act * up, ("batch", "length", "act_mlp"))
+    hidden = constrain(act * up, ("batch", "act_mlp"))
     y = hidden @ self.param("down", _init(), (f, d), jnp.float32).astype(dt)
-    return constrain(y, BTD)
+    return constrain(y.reshape(b, t, d), BTD)
 
 
 class Block(nn.Module):
