@@ -102,7 +102,7 @@ def stage_data(work: str, p: Plan) -> str:
   won = [0]
 
   def counted():
-    for t in oracle.generate(ENV, split="train", episodes=p.train_episodes):
+    for t in oracle.generate(ENV, split="train", episodes=p.train_episodes, varied=False):
       bar.update(1)
       won[0] += bool(t.success)
       if t.success:

@@ -61,6 +61,11 @@ def thought(*, action: str, plan: list[str], goal: str, observation: str, invent
   obj = _obj(action)
   here = bool(obj) and obj.lower() in obs
   pick = rng.choice
+  simon = re.match(r"simon says, '(.+)'", obs.strip())
+  if simon:  # Simon Says: the instruction is the whole plan; say it, then do exactly that
+    said = simon.group(1)
+    return pick([f"Simon says to {said}, so I {action}.",
+                 f"The instruction is '{said}' and Simon said it. I will {action}."])
   if verb in ("take", "pick"):
     rest = [m for m in missing if m != obj]
     return pick([
@@ -117,9 +122,19 @@ def thought(*, action: str, plan: list[str], goal: str, observation: str, invent
                f"The goal is: {g}. Next I will {action}.{where}"])
 
 
-def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60) -> Trajectory:
-  """One episode that follows the oracle, written as a trajectory."""
-  rng = random.Random(f"{env.spec}:{task}:{seed}")
+class _FirstPhrasing:
+  """Stands in for the RNG where one phrasing per case is wanted: a small model then spends
+  its first reasoning token on the decision (coin here or not) rather than on a template."""
+
+  def choice(self, options):
+    return options[0]
+
+
+def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60,
+                   varied: bool = True) -> Trajectory:
+  """One episode that follows the oracle, written as a trajectory. `varied`: phrasings
+  drawn at random per thought (else always the first)."""
+  rng = random.Random(f"{env.spec}:{task}:{seed}") if varied else _FirstPhrasing()
   obs, info = env.reset(task=task)
   goal = info["goal"]
   segments = [Segment("task", goal)]
@@ -183,11 +198,11 @@ def _trajectory(env, task, segments, won, steps) -> Trajectory:
 
 
 def generate(spec: str, *, split: str, episodes: int, seed: int = 0, start: int = 0,
-             **env_kwargs) -> Iterator[Trajectory]:
+             varied: bool = True, **env_kwargs) -> Iterator[Trajectory]:
   """Oracle trajectories for the first `episodes` tasks of a fold (from `start`)."""
   env = make_env(spec, **env_kwargs)
   try:
     for task in env.tasks(split)[start: start + episodes]:
-      yield oracle_episode(env, task, seed=seed)
+      yield oracle_episode(env, task, seed=seed, varied=varied)
   finally:
     env.close()
