@@ -29,21 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import prepare_base
 from sad_jax.data import importers, prepare, render, schema
 from sad_jax.data.tokenizer import train_sentencepiece
+from sad_jax.metrics import cpu_model
 
 FIREACT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fireact",
                        "hotpotqa_react_alpaca.json")
 TARGET = 2000.0
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -28,6 +28,10 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from sad_jax.metrics import cpu_model  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 # name: (title, documented arguments, quick arguments), in the order of BENCHMARKS.md
@@ -84,15 +88,6 @@ def bullets(items: list[str]) -> str:
 
 # ---------------------------------------------------------------- machine and versions
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def versions() -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -247,15 +246,6 @@ def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str) -
   return r
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -282,7 +272,7 @@ def main() -> None:
   env = dict(os.environ)
   # XLA's CPU client sizes its pool from the visible cores: pin both workers to the same set
   cores = sorted(os.sched_getaffinity(0))[:args.threads]
-  print(f"{cpu_model()}, {os.cpu_count()} cores; {args.threads} threads per framework; "
+  print(f"{metrics.cpu_model()}, {os.cpu_count()} cores; {args.threads} threads per framework; "
         f"{args.dtype}")
   results = []
   for name in args.shapes.split(","):
@@ -314,7 +304,7 @@ def main() -> None:
             f"{row['speedup_median']:.2f}× (median); memory {row['memory_ratio']:.2f}×")
     results.append({"shape": name, "config": SHAPES[name], **row})
   if args.json:
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": metrics.cpu_model(),
            "cores": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
            "repeats": args.repeats, "steps": args.steps, "shapes": args.shapes,
            "peer": args.peer, "results": results}

@@ -165,3 +165,17 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5)
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2.0 * n ** 3 / best
+
+
+def cpu_model() -> str:
+  """The CPU's model name (for benchmark reports)."""
+  import platform
+
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
