@@ -131,11 +131,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
 
   for i in range(n_real, b):
     reason[i] = "padding"
-  done_at = [None] * b
   for i in range(b):
     check(i)
-    if reason[i]:
-      done_at[i] = 1
   token = first
   position = jnp.asarray([len(p) for p in prompts], jnp.int32)
   index = jnp.int32(p_len)
