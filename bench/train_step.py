@@ -3,6 +3,7 @@ with a PyTorch peer (bench/peer_torch.py: transformers' LlamaForCausalLM + the s
 losses in plain PyTorch + torch.optim.AdamW).
 
   python bench/train_step.py [--shapes S,M] [--repeats 3] [--steps 3] [--dtype float32]
+                             [--remat none|attention|block]
                              [--peer] [--threads N] [--json OUT.json]
 
 Each framework runs in its own worker process (so that memory is measured alike and the
@@ -104,7 +105,8 @@ def objective_config():
       curriculum_gamma=0.1, pcgrad=False))
 
 
-def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float) -> dict:
+def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
+                remat: str = "none") -> dict:
   s = SHAPES[name]
   cfg = model_config(s)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -122,7 +124,7 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float)
   batch_sh = train.batch_sharding_for(s["batch"], mesh, rules)
   data_sh = jax.tree.map(lambda _: batch_sh, batch)
   step = train.jit_train_step(model_cfg=cfg, obj=obj, tx=tx, schedule=schedule,
-                              dtype=jnp.dtype(dtype), remat="none", online=None,
+                              dtype=jnp.dtype(dtype), remat=remat, online=None,
                               state_sh=state_sh, data_sh=data_sh, teacher_sh=None)
   weights = jnp.ones(2, jnp.float32)
   with sharding.use_mesh(mesh, rules):
@@ -144,7 +146,7 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float)
     m = one_step()
   tokens = s["batch"] * s["seq"]
   flops = metrics.model_flops_per_token(cfg, s["seq"]) * tokens
-  return {"shape": name, "dtype": dtype, "times": times, "rss_peak": rss,
+  return {"shape": name, "dtype": dtype, "remat": remat, "times": times, "rss_peak": rss,
           "model_gflop_per_step": flops / 1e9, "peak_memory_mib": peak_bytes / 2**20,
           "temp_memory_mib": mem.temp_size_in_bytes / 2**20, "compile_s": compile_s,
           "loss": float(m["loss"])}
@@ -215,7 +217,8 @@ def summary(name: str, framework: str, s: dict, times: list[float], peak: float,
           "mfu_median": flops_per_token * tokens / med / peak}
 
 
-def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str) -> dict:
+def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
+           remat: str = "none") -> dict:
   s = SHAPES[name]
   cfg = model_config(s)
   flops = metrics.model_flops_per_token(cfg, s["seq"])
@@ -223,7 +226,7 @@ def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str) -
     peak = max(metrics.measure_matmul_peak(dtype, n=n) for n in PEAK_SIZES[platform_kind()])
     trim_heap()
     base = RssPeak.now()
-    r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak)
+    r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak, remat=remat)
     r.update(summary(name, "jax", s, r.pop("times"), peak, flops))
     r["peak_rss_mib"] = (r.pop("rss_peak") - base) / 2**20
     return r
@@ -254,6 +257,9 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--remat", default="none", choices=("none", "attention", "block"),
+                  help="sad_jax's model.remat for the step (attention: recompute the "
+                       "attention scores in the backward instead of keeping them)")
   ap.add_argument("--peer", action="store_true", help="also time the PyTorch peer")
   ap.add_argument("--threads", type=int, default=os.cpu_count(),
                   help="threads for both frameworks (XLA: one per core)")
@@ -266,21 +272,21 @@ def main() -> None:
 
       torch.set_num_threads(args.threads)
     r = worker(args.worker, args.shapes, repeats=args.repeats, steps=args.steps,
-               dtype=args.dtype)
+               dtype=args.dtype, remat=args.remat)
     print("RESULT " + json.dumps(r), flush=True)
     return
   env = dict(os.environ)
   # XLA's CPU client sizes its pool from the visible cores: pin both workers to the same set
   cores = sorted(os.sched_getaffinity(0))[:args.threads]
   print(f"{metrics.cpu_model()}, {os.cpu_count()} cores; {args.threads} threads per framework; "
-        f"{args.dtype}")
+        f"{args.dtype}; sad_jax remat={args.remat}")
   results = []
   for name in args.shapes.split(","):
     row = {}
     for fw in ("jax", "torch") if args.peer else ("jax",):
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--shapes", name,
              "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
-             "--threads", str(args.threads)]
+             "--threads", str(args.threads), "--remat", args.remat]
       p = subprocess.run(cmd, env=env, capture_output=True, text=True,
                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
       lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -306,7 +312,7 @@ def main() -> None:
   if args.json:
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": metrics.cpu_model(),
            "cores": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
-           "repeats": args.repeats, "steps": args.steps, "shapes": args.shapes,
+           "remat": args.remat, "repeats": args.repeats, "steps": args.steps, "shapes": args.shapes,
            "peer": args.peer, "results": results}
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.path = ""                # HF folder or orbax params folder, for pretrained
   c.model.hf_config = ml_collections.ConfigDict(DEMO_STUDENT)
   c.model.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
-  c.model.remat = "none"           # none | block
+  c.model.remat = "none"           # none | attention | block
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = objective     # sad | token_kd | sft

@@ -69,6 +69,9 @@ def _flat(config) -> dict[str, Any]:
                                else str(o)))
 
 
+REMAT = ("none", "attention", "block")
+
+
 def _dtype(name: str):
   if name not in ("float32", "bfloat16"):
     raise DataError("model.dtype must be float32 or bfloat16", field="config.model.dtype")
@@ -167,6 +170,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
                     f"dataset's tokenizer ({vocab})", field="config.model")
   obj = objective_for(config, model_cfg)
   dtype = _dtype(config.model.dtype)
+  if config.model.remat not in REMAT:
+    raise DataError(f"model.remat must be one of {', '.join(REMAT)}, got "
+                    f"{config.model.remat!r}", field="config.model.remat")
   total_steps = int(config.train.steps)
   tx = step_lib.make_optimizer(config.optim, total_steps)
   schedule = step_lib.lr_schedule(config.optim, total_steps)

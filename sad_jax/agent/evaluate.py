@@ -97,7 +97,10 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
         samples = max(1, sag)
         cands = policy.turns([trajs[i] for i in active], samples=samples,
                              temperature=sag_temperature if sag else None,
-                             seed=seed * 100_003 + lo * 131 + turn_index)
+                             seed=seed * 100_003 + lo * 131 + turn_index,
+                             # one batch size for the whole run: each new size would compile
+                             # prefill and decode again, which costs more than padded rows
+                             min_batch=len(envs) * samples)
         for i, options in zip(active, cands):
           turn, _ = react.choose(options, code_runner=runner) if sag else (options[0], {})
           env, traj = envs[i], trajs[i]

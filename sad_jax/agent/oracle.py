@@ -131,9 +131,11 @@ class _FirstPhrasing:
 
 
 def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60,
-                   varied: bool = True) -> Trajectory:
+                   varied: bool = True, noise: float = 0.0,
+                   vary: list[str] | None = None) -> Trajectory:
   """One episode that follows the oracle, written as a trajectory. `varied`: phrasings
-  drawn at random per thought (else always the first)."""
+  drawn at random per thought (else always the first). `noise`, `vary`: see
+  `_search_episode` (TWX coin only)."""
   rng = random.Random(f"{env.spec}:{task}:{seed}") if varied else _FirstPhrasing()
   obs, info = env.reset(task=task)
   goal = info["goal"]
@@ -142,6 +144,11 @@ def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60,
     segments.append(Segment("observation", obs))
   if env.spec.startswith("math:"):
     return _math_episode(env, task, segments, rng)
+  if env.spec.split("?")[0] == "twx:coin":
+    rng = random.Random(f"{env.spec}:{task}:{seed}:noise")
+    if vary is not None and len(segments) > 1:
+      segments[1] = Segment("observation", vary_room(obs, rng, vary))
+    return _search_episode(env, task, segments, obs, max_steps, noise, rng, vary)
   won, steps = False, 0
   while steps < max_steps:
     plan = env.oracle_actions() or []
@@ -154,6 +161,107 @@ def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60,
     r = act(env, segments, action)
     steps += 1
     obs = r.observation
+    if r.done:
+      won = r.won
+      break
+  return _trajectory(env, task, segments, won, steps)
+
+
+_ROOM = re.compile(r"You are in the ([^.]+)\.")
+_EXIT = re.compile(r"To the (North|South|East|West) you see the ([^.]+)\.")
+_BACK = {"north": "south", "south": "north", "east": "west", "west": "east"}
+
+
+def search_action(obs: str, seen: dict[str, dict[str, str]]) -> tuple[str, str]:
+  """One step of a search for the coin, from what the agent has read: take it if it is
+  here; else move to the first listed room not seen yet; else walk toward the nearest room
+  that the seen rooms list but nobody entered. `obs`: the last room description; `seen`:
+  room → {direction: neighbour} for every room entered. Returns (thought, action).
+
+  The thought first copies the exits in the observation's order ("Exits: south pantry,
+  west corridor."), then decides from those words: a small model copies a list in order
+  far more reliably than it picks one direction out of a description 100 tokens back."""
+  if re.search(r"\bcoin\b", obs.split("To the")[0]):
+    return "The coin is here. Take it.", "take coin"
+  room = m.group(1) if (m := _ROOM.search(obs)) else ""
+  exits = _EXIT.findall(obs)
+  listed = "Exits: " + ", ".join(f"{d.lower()} {other}" for d, other in exits) + ". "
+  for direction, other in exits:
+    if other not in seen:
+      d = direction.lower()
+      return f"{listed}No coin here; the {other} is not seen yet: move {d}.", f"move {d}"
+  # breadth-first over the known map to the nearest room with an unseen neighbour
+  first: dict[str, str] = {room: ""}
+  queue = [room]
+  while queue:
+    here = queue.pop(0)
+    for d, other in seen.get(here, {}).items():
+      if other not in seen:
+        d0 = (first[here] or d).lower()
+        return (f"{listed}No coin here, and all of these are seen; the {other} is not: "
+                f"move {d0}."), f"move {d0}"
+      if other not in first:
+        first[other] = first[here] or d
+        queue.append(other)
+  return f"{listed}No coin here and no room left to search. Look around.", "look around"
+
+
+def vary_room(obs: str, rng: random.Random, pool: list[str]) -> str:
+  """The same room, described differently: its furniture sentences shuffled, some dropped,
+  and some borrowed from other rooms (`pool`, grown as rooms are seen); the room's name,
+  anything with the coin, and the exits are kept. Decisions do not change, only the text
+  around them: the train fold of TWX coin shows one kitchen text and its test fold
+  another, and a small model trained on one text learns its positions, not its content."""
+  head, sep, exits = obs.partition("\n")
+  sentences = [x for x in re.split(r"(?<=\.)\s+", head.strip()) if x]
+  if not sep or not sentences or not _ROOM.match(sentences[0]):
+    return obs
+  keep = [x for x in sentences[1:] if "coin" in x]
+  furniture = [x for x in sentences[1:] if "coin" not in x]
+  for x in furniture:
+    if x not in pool:
+      pool.append(x)
+  body = [x for x in furniture if rng.random() > 0.3] + keep
+  body += rng.sample([x for x in pool if x not in furniture],
+                     k=min(rng.randint(0, 2), len(pool) - len(furniture)))
+  rng.shuffle(body)
+  return " ".join([sentences[0], *body]) + " " + sep + exits
+
+
+def _search_episode(env, task, segments, obs, max_steps, noise: float,
+                    rng: random.Random, vary: list[str] | None = None) -> Trajectory:
+  """The coin's room is hidden from the agent, and the gold path goes straight to it: a
+  student imitating that path learns to guess. This teacher searches instead (depth-first,
+  from the observations alone), so each action follows from what the agent can read.
+
+  `noise`: the chance, per move, of a random move instead (DART-style: Laskey et al., 2017),
+  followed by the search's recovery from wherever it led, a room or "Unknown action". A
+  model trained on clean paths alone has never read a failed action and derails after its
+  first mistake; at a small rate the expert's choice stays the most likely one in every
+  state, so greedy decoding does not learn the mistakes.
+
+  `vary`: a pool of furniture sentences; when given, the recorded room descriptions are
+  varied (`vary_room`), the decisions still made from the real ones."""
+  seen: dict[str, dict[str, str]] = {}
+  room_obs = obs
+  won, steps, failed = False, 0, False
+  while steps < max_steps:
+    if (m := _ROOM.search(obs)):
+      room_obs = obs
+      seen[m.group(1)] = {d: other for d, other in _EXIT.findall(obs)}
+    text, action = search_action(room_obs, seen)
+    if failed:
+      text = "That did not work. " + text
+    if action.startswith("move ") and noise and rng.random() < noise:
+      action = f"move {rng.choice([d for d in _BACK if d != action.split()[1]])}"
+      text = f"I'll try {action}."
+    segments.append(Segment("reason", text))
+    r = act(env, segments, action)
+    steps += 1
+    obs = r.observation
+    if vary is not None:
+      segments[-1] = Segment("observation", vary_room(obs, rng, vary))
+    failed = _ROOM.search(obs) is None and not r.done
     if r.done:
       won = r.won
       break
@@ -198,11 +306,14 @@ def _trajectory(env, task, segments, won, steps) -> Trajectory:
 
 
 def generate(spec: str, *, split: str, episodes: int, seed: int = 0, start: int = 0,
-             varied: bool = True, **env_kwargs) -> Iterator[Trajectory]:
-  """Oracle trajectories for the first `episodes` tasks of a fold (from `start`)."""
+             varied: bool = True, noise: float = 0.0, vary_rooms: bool = False,
+             **env_kwargs) -> Iterator[Trajectory]:
+  """Oracle trajectories for the first `episodes` tasks of a fold (from `start`).
+  `vary_rooms`: room descriptions varied in the record (`vary_room`; TWX coin)."""
   env = make_env(spec, **env_kwargs)
+  pool: list[str] | None = [] if vary_rooms else None
   try:
     for task in env.tasks(split)[start: start + episodes]:
-      yield oracle_episode(env, task, seed=seed, varied=varied)
+      yield oracle_episode(env, task, seed=seed, varied=varied, noise=noise, vary=pool)
   finally:
     env.close()

@@ -82,8 +82,8 @@ class Policy:
       segs = segs[:head] + segs[head + 3:]  # drop the oldest reason/action/observation
 
   def turns(self, trajs: list[Trajectory], *, samples: int = 1, temperature: float | None = None,
-            seed: int = 0) -> list[list[Turn]]:
-    """`samples` candidate turns per trajectory."""
+            seed: int = 0, min_batch: int = 1) -> list[list[Turn]]:
+    """`samples` candidate turns per trajectory (`min_batch`: see gen.generate)."""
     prompts = [self.prompt(t) for t in trajs for _ in range(samples)]
     tau = self.temperature if temperature is None else temperature
     stop = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
@@ -91,7 +91,7 @@ class Policy:
     out = gen.generate(self.cfg, self.params, prompts, max_new_tokens=self.max_new_tokens,
                        temperature=tau, top_k=0, top_p=1.0, stop_token_ids=stop,
                        stop_strings=STOP_STRINGS, decode=self.tokenizer.decode, seed=seed,
-                       dtype=self.dtype)
+                       min_batch=min_batch, dtype=self.dtype)
     self.generate_seconds += time.perf_counter() - t0
     result: list[list[Turn]] = [[] for _ in trajs]
     for i, toks in enumerate(out.tokens):

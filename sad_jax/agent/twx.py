@@ -24,6 +24,9 @@ DEFAULT_PARAMS = {
     "mapreader": "numLocations=3,maxDistanceApart=2,includeDoors=0,limitInventorySize=0",
 }
 _FOLD = {"train": "train", "dev": "dev", "test": "test"}
+# (game, params, split) → seeds. A fold's seeds depend on nothing else, and the package
+# copies a Java list one py4j call per element: thousands of round trips per fold and env.
+_SEEDS: dict[tuple[str, str, str], list[int]] = {}
 
 
 class TWXEnv:
@@ -48,15 +51,18 @@ class TWXEnv:
     self._info: dict[str, Any] = {}
     self._gold: list[str] | None = None
     self._gold_pos = 0
-    self._tasks: dict[str, list[int]] = {}
+    self._folds: dict[int, str] = {}
 
   def tasks(self, split: str) -> list[int]:
     split = check_split(split)
-    if split not in self._tasks:
-      seeds = {"train": self._env.getValidSeedsTrain, "dev": self._env.getValidSeedsDev,
-               "test": self._env.getValidSeedsTest}[split]()
-      self._tasks[split] = [int(s) for s in seeds]
-    return self._tasks[split]
+    key = (self.game, self.params, split)
+    if key not in _SEEDS:
+      server = self._env.server
+      seeds = {"train": server.getSeedsTrain, "dev": server.getSeedsDev,
+               "test": server.getSeedsTest}[split]()
+      # one call: the Java list's text form, parsed here
+      _SEEDS[key] = [int(x) for x in str(seeds.toString()).strip("[]").split(",") if x.strip()]
+    return list(_SEEDS[key])
 
   def reset(self, *, task: int, fold: str | None = None) -> tuple[str, dict[str, Any]]:
     fold = fold or self._fold_of(task)
@@ -71,9 +77,10 @@ class TWXEnv:
                          "fold": fold}
 
   def _fold_of(self, task: int) -> str:
-    for fold in ("train", "dev", "test"):
-      if int(task) in set(self.tasks(fold)):
-        return fold
+    if not self._folds:
+      self._folds = {t: fold for fold in ("train", "dev", "test") for t in self.tasks(fold)}
+    if int(task) in self._folds:
+      return self._folds[int(task)]
     raise DataError(f"seed {task} is in no fold of {self.game}", field="task")
 
   def step(self, action: str) -> StepResult:

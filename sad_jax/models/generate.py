@@ -1,7 +1,7 @@
 """Batched KV-cache generation: greedy or temperature / top-k / top-p sampling, stop
 tokens and stop strings, with static shapes.
 
-Prompts are left-padded to a length bucket (a power of two ≥ 16), so one prefill
+Prompts are left-padded to a length bucket (`length_bucket`), so one prefill
 compiles per bucket and the decode step compiles once per (batch, cache length):
 sampling settings are traced values, not compile-time constants. Decoding runs `chunk`
 steps per device call (a lax.scan); between calls the host checks stop strings.
@@ -25,6 +25,13 @@ TRACES = {"prefill": 0, "decode": 0}  # trace counters, read by tests
 
 def bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def length_bucket(n: int) -> int:
+  """Padded sequence length: powers of two up to 256, then multiples of 256 (a 600-token
+  prompt is padded to 768, not 1024; the forward's time grows with the padded length, and
+  multiples of the attention block keep attention blockwise)."""
+  return bucket(n) if n <= 256 else -(-n // 256) * 256
 
 
 def sample(logits_bv, rng, *, temperature, top_k, top_p):
@@ -89,17 +96,19 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
              stop_strings: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
-             seed: int = 0, chunk: int = 16, dtype=jnp.float32) -> Generation:
+             seed: int = 0, chunk: int = 16, min_batch: int = 1,
+             dtype=jnp.float32) -> Generation:
   if stop_strings and decode is None:
     raise ValueError("stop_strings need a decode function (token ids → text)")
   if any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
   # The batch is bucketed too (rows repeat the first prompt, and are dropped): an agent's
   # batch shrinks as episodes end, and each new size would compile prefill and decode again.
+  # `min_batch` pins the size for a caller whose compile time outweighs padded rows.
   n_real = len(prompts)
-  b = bucket(n_real, minimum=1)
+  b = max(bucket(n_real, minimum=1), bucket(min_batch, minimum=1))
   prompts = list(prompts) + [prompts[0]] * (b - n_real)
-  p_len = bucket(max(len(p) for p in prompts))
+  p_len = length_bucket(max(len(p) for p in prompts))
   steps = -(-max_new_tokens // chunk) * chunk
   ids = np.zeros((b, p_len), np.int32)
   seg = np.zeros((b, p_len), np.int32)

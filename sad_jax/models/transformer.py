@@ -92,6 +92,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
   layer: int
   dtype: Any
+  recompute: bool = False  # recompute scores and softmax in the backward (remat="attention")
 
   @nn.compact
   def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
@@ -119,6 +120,9 @@ class Attention(nn.Module):
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
     k_pos, k_seg = positions, segment_ids
     new_cache = None
+    # A prefill (cache_index a literal 0: generate's) fills an empty cache: its queries
+    # need only the prompt's own keys, blockwise like training, not the whole cache.
+    prefill = cache is not None and isinstance(cache_index, int) and cache_index == 0
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                               cache_index, axis=1)
@@ -129,6 +133,8 @@ class Attention(nn.Module):
                                                   axis=1)
       new_cache = {"k": k, "v": v, "pos": k_pos, "seg": k_seg}
       k, v = k.astype(dt), v.astype(dt)
+      if prefill:
+        k, v, k_pos, k_seg = k[:, :t], v[:, :t], positions, segment_ids
     qg = q.reshape(b, t, kv, h // kv, hd)
     window = cfg.window(self.layer)
 
@@ -142,7 +148,11 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
       return jnp.einsum("bkgts,bskd->btkgd", probs, v_blk)
 
-    n_blk = t // ATTN_BLOCK if cache is None and t % ATTN_BLOCK == 0 else 1
+    if self.recompute:
+      # the backward otherwise keeps every block's [T, S] probabilities alive, the largest
+      # activation at long sequence lengths; recomputing them costs one more QK^T and softmax
+      attend = jax.checkpoint(attend)
+    n_blk = t // ATTN_BLOCK if (cache is None or prefill) and t % ATTN_BLOCK == 0 else 1
     if n_blk > 1:
       # Training rows are causal in index order (a packed trajectory's positions rise with
       # its index; other segments are masked), so query block i needs keys [0, (i+1)·blk)
@@ -186,12 +196,14 @@ class Block(nn.Module):
   cfg: ModelConfig
   layer: int
   dtype: Any
+  recompute_attention: bool = False
 
   @nn.compact
   def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype, name=name)
-    y, new_cache = Attention(cfg, self.layer, self.dtype, name="attn")(
+    y, new_cache = Attention(cfg, self.layer, self.dtype, self.recompute_attention,
+                             name="attn")(
         norm("input_norm")(x), positions=positions, segment_ids=segment_ids, cache=cache,
         cache_index=cache_index)
     if cfg.post_norms:
@@ -206,14 +218,15 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   cfg: ModelConfig
   dtype: Any = jnp.float32          # compute dtype (bfloat16 for speed); params stay f32
-  remat: str = "none"               # none | block (recompute each block in the backward)
+  # none | attention (recompute attention scores in the backward) | block (recompute blocks)
+  remat: str = "none"
 
   def setup(self):
     cfg = self.cfg
     self.embed = self.param("embed", _init(), (cfg.padded_vocab, cfg.hidden_size),
                             jnp.float32)
     block = nn.remat(Block, static_argnums=()) if self.remat == "block" else Block
-    self.blocks = [block(cfg, i, self.dtype, name=f"layers_{i}")
+    self.blocks = [block(cfg, i, self.dtype, self.remat == "attention", name=f"layers_{i}")
                    for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype)
     if not cfg.tie_embeddings:

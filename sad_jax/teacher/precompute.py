@@ -24,7 +24,7 @@ from sad_jax.data import prepare, tfds_builder
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.models.config import ModelConfig
-from sad_jax.models.generate import bucket
+from sad_jax.models.generate import length_bucket
 from sad_jax.models.transformer import Transformer, param_axes
 from sad_jax.teacher import store as store_lib
 
@@ -62,7 +62,7 @@ def target_positions(kinds: np.ndarray, span_kinds: Sequence[int]) -> np.ndarray
 
 
 def _bucket(n: int, cap: int) -> int:
-  return min(cap, bucket(n))
+  return min(cap, length_bucket(n))
 
 
 def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str, out_dir: str,
@@ -138,9 +138,11 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       break
     source = tfds_builder.DataSource(builder, split)
     examples = [source[i] for i in rows]
-    records, ids = [], []
-    for lo in range(0, len(examples), batch_size):
-      batch = examples[lo: lo + batch_size]
+    # batches of similar lengths (less padding); the shard keeps the dataset's order
+    order = sorted(range(len(examples)), key=lambda j: len(examples[j]["ids"]))
+    encoded: list[bytes | None] = [None] * len(examples)
+    for lo in range(0, len(order), batch_size):
+      batch = [examples[j] for j in order[lo: lo + batch_size]]
       length = _bucket(max(len(e["ids"]) for e in batch), cap)
       tokens = np.zeros((batch_size, length), np.int32)  # fixed batch: one compile per bucket
       targets = [target_positions(np.asarray(e["kinds"]), kinds) for e in batch]
@@ -161,10 +163,11 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
           raise DataError(f"teacher top-k of example {ident} holds ids ≥ the student "
                           f"vocabulary {student_vocab}: the vocabularies differ beyond "
                           "padding", field="vocab_size")
-        records.append(store_lib.encode_record(rec, vocab_size=student_vocab,
-                                               logp_dtype=logp_dtype))
-        ids.append(ident)
+        encoded[order[lo + j]] = store_lib.encode_record(rec, vocab_size=student_vocab,
+                                                         logp_dtype=logp_dtype)
       bar.update(len(batch))
+    records = encoded
+    ids = [tfds_builder.example_id(e) for e in examples]
     pending.append((split, writer.submit(store_lib.write_shard, out_dir, name, records, ids)))
     done_now += 1
   for split, fut in pending:

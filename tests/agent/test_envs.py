@@ -39,6 +39,74 @@ def test_twx_folds_gold_path_and_valid_actions():
     env.close()
 
 
+def test_twx_fold_seeds_equal_the_package_lists():
+  from textworld_express import TextWorldExpressEnv
+
+  env = make_env("twx:coin")
+  ref = TextWorldExpressEnv(envStepLimit=10)
+  try:
+    ref.load("coin", env.params)
+    assert env.tasks("train") == ref.getValidSeedsTrain()
+    assert env.tasks("test") == ref.getValidSeedsTest()
+    assert env.tasks("dev") == ref.getValidSeedsDev()
+  finally:
+    env.close()
+    ref.close()
+
+
+COIN4 = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
+
+
+def test_coin_search_expert_reads_instead_of_peeking():
+  """The coin expert decides from what it has read: its first action is `take coin` exactly
+  when the first room shows a coin, else a move to the first listed exit, wherever the
+  coin is; it wins every game within 2·(rooms − 1) moves + the take, and with random moves
+  injected it recovers (from "Unknown action" too) and still wins."""
+  import re
+
+  clean = list(oracle.generate(COIN4, split="test", episodes=40, varied=False))
+  for t in clean:
+    assert t.success, t.id
+    acts = [s.text for s in t.segments if s.kind == "action"]
+    first_obs = t.segments[1].text
+    assert len(acts) <= 2 * 3 + 1 and acts[-1] == "take coin"
+    if "coin" in first_obs.split("To the")[0]:
+      assert acts == ["take coin"]
+    else:
+      listed = re.findall(r"To the (\w+) you see", first_obs)
+      assert acts[0] == f"move {listed[0].lower()}", t.id
+  assert len({len([s for s in t.segments if s.kind == "action"]) for t in clean}) >= 4
+  noisy = list(oracle.generate(COIN4, split="train", episodes=60, varied=False, noise=0.3))
+  assert all(t.success for t in noisy)
+  texts = [s.text for t in noisy for s in t.segments]
+  assert any(x.startswith("I'll try move") for x in texts)
+  assert any(x.startswith("Unknown action") for x in texts)
+  assert any(x.startswith("That did not work.") for x in texts)
+
+
+def test_vary_room_keeps_what_decides_and_changes_the_rest():
+  import random
+
+  obs = ("You are in the kitchen. In one part of the room you see a stove. There is also an "
+         "oven. You also see a fridge that is closed. There is also a coin. \nTo the South you "
+         "see the pantry. To the West you see the corridor.")
+  pool = ["You also see a bed, that has nothing on it.", "There is also a shelf."]
+  texts = set()
+  for seed in range(30):
+    out = oracle.vary_room(obs, random.Random(seed), pool)
+    head, exits = out.split("\n")
+    assert head.startswith("You are in the kitchen. ") and "There is also a coin." in head
+    assert exits == "To the South you see the pantry. To the West you see the corridor."
+    assert oracle.search_action(out, {"kitchen": {}}) == oracle.search_action(obs, {"kitchen": {}})
+    texts.add(head)
+  assert len(texts) > 10  # shuffled, dropped, borrowed
+  assert {"You also see a bed, that has nothing on it.", "There is also an oven."} <= {
+      x for t in texts for x in pool + ["There is also an oven."] if x in t}
+  assert "There is also an oven." in pool  # the room's own sentences join the pool
+  assert oracle.vary_room("Unknown action: I'm not sure.", random.Random(0), pool) == \
+      "Unknown action: I'm not sure."
+
+
 def test_textworld_generated_game_and_policy_oracle(tw_games):
   env = make_env("textworld:coin?level=1", game_dir=tw_games)
   try:

@@ -43,6 +43,9 @@ def test_left_padded_batch_equals_single_prompts():
   batch = G.generate(LLAMA, params, prompts, max_new_tokens=20)
   for p, toks in zip(prompts, batch.tokens, strict=True):
     assert G.generate(LLAMA, params, [p], max_new_tokens=20).tokens[0] == toks
+  # a pinned batch size (padding rows) gives the same tokens
+  assert G.generate(LLAMA, params, prompts, max_new_tokens=20, min_batch=8).tokens == \
+      batch.tokens
 
 
 def test_cache_decoding_equals_full_forward():
@@ -57,6 +60,24 @@ def test_cache_decoding_equals_full_forward():
     ids[0, :len(seq)] = seq
     seq.append(int(jnp.argmax(full(params, ids)[0, len(seq) - 1])))
   assert seq[len(prompt):] == out
+
+
+def test_long_prompt_blockwise_prefill_equals_full_forward():
+  """Prompts past one attention block: the prefill attends blockwise over the prompt's own
+  keys (not the cache), left-padded to 512 (two blocks), with gemma2's window and softcap."""
+  params = random_params(GEMMA2)
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(1, 128, 300)), list(rng.integers(1, 128, 270))]
+  assert G.length_bucket(300) == 512
+  out = G.generate(GEMMA2, params, prompts, max_new_tokens=6).tokens
+  full = jax.jit(lambda p, ids: hf.forward(GEMMA2, p, ids))
+  for prompt, toks in zip(prompts, out, strict=True):
+    seq = list(prompt)
+    for _ in range(6):
+      ids = np.zeros((1, 320), np.int32)
+      ids[0, :len(seq)] = seq
+      seq.append(int(jnp.argmax(full(params, ids)[0, len(seq) - 1])))
+    assert seq[len(prompt):] == toks
 
 
 def test_sampling_settings_and_no_recompilation():
@@ -183,9 +204,10 @@ def test_remat_and_bf16():
     return jnp.mean(h @ w)
 
   g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, "none")
-  g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, "block")
-  for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  for remat in ("block", "attention"):
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
   fwd = jax.jit(lambda p, dt: hf.forward(LLAMA, p, ids, dtype=dt), static_argnums=1)
   z32, z16 = fwd(params, jnp.float32), fwd(params, jnp.bfloat16)
   assert z16.dtype == jnp.float32
