@@ -485,9 +485,20 @@ def run(workdir: str = "runs/demo", *, quick: bool = False) -> str:
   import jax
 
   # the three seeds of an objective compile the same step, and the students' evaluations
-  # the same prefill and decode: XLA's persistent cache compiles each once
+  # the same prefill and decode: XLA's persistent cache compiles each once. Restored after,
+  # for a caller that goes on in this process.
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                               "jax_persistent_cache_min_compile_time_secs")}
   jax.config.update("jax_compilation_cache_dir", os.path.join(work, "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  try:
+    return _stages(work, p, t0)
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)
+
+
+def _stages(work: str, p: Plan, t0: float) -> str:
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if repo not in sys.path:
     sys.path.insert(0, repo)  # configs/
