@@ -37,6 +37,18 @@ def random_params(cfg, seed=0):
 # ----------------------------------------------------------------------------- generation
 
 
+def greedy_full_forward(cfg, params, prompt, n: int, *, width: int) -> list[int]:
+  """The no-cache reference: argmax of a full forward per new token (causal, so the
+  right-padding to `width` is harmless)."""
+  full = jax.jit(lambda p, ids: hf.forward(cfg, p, ids))
+  seq = list(prompt)
+  for _ in range(n):
+    ids = np.zeros((1, width), np.int32)
+    ids[0, :len(seq)] = seq
+    seq.append(int(jnp.argmax(full(params, ids)[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
 def test_left_padded_batch_equals_single_prompts():
   params = random_params(LLAMA)
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [1]]
@@ -52,14 +64,7 @@ def test_cache_decoding_equals_full_forward():
   params = random_params(GEMMA2)
   prompt = [3, 1, 4, 1, 5, 9, 2, 6]
   out = G.generate(GEMMA2, params, [prompt], max_new_tokens=12).tokens[0]
-  # the no-cache loop: argmax of a full (causal, so right-padding is harmless) forward
-  full = jax.jit(lambda p, ids: hf.forward(GEMMA2, p, ids))
-  seq = list(prompt)
-  for _ in range(12):
-    ids = np.zeros((1, 20), np.int32)
-    ids[0, :len(seq)] = seq
-    seq.append(int(jnp.argmax(full(params, ids)[0, len(seq) - 1])))
-  assert seq[len(prompt):] == out
+  assert greedy_full_forward(GEMMA2, params, prompt, 12, width=20) == out
 
 
 def test_long_prompt_blockwise_prefill_equals_full_forward():
@@ -70,14 +75,8 @@ def test_long_prompt_blockwise_prefill_equals_full_forward():
   prompts = [list(rng.integers(1, 128, 300)), list(rng.integers(1, 128, 270))]
   assert G.length_bucket(300) == 512
   out = G.generate(GEMMA2, params, prompts, max_new_tokens=6).tokens
-  full = jax.jit(lambda p, ids: hf.forward(GEMMA2, p, ids))
   for prompt, toks in zip(prompts, out, strict=True):
-    seq = list(prompt)
-    for _ in range(6):
-      ids = np.zeros((1, 320), np.int32)
-      ids[0, :len(seq)] = seq
-      seq.append(int(jnp.argmax(full(params, ids)[0, len(seq) - 1])))
-    assert seq[len(prompt):] == toks
+    assert greedy_full_forward(GEMMA2, params, prompt, 6, width=320) == toks
 
 
 def test_sampling_settings_and_no_recompilation():
