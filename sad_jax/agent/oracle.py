@@ -231,8 +231,10 @@ def vary_room(obs: str, rng: random.Random, pool: list[str]) -> str:
 def _search_episode(env, task, segments, obs, max_steps, noise: float,
                     rng: random.Random, vary: list[str] | None = None) -> Trajectory:
   """The coin's room is hidden from the agent, and the gold path goes straight to it: a
-  student imitating that path learns to guess. This teacher searches instead (depth-first,
-  from the observations alone), so each action follows from what the agent can read.
+  student imitating that path learns to guess. This teacher searches instead
+  (`search_action`: the first unseen listed room, else a breadth-first walk over the rooms
+  seen so far, from the observations alone), so each action follows from what the agent
+  can read.
 
   `noise`: the chance, per move, of a random move instead (DART-style: Laskey et al., 2017),
   followed by the search's recovery from wherever it led, a room or "Unknown action". A

@@ -140,7 +140,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
     examples = [source[i] for i in rows]
     # batches of similar lengths (less padding); the shard keeps the dataset's order
     order = sorted(range(len(examples)), key=lambda j: len(examples[j]["ids"]))
-    encoded: list[bytes | None] = [None] * len(examples)
+    records: list[bytes | None] = [None] * len(examples)
     for lo in range(0, len(order), batch_size):
       batch = [examples[j] for j in order[lo: lo + batch_size]]
       length = _bucket(max(len(e["ids"]) for e in batch), cap)
@@ -163,10 +163,9 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
           raise DataError(f"teacher top-k of example {ident} holds ids ≥ the student "
                           f"vocabulary {student_vocab}: the vocabularies differ beyond "
                           "padding", field="vocab_size")
-        encoded[order[lo + j]] = store_lib.encode_record(rec, vocab_size=student_vocab,
+        records[order[lo + j]] = store_lib.encode_record(rec, vocab_size=student_vocab,
                                                          logp_dtype=logp_dtype)
       bar.update(len(batch))
-    records = encoded
     ids = [tfds_builder.example_id(e) for e in examples]
     pending.append((split, writer.submit(store_lib.write_shard, out_dir, name, records, ids)))
     done_now += 1
