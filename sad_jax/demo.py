@@ -50,6 +50,7 @@ class Plan:
   seeds: tuple[int, ...]
   eval_episodes: int
   max_steps: int
+  max_len: int = 4096  # tokens per trajectory (prepare truncates longer ones at a step)
 
 
 def plan(quick: bool) -> Plan:
@@ -146,7 +147,7 @@ def stage_prepare(work: str, p: Plan, data: str) -> str:
   c = prepare_base.get_config()
   c.inputs = (data,)
   c.tokenizer.vocab_size = p.vocab
-  c.max_len = 4096
+  c.max_len = p.max_len
   c.val_fraction = 0.05
   report = prepare.prepare(c, out, progress=True)
   with atomic_write(marker) as f:

@@ -34,9 +34,9 @@ def test_demo_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, monk
   stage's outputs and skips it."""
   tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1)
-  small = demo.Plan(train_episodes=40, vocab=300, seq_len=128, teacher={**tiny, "hidden_size": 64},
+  small = demo.Plan(train_episodes=40, vocab=600, seq_len=128, teacher={**tiny, "hidden_size": 64},
                     student=tiny, teacher_steps=2, student_steps=2, batch=8, seeds=(0,),
-                    eval_episodes=1, max_steps=1)
+                    eval_episodes=1, max_steps=1, max_len=1024)
   monkeypatch.setattr(demo, "plan", lambda quick: small)
   table = demo.run(str(tmp_path), quick=True)
   work = tmp_path / "quick"
