@@ -35,6 +35,9 @@ from sad_jax.fileio import atomic_write
 ENV = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
 OBJECTIVES = ("sad", "token_kd", "sft")
 NOISE = 0.1  # the expert's random-move rate (oracle._search_episode): recovery is in the data
+# The narrower students take twice the teacher's peak learning rate, the same for every
+# objective (at 3e-3, sad seed 0 reached 6% success, at 6e-3 38%; token_kd 19% at both).
+TEACHER_LR, STUDENT_LR = 3e-3, 6e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +165,7 @@ def stage_prepare(work: str, p: Plan, data: str) -> str:
 
 
 def _train_config(dataset: str, *, objective: str, model: dict, steps: int, p: Plan,
-                  seed: int, store: str = ""):
+                  seed: int, lr: float, store: str = ""):
   from configs import train_base
 
   c = train_base.get_config(objective)
@@ -181,7 +184,7 @@ def _train_config(dataset: str, *, objective: str, model: dict, steps: int, p: P
   warm = max(steps // 4, 1)
   c.curriculum.stages = (train_base.stage("simple", warm, (1.0, 1.0, 0.3), weights),
                          train_base.stage("all", steps - warm, (1.0, 1.0, 1.0), weights))
-  c.optim.lr = 3e-3
+  c.optim.lr = lr
   c.optim.warmup_steps = max(steps // 10, 1)
   c.train.steps = steps
   c.train.log_every = max(steps // 20, 1)
@@ -233,7 +236,7 @@ def stage_teacher(work: str, p: Plan, dataset: str) -> str:
   _say("[3/7] teacher: SFT on the expert trajectories")
   run = os.path.join(work, "teacher")
   c = _train_config(dataset, objective="sft", model=p.teacher, steps=p.teacher_steps, p=p,
-                       seed=0)
+                    seed=0, lr=TEACHER_LR)
   _train("teacher", run, c, p.teacher_steps)
   return os.path.join(run, "final")
 
@@ -274,7 +277,7 @@ def stage_students(work: str, p: Plan, dataset: str, store: str) -> dict[str, st
       name = f"{obj}_s{seed}"
       run = os.path.join(work, "students", name)
       c = _train_config(dataset, objective=obj, model=p.student, steps=p.student_steps,
-                           p=p, seed=seed, store=store if obj != "sft" else "")
+                        p=p, seed=seed, lr=STUDENT_LR, store=store if obj != "sft" else "")
       _train(name, run, c, p.student_steps)
       runs[name] = run
   return runs
