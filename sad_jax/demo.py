@@ -53,9 +53,10 @@ class Plan:
   seeds: tuple[int, ...]
   eval_episodes: int
   max_steps: int
-  # tokens per trajectory: prepare truncates a longer one at a step boundary (the packer
-  # would cut it at the window anyway, mid-step; the store then skips what no row holds)
-  max_len: int = 4096
+  # tokens per trajectory, 0 = the training window (seq_len + 1): prepare truncates a longer
+  # one at a step boundary (the packer would cut it at the window anyway, mid-step; the
+  # store then skips what no row holds)
+  max_len: int = 0
 
 
 def plan(quick: bool) -> Plan:
@@ -69,11 +70,11 @@ def plan(quick: bool) -> Plan:
   if quick:
     return Plan(train_episodes=100, vocab=600, seq_len=1024, teacher=teacher, student=student,
                 teacher_steps=20, student_steps=12, batch=2, seeds=(0,), eval_episodes=2,
-                max_steps=4, max_len=1025)
+                max_steps=4)
   # episodes run to ~1,000 tokens: windows of 1,024 hold a whole search
   return Plan(train_episodes=800, vocab=600, seq_len=1024, teacher=teacher, student=student,
               teacher_steps=240, student_steps=120, batch=2, seeds=(0, 1, 2), eval_episodes=16,
-              max_steps=8, max_len=1025)
+              max_steps=8)
 
 
 def _say(text: str) -> None:
@@ -155,7 +156,7 @@ def stage_prepare(work: str, p: Plan, data: str) -> str:
   c = prepare_base.get_config()
   c.inputs = (data,)
   c.tokenizer.vocab_size = p.vocab
-  c.max_len = p.max_len
+  c.max_len = p.max_len or p.seq_len + 1
   c.val_fraction = 0.05
   report = prepare.prepare(c, out, progress=True)
   with atomic_write(marker) as f:
