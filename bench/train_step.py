@@ -257,7 +257,7 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--remat", default="none", choices=("none", "attention", "block"),
+  ap.add_argument("--remat", default="none", choices=train.REMAT,
                   help="sad_jax's model.remat for the step (attention: recompute the "
                        "attention scores in the backward instead of keeping them)")
   ap.add_argument("--peer", action="store_true", help="also time the PyTorch peer")

@@ -169,7 +169,7 @@ def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60,
 
 _ROOM = re.compile(r"You are in the ([^.]+)\.")
 _EXIT = re.compile(r"To the (North|South|East|West) you see the ([^.]+)\.")
-_BACK = {"north": "south", "south": "north", "east": "west", "west": "east"}
+_DIRECTIONS = ("north", "south", "east", "west")
 
 
 def search_action(obs: str, seen: dict[str, dict[str, str]]) -> tuple[str, str]:
@@ -255,7 +255,7 @@ def _search_episode(env, task, segments, obs, max_steps, noise: float,
     if failed:
       text = "That did not work. " + text
     if action.startswith("move ") and noise and rng.random() < noise:
-      action = f"move {rng.choice([d for d in _BACK if d != action.split()[1]])}"
+      action = f"move {rng.choice([d for d in _DIRECTIONS if d != action.split()[1]])}"
       text = f"I'll try {action}."
     segments.append(Segment("reason", text))
     r = act(env, segments, action)

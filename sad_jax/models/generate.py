@@ -106,7 +106,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   # batch shrinks as episodes end, and each new size would compile prefill and decode again.
   # `min_batch` pins the size for a caller whose compile time outweighs padded rows.
   n_real = len(prompts)
-  b = max(bucket(n_real, minimum=1), bucket(min_batch, minimum=1))
+  b = bucket(max(n_real, min_batch), minimum=1)
   prompts = list(prompts) + [prompts[0]] * (b - n_real)
   p_len = length_bucket(max(len(p) for p in prompts))
   steps = -(-max_new_tokens // chunk) * chunk
