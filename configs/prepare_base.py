@@ -17,6 +17,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tokenizer.path = ""         # .model / tokenizer.json / HF folder; "" = train one
   config.tokenizer.vocab_size = 4000  # when training
   config.tokenizer.model_type = "bpe"  # when training: bpe | unigram
+  config.tokenizer.split_by_whitespace = True  # when training: False = multi-word pieces
+  config.tokenizer.max_piece_length = 16  # when training: characters per piece
   config.template = "react"          # react | tokenizer (its chat template) | a file path
   config.observation_role = "user"   # chat templates: user | tool
   config.add_bos = True              # ReAct template only: a chat template writes its own

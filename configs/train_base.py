@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.batch_size = 8            # rows per optimizer step (global, all micro-batches)
   c.data.accum = 1                 # gradient-accumulation micro-batches per step
   c.data.prefetch = 2              # batches prepared ahead in a thread
+  c.data.pack_lookahead = 8        # examples a row may pass over to fill itself (1: in order)
 
   c.curriculum = ml_collections.ConfigDict()
   # score = Σ weight·stats field (steps, tool_calls, tokens, observation_tokens,

@@ -38,7 +38,8 @@ def _cmd_tokenizer_train(args) -> int:
   trajs = importers.import_files(args.inputs, fmt=args.format, skips=skips)
   texts = [render.render_react(t).text for t in trajs]
   tok = train_sentencepiece(texts, vocab_size=args.vocab_size, out_path=args.output,
-                            model_type=args.model_type)
+                            model_type=args.model_type, split_by_whitespace=not args.multiword,
+                            max_piece_length=args.max_piece_length)
   bad = sum(tok.decode(tok.encode(t).ids) != t for t in texts)
   print(f"wrote {args.output}: vocab {tok.vocab_size}, trained on {len(texts)} trajectories; "
         f"round trip exact on {len(texts) - bad}/{len(texts)}")
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
   tr = tok_sub.add_parser("train", help="train a sentencepiece model with an exact round trip")
   tr.add_argument("--vocab-size", type=int, required=True)
   tr.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+  tr.add_argument("--multiword", action="store_true",
+                  help="pieces may span words (phrases of templated text: fewer tokens)")
+  tr.add_argument("--max-piece-length", type=int, default=16, help="characters")
   tr.add_argument("--format", choices=FORMATS, default="auto")
   tr.add_argument("--on-error", choices=("raise", "skip"), default="raise")
   tr.add_argument("inputs", nargs="+", metavar="IN")

@@ -54,7 +54,8 @@ class Result:
   checkpoint_steps: list[int]
 
 
-def _flat(config) -> dict[str, Any]:
+def config_dict(config) -> dict[str, Any]:
+  """The config as JSON values under dotted keys: what config.json and checkpoints record."""
   out = {}
 
   def walk(prefix, node):
@@ -143,7 +144,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
       split=train_split, teacher=store, layout=layout, stages=stages,
       bucket_n=curriculum.bucket_of(stats_score, edges),
       weight_n=curriculum.example_weights(stats_score), seed=config.seed,
-      prefetch=config.data.prefetch)
+      prefetch=config.data.prefetch, pack_lookahead=config.data.get("pack_lookahead", 8))
   val_weight = None
   if val_split is not None:
     val_score = curriculum.scores(val_split.stats, dict(config.curriculum.score))
@@ -244,7 +245,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
                               best_metric=config.checkpoint.best_metric,
                               best_mode=config.checkpoint.best_mode,
                               use_async=config.checkpoint.use_async)
-  flat_config = _flat(config)
+  flat_config = config_dict(config)
   fingerprints = {"dataset": train_split.meta["fingerprint"],
                   "teacher_store": None if store is None else store.manifest.dataset_fingerprint,
                   "process_count": jax.process_count()}

@@ -1,10 +1,13 @@
 """The demo's plan: students at least 4× smaller than the teacher, the same budget for
 every objective; the report's verdict lines follow the numbers."""
 
+import dataclasses
+
 import jax
 import pytest
 
 from sad_jax import demo
+from sad_jax import metrics as metrics_lib
 from sad_jax.models import transformer as T
 from sad_jax.models.config import from_hf_dict
 
@@ -54,3 +57,11 @@ def test_demo_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, monk
   assert "prepare: " in out and "already done" in out
   assert out.count("already trained") == 4 and out.count("already evaluated") == 4
   assert "store: " in out and "already complete" in out
+  # another plan in the same workdir: what it changed runs again, the rest is still skipped
+  monkeypatch.setattr(demo, "plan", lambda quick: dataclasses.replace(small, student_steps=3))
+  demo.run(str(tmp_path), quick=True)
+  out = capsys.readouterr().out
+  assert out.count("the plan changed") == 3 and "teacher: already trained" in out
+  assert out.count("already evaluated") == 1  # the teacher's; the students' models are new
+  assert all(r["step"] == 3 for r in metrics_lib.read_jsonl(str(work / "students" / "sad_s0"))
+             if r["split"] == "validation")

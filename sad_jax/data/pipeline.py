@@ -10,10 +10,15 @@ A process owns the rows of every micro-batch that its devices hold (a contiguous
 `Layout.row_start/row_count`), and packs only those lanes. So one process with 8 devices
 and two with 4 each see the same global batch.
 
-Packing: a lane takes examples while the next one fits in T tokens (a longer example is
-cut to T and counted). Segment ids number the trajectories 1, 2, … in a row (0 = padding),
-positions restart at 0 for each, so attention and losses never cross trajectories.
-A lane's state is one integer: the stream position of the next example not yet packed.
+Packing: a lane fills a row from its subsequence in order, first fit with lookahead: an
+example that does not fit in what is left of T tokens is passed over, and the row keeps
+looking until `pack_lookahead` examples did not fit or it is full. Every row opens with
+the lane's oldest example not yet packed, so a passed-over one is not starved. Lookahead 1
+is plain sequential packing (the demo's rows: 70% real tokens; lookahead 8: 93%). A longer
+example is cut to T and counted. Segment ids number the trajectories 1, 2, … in a row (0 =
+padding), positions restart at 0 for each, so attention and losses never cross trajectories.
+A lane's state is its cursor (the oldest position not yet packed) and the positions after
+it already packed.
 The iterator state (stage, batches produced, lane cursors) is what the checkpoint saves;
 prefetching runs ahead in a thread but the state reported is that of the last batch handed
 out, so resuming repeats nothing and skips nothing.
@@ -196,12 +201,17 @@ class TrainIterator:
 
   def __init__(self, *, split: Split, teacher: TeacherStore | None, layout: Layout,
                stages: Sequence[curriculum.Stage], bucket_n: np.ndarray,
-               weight_n: np.ndarray, seed: int, prefetch: int = 2):
+               weight_n: np.ndarray, seed: int, prefetch: int = 2, pack_lookahead: int = 8):
+    if pack_lookahead < 1:
+      raise DataError(f"pack_lookahead must be at least 1, got {pack_lookahead}",
+                      field="config.data.pack_lookahead")
     self.split, self.teacher, self.layout = split, teacher, layout
     self.stages, self.bucket_n, self.weight_n, self.seed = stages, bucket_n, weight_n, seed
+    self.pack_lookahead = pack_lookahead
     self._streams: dict[int, grain.MapDataset] = {}
     self._lanes = layout.local_lanes()
-    self._state = {"stage": 0, "step": 0, "cursors": [0] * len(self._lanes), "truncated": 0}
+    self._state = {"stage": 0, "step": 0, "cursors": [0] * len(self._lanes),
+                   "taken": [[] for _ in self._lanes], "truncated": 0}
     self._prefetch = prefetch
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
@@ -236,19 +246,28 @@ class TrainIterator:
     """The batch at `state`, and the state after it (a pure function of the state)."""
     lay = self.layout
     stage = curriculum.stage_at(self.stages, state["step"])
-    cursors = list(state["cursors"]) if stage == state["stage"] else [0] * len(self._lanes)
+    same = stage == state["stage"]
+    cursors = list(state["cursors"]) if same else [0] * len(self._lanes)
+    takens = [list(t) for t in state["taken"]] if same else [[] for _ in self._lanes]
     stream = self.stream(stage)
     batch = empty_batch(lay, self.teacher is not None)
     rows: list[list[str]] = []
     truncated = state["truncated"]
     for slot, lane in enumerate(self._lanes):
       a, r = divmod(slot, lay.local_rows)
-      used, seg, row = 0, 0, []
-      while True:
-        i = int(stream[lane + lay.lanes * cursors[slot]])
+      used, seg, row, misses = 0, 0, [], 0
+      taken = set(takens[slot])
+      j = cursors[slot]  # never taken: the row's first example, which always fits
+      while misses < self.pack_lookahead and used < lay.length:
+        if j in taken:
+          j += 1
+          continue
+        i = int(stream[lane + lay.lanes * j])
         n = int(self.split.lengths[i])
         if not _fits(used, n, lay.length):
-          break
+          misses += 1
+          j += 1
+          continue
         ex = self._example(i)
         rec = self.teacher.get(self.split.ids[i]) if self.teacher is not None else None
         seg += 1
@@ -256,12 +275,15 @@ class TrainIterator:
                       teacher_rec=rec, k=lay.k)
         truncated += n > lay.length
         row.append(self.split.ids[i])
+        taken.add(j)
+        j += 1
+      while cursors[slot] in taken:
+        taken.remove(cursors[slot])
         cursors[slot] += 1
-        if used >= lay.length:
-          break
+      takens[slot] = sorted(taken)
       rows.append(row)
     after = {"stage": stage, "step": state["step"] + 1, "cursors": cursors,
-             "truncated": truncated}
+             "taken": takens, "truncated": truncated}
     return batch, rows, after
 
   # ---- iteration with a prefetch thread
@@ -334,6 +356,8 @@ class TrainIterator:
                       field="data")
     self._halt()
     self._state = {k: s[k] for k in ("stage", "step", "cursors", "truncated")}
+    # states written before lookahead packing have no "taken": nothing was packed ahead
+    self._state["taken"] = s.get("taken", [[] for _ in self._lanes])
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -210,6 +210,8 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
       try:
         tok = train_sentencepiece([render.render_react(t).text for t in trajectories],
                                   vocab_size=cfg_tok.vocab_size, model_type=cfg_tok.model_type,
+                                  split_by_whitespace=cfg_tok.get("split_by_whitespace", True),
+                                  max_piece_length=cfg_tok.get("max_piece_length", 16),
                                   out_path=os.path.join(tmp, "tokenizer.model"))
       except DataError as e:  # it names our temporary folder: name the setting instead
         raise DataError(e.message, field="config.tokenizer.vocab_size") from None

@@ -366,13 +366,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, out_path: str | os.PathLike,
-                        model_type: str = "bpe",
+                        model_type: str = "bpe", split_by_whitespace: bool = True,
+                        max_piece_length: int = 16,
                         user_defined_symbols: Sequence[str] = ()) -> SentencePieceTokenizer:
   """Trains a model with an exact round trip and writes it atomically.
 
   Identity normalisation, no dummy prefix and no whitespace folding keep every
   character; newline is a piece of its own; byte fallback covers unseen characters.
   The one exception is U+2581 (sentencepiece's own space mark), which decodes as a space.
+
+  split_by_whitespace=False lets a piece span words ("▁you▁see▁the"): on templated text
+  (game observations, tool output) a small vocabulary then holds whole phrases, and a
+  trajectory takes about half the tokens. Spans still cut tokens at their edges.
   """
   import sentencepiece as spm
 
@@ -384,6 +389,7 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, out_path: str 
         remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
         split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
         max_sentence_length=1 << 20, user_defined_symbols=["\n", *user_defined_symbols],
+        split_by_whitespace=split_by_whitespace, max_sentencepiece_length=max_piece_length,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
         num_threads=os.cpu_count() or 1, minloglevel=2)
   except (RuntimeError, ValueError) as e:  # ValueError: an option it does not know

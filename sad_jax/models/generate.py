@@ -143,14 +143,16 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   for i in range(b):
     check(i)
   token = first
-  position = jnp.asarray([len(p) for p in prompts], jnp.int32)
-  index = jnp.int32(p_len)
+  # host values in, host values back: the decode's outputs carry the mesh's axis types, and
+  # feeding them back would trace and compile the decode a second time per length
+  position = np.asarray([len(p) for p in prompts], np.int32)
+  index = np.int32(p_len)
   produced = 1
   while produced < max_new_tokens and not all(reason):
     rng, key = jax.random.split(rng)
     cache, token, position, index, toks = _decode(params, cache, token, position, index, key,
                                                   knobs, cfg=cfg, steps=chunk, dtype=dtype)
-    toks = np.asarray(toks)
+    position, index, toks = np.asarray(position), np.asarray(index), np.asarray(toks)
     for j in range(chunk):
       if produced >= max_new_tokens:
         break

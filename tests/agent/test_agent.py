@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from sad_jax.agent import evaluate, llm, react
+from sad_jax.agent.env import make_env
 from sad_jax.agent.tools import ToolResult
 from sad_jax.data import schema
 from sad_jax.models import checkpoint_io
@@ -168,6 +169,17 @@ def test_eval_runs_end_to_end(untrained, tmp_path, spec, sag):
   trajs = schema.read_jsonl(out)
   assert [t.meta["task"] for t in trajs] == sorted(t.meta["task"] for t in trajs)
   assert all(t.success is not None and t.segments[0].kind == "task" for t in trajs)
+  # the caller's environments, reused (left open): the same transcripts, twice
+  envs = [make_env(spec) for _ in range(2)]
+  try:
+    for _ in range(2):
+      again = str(tmp_path / "again.jsonl")
+      evaluate.evaluate(policy, env_spec=spec, episodes=3, max_steps=2, batch=2, sag=sag,
+                        transcripts=again, progress=False, envs=envs)
+      assert open(again).read() == open(out).read()
+  finally:
+    for env in envs:
+      env.close()
 
 
 def test_eval_cli_on_textworld_with_inspectable_transcripts(untrained, tmp_path,

@@ -123,6 +123,36 @@ def test_train_exact_round_trip_on_corpus(tmp_path):
   assert again.fingerprint == tok.fingerprint
 
 
+def test_multiword_pieces_halve_templated_text_and_respect_cuts(tmp_path):
+  """split_by_whitespace=False: pieces hold phrases of templated text (game rooms), the round
+  trip stays exact, and a cut (a span edge) still splits a phrase."""
+  rng = np.random.default_rng(0)
+  things = ["stove", "counter", "shelf", "sofa", "coin", "fridge", "oven", "bed"]
+  rooms = ["kitchen", "pantry", "corridor", "bedroom", "living room"]
+  texts = []
+  for _ in range(200):
+    room = " ".join(f"In one part of the room you see a {t}." for t in rng.choice(things, 4))
+    texts.append(f"You are in the {rng.choice(rooms)}. {room}\nTo the North you see the "
+                 f"{rng.choice(rooms)}. Thought: move north.\n")
+  words = sum(len(t.split()) for t in texts)
+  one = train_sentencepiece(texts, vocab_size=500, out_path=str(tmp_path / "w.model"))
+  multi = train_sentencepiece(texts, vocab_size=500, out_path=str(tmp_path / "m.model"),
+                              split_by_whitespace=False, max_piece_length=64)
+  n_one = sum(len(one.encode(t).ids) for t in texts)
+  n_multi = sum(len(multi.encode(t).ids) for t in texts)
+  assert n_one >= words  # whitespace-split pieces: at least a token a word
+  assert n_multi < 0.5 * n_one, (n_multi, n_one)
+  assert any("\u2581" in multi.piece(i)[1:] for i in range(multi.vocab_size))
+  for t in texts[:20]:
+    enc = multi.encode(t)
+    assert multi.decode(enc.ids) == t
+    check_offsets(multi, t, enc)
+    cut = t.index(" you see")  # inside the most frequent phrase
+    enc = multi.encode_batch([t], cuts=[[cut]])[0]
+    assert multi.decode(enc.ids) == t
+    assert not np.any((enc.starts < cut) & (enc.ends > cut))
+
+
 def test_hf_tokenizer(hf_tok):
   assert hf_tok.kind == "hf" and hf_tok.chunk_safe
   assert hf_tok.eos_token == "<|im_end|>" and hf_tok.eos_id is not None

@@ -96,6 +96,10 @@ def test_sampling_settings_and_no_recompilation():
   G.generate(LLAMA, params, [[4, 5, 6, 7, 8, 9, 10]], max_new_tokens=16, top_k=5,
              temperature=0.7)
   assert G.TRACES == {"prefill": 1, "decode": 1}
+  # three decode calls (no stop token): the second takes the first's outputs, same trace
+  G.TRACES.update(prefill=0, decode=0)
+  assert len(G.generate(LLAMA, params, [[1, 2, 3]], max_new_tokens=48).tokens[0]) == 48
+  assert G.TRACES == {"prefill": 1, "decode": 1}
 
 
 def test_top_k_sampling_stays_in_the_top_k():

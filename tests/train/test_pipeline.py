@@ -22,7 +22,7 @@ def opened(train_data):
 
 
 def make_iter(opened, *, accum=1, rows=4, length=129, process_index=0, process_count=1,
-              seed=0, prefetch=0):
+              seed=0, prefetch=0, pack_lookahead=8):
   split, store = opened
   score = curriculum.scores(split.stats, {"steps": 1.0, "tokens": 1 / 512})
   edges = curriculum.bucket_edges(score, 3)
@@ -32,7 +32,7 @@ def make_iter(opened, *, accum=1, rows=4, length=129, process_index=0, process_c
   return pipeline.TrainIterator(split=split, teacher=store, layout=layout, stages=STAGES,
                                 bucket_n=curriculum.bucket_of(score, edges),
                                 weight_n=curriculum.example_weights(score), seed=seed,
-                                prefetch=prefetch)
+                                prefetch=prefetch, pack_lookahead=pack_lookahead)
 
 
 def test_rows_pack_whole_trajectories_with_aligned_teacher(opened):
@@ -62,6 +62,46 @@ def test_rows_pack_whole_trajectories_with_aligned_teacher(opened):
       np.testing.assert_array_equal(batch["teacher_logp"][0, r], ref["logp_btk"][0])
     # a row is closed only when the next trajectory would not fit
     assert (batch["segment_ids"] > 0).mean() > 0.5
+
+
+def reference_rows(lengths, *, length, lookahead, rows):
+  """First fit with lookahead, written over a list of pending stream positions."""
+  pending, nxt, out = [], 0, []
+  for _ in range(rows):
+    used, row, misses, k = 0, [], 0, 0
+    while misses < lookahead and used < length:
+      if k == len(pending):
+        pending.append(nxt)
+        nxt += 1
+      n = lengths(pending[k])
+      if used == 0 or used + n <= length:
+        row.append(pending.pop(k))
+        used += min(n, length - used)
+      else:
+        misses += 1
+        k += 1
+    out.append(row)
+  return out
+
+
+@pytest.mark.parametrize("lookahead", [1, 3, 8])
+def test_lookahead_packing_matches_a_reference_and_fills_more(opened, lookahead):
+  split, _ = opened
+  it = make_iter(opened, rows=3, length=129, pack_lookahead=lookahead)
+  got = [next(it)[1] for _ in range(3)]  # stage 0 ("easy") only
+  stream = it.stream(0)
+  for lane in range(3):
+    def length_at(j, lane=lane):
+      return int(split.lengths[int(stream[lane + 3 * j])])
+
+    ref = reference_rows(length_at, length=129, lookahead=lookahead, rows=3)
+    want = [[split.ids[int(stream[lane + 3 * j])] for j in row] for row in ref]
+    assert [rows[lane] for rows in got] == want
+  fill = {}
+  for la in (1, 8):
+    it = make_iter(opened, rows=4, length=257, pack_lookahead=la)
+    fill[la] = np.mean([(next(it)[0]["segment_ids"] > 0).mean() for _ in range(3)])
+  assert fill[8] > fill[1], fill
 
 
 def test_deterministic_for_a_seed_and_prefetch_changes_nothing(opened):
