@@ -39,6 +39,9 @@ from sad_jax.types import SpanKind
 # Config sections that may change between a run and its resumption (they do not change
 # what is computed); anything else differing is an error, not a silent new experiment.
 RESUMABLE_CHANGES = ("train.", "checkpoint.", "metrics.", "distributed.", "data.prefetch")
+# Settings added after checkpoints were written, with the value that behaves as those did:
+# a checkpoint without the key resumes when the run sets that value.
+ADDED_SETTINGS = {"data.pack_lookahead": 1}
 
 
 class TrainingDiverged(SadJaxError):
@@ -431,7 +434,7 @@ def state_shardings(abstract_state, mesh, rules, tx) -> step_lib.TrainState:
 
 
 def _check_resumable(meta: dict, flat_config: dict, fingerprints: dict, where: str) -> None:
-  old = meta.get("config", {})
+  old = {**{k: v for k, v in ADDED_SETTINGS.items() if k in flat_config}, **meta.get("config", {})}
   diff = sorted(k for k in set(old) | set(flat_config)
                 if old.get(k) != flat_config.get(k) and not k.startswith(RESUMABLE_CHANGES))
   if diff:

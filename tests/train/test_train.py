@@ -193,6 +193,14 @@ def test_resume_refuses_a_changed_experiment(train_data, tmp_path):
     train.train_and_evaluate(changed, str(tmp_path))
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_at_its_old_behaviour():
+  # written before data.pack_lookahead existed: its rows were packed in order (lookahead 1)
+  meta = {"config": {"data.seq_len": 64}, "fingerprints": {}}
+  train._check_resumable(meta, {"data.seq_len": 64, "data.pack_lookahead": 1}, {}, "ckpt")
+  with pytest.raises(DataError, match="data.pack_lookahead"):
+    train._check_resumable(meta, {"data.seq_len": 64, "data.pack_lookahead": 8}, {}, "ckpt")
+
+
 def test_cli_errors_name_the_field(train_data, tmp_path):
   p = cli(["--config", "configs/train_sad.py", "--workdir", str(tmp_path),
            "--config.no_such=1"])
