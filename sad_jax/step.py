@@ -110,7 +110,9 @@ def _targets(mb: dict, *, online: OnlineTeacher | None, teacher_params=None,
     from sad_jax.teacher.precompute import teacher_topk
 
     ids, logp = teacher_topk(teacher_params, out["inputs_bt"], cfg=online.cfg, k=online.k,
-                             temperature=online.temperature, dtype=dtype)
+                             temperature=online.temperature, dtype=dtype,
+                             positions_bt=out["positions_bt"],
+                             segment_ids_bt=out["segment_ids_bt"])
     mask = jnp.isin(out["label_kinds_bt"], jnp.asarray(online.kinds))
     out["teacher"] = TeacherTopK(jax.lax.stop_gradient(ids), jax.lax.stop_gradient(logp), mask)
   elif "teacher_ids" in mb:

@@ -1,8 +1,6 @@
 """The demo's plan: students at least 4× smaller than the teacher, the same budget for
 every objective; the report's verdict lines follow the numbers."""
 
-import dataclasses
-
 import jax
 import pytest
 
@@ -57,11 +55,10 @@ def test_demo_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, monk
   assert "prepare: " in out and "already done" in out
   assert out.count("already trained") == 4 and out.count("already evaluated") == 4
   assert "store: " in out and "already complete" in out
-  # another plan in the same workdir: what it changed runs again, the rest is still skipped
-  monkeypatch.setattr(demo, "plan", lambda quick: dataclasses.replace(small, student_steps=3))
-  demo.run(str(tmp_path), quick=True)
-  out = capsys.readouterr().out
-  assert out.count("the plan changed") == 3 and "teacher: already trained" in out
-  assert out.count("already evaluated") == 1  # the teacher's; the students' models are new
-  assert all(r["step"] == 3 for r in metrics_lib.read_jsonl(str(work / "students" / "sad_s0"))
-             if r["split"] == "validation")
+  # another plan for a trained run: it is trained again (its checkpoints would not resume)
+  run = str(work / "students" / "sft_s0")
+  config = demo._train_config(str(work / "prepared"), objective="sft", model=small.student,
+                              steps=3, p=small, seed=0, lr=demo.STUDENT_LR)
+  demo._train("sft_s0", run, config, 3)
+  assert "the plan changed" in capsys.readouterr().out
+  assert [r["step"] for r in metrics_lib.read_jsonl(run) if r["split"] == "validation"] == [3]

@@ -31,12 +31,16 @@ from sad_jax.teacher import store as store_lib
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "temperature", "chunk", "dtype"))
 def teacher_topk(params, ids_bt, select_bp=None, *, cfg: ModelConfig, k: int,
-                 temperature: float, chunk: int = 256, dtype=jnp.float32):
+                 temperature: float, chunk: int = 256, dtype=jnp.float32, positions_bt=None,
+                 segment_ids_bt=None):
   """(ids [B,P,k] int32, log-probs [B,P,k] float32): the teacher's next-token top-k at
   temperature τ, at the positions `select_bp` (all T positions when None). The head runs
-  only at the selected positions, over chunks (the [B,T,V] log-probs never exist)."""
+  only at the selected positions, over chunks (the [B,T,V] log-probs never exist).
+  positions_bt / segment_ids_bt: of packed rows (several trajectories), as the student sees
+  them; None = one sequence per row."""
   model = Transformer(cfg, dtype=dtype)
-  h, _ = model.apply({"params": params}, ids_bt, method=Transformer.hidden)
+  h, _ = model.apply({"params": params}, ids_bt, positions_bt=positions_bt,
+                     segment_ids_bt=segment_ids_bt, method=Transformer.hidden)
   if select_bp is not None:
     h = jnp.take_along_axis(h, select_bp[..., None], axis=1)
   b, t, d = h.shape
