@@ -147,7 +147,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
       split=train_split, teacher=store, layout=layout, stages=stages,
       bucket_n=curriculum.bucket_of(stats_score, edges),
       weight_n=curriculum.example_weights(stats_score), seed=config.seed,
-      prefetch=config.data.prefetch, pack_lookahead=config.data.get("pack_lookahead", 8))
+      prefetch=config.data.prefetch,
+      # a config written before the setting packs as it did then (its checkpoints agree)
+      pack_lookahead=config.data.get("pack_lookahead", ADDED_SETTINGS["data.pack_lookahead"]))
   val_weight = None
   if val_split is not None:
     val_score = curriculum.scores(val_split.stats, dict(config.curriculum.score))
