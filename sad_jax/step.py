@@ -56,11 +56,19 @@ class OnlineTeacher:
 
 
 def lr_schedule(optim, total_steps: int):
-  """Linear warm-up to `lr`, then cosine decay to lr·final_fraction at total_steps."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=max(optim.warmup_steps, 1),
-      decay_steps=max(total_steps, optim.warmup_steps + 1),
-      end_value=optim.lr * optim.final_fraction)
+  """Linear warm-up over `warmup_steps` that already trains at step 0 (lr·1/warmup there,
+  the peak at step warmup−1; 0 warm-up steps: the peak at once), then cosine decay to
+  lr·final_fraction at total_steps. A pure function of the step."""
+  peak, warm = float(optim.lr), max(int(optim.warmup_steps), 0)
+  end = peak * float(optim.final_fraction)
+  decay = max(int(total_steps) - warm, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm_lr = peak * (step + 1.0) / max(warm, 1)
+    t = jnp.clip((step - warm) / decay, 0.0, 1.0)
+    return jnp.where(step < warm, warm_lr, end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
+  return schedule
 
 
 _NO_DECAY = {"scale", "q_bias", "k_bias", "v_bias"}

@@ -155,3 +155,21 @@ def test_online_teacher_equals_the_store(train_data):
   assert h_store[0]["reason/tokens"] == h_online[0]["reason/tokens"] > 0
   np.testing.assert_allclose(h_online[0]["reason/loss"], h_store[0]["reason/loss"], rtol=1e-3)
   np.testing.assert_allclose(h_online[0]["action/loss"], h_store[0]["action/loss"], rtol=1e-6)
+
+
+def test_lr_schedule_trains_at_step_0_and_decays_by_hand():
+  """Warm-up that already trains at step 0 (hand-computed values), warmup_steps=0 is the
+  peak at once, and the cosine ends at lr·final_fraction."""
+  import math
+  import types
+
+  optim = types.SimpleNamespace(lr=1e-2, warmup_steps=4, final_fraction=0.1)
+  f = step_lib.lr_schedule(optim, 14)
+  want = {0: 2.5e-3, 1: 5e-3, 3: 1e-2, 4: 1e-2, 9: 1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi / 2)),
+          14: 1e-3, 20: 1e-3}
+  for s, v in want.items():
+    np.testing.assert_allclose(float(f(s)), v, rtol=1e-6, err_msg=f"step {s}")
+  g = step_lib.lr_schedule(types.SimpleNamespace(lr=1e-2, warmup_steps=0, final_fraction=0.1),
+                           10)
+  np.testing.assert_allclose(float(g(0)), 1e-2, rtol=1e-6)
+  np.testing.assert_allclose(float(g(5)), 1e-3 + 9e-3 * 0.5, rtol=1e-6)
