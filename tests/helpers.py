@@ -69,9 +69,9 @@ def synthetic_trajectories(n: int, *, seed: int = 0, **kw) -> list[Trajectory]:
   return [synthetic_trajectory(rng, i, **kw) for i in range(n)]
 
 
-def write_json(path: str, obj) -> str:
+def write_json(path: str, obj, *, indent: int | None = None) -> str:
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False)
+    json.dump(obj, f, ensure_ascii=False, indent=indent)
   return path
 
 

@@ -10,11 +10,15 @@ Formats (`sad-jax import --format`):
   smolagents  CodeAgent memory as messages (`tool-call` / `tool-response` roles) or as
               the step dicts of `agent.memory.get_full_steps()`.
   sad         this project's own JSONL (`schema.write_jsonl`).
-  auto        picks one of the above per record.
+  evallog     a ReAct/FireAct evaluation run saved as ONE JSON object mapping question ids
+              to `{traj, reward, em, gt, pred, …}`; `traj` is the prompt (few-shot examples
+              included) followed by the episode, which starts at the last `Question:` line.
+  auto        picks one of the above per record (an evallog per file).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +28,7 @@ from typing import Any
 from sad_jax.data.schema import Segment, Trajectory, content_id, iter_records
 from sad_jax.errors import DataError, SkipReport
 
-FORMATS = ("react", "chat", "openai", "smolagents", "sad", "auto")
+FORMATS = ("react", "chat", "openai", "smolagents", "sad", "evallog", "auto")
 
 # A ReAct marker at the start of a line, optionally numbered as in the ReAct paper.
 _MARKER_RE = re.compile(r"^(Thought|Action|Observation|Final Answer)(?: \d+)?:[ \t]?(.*)$")
@@ -99,7 +103,8 @@ def _success_from(segments: list[Segment]) -> bool | None:
 
 
 def _finish(task: str, segments: list[Segment], *, source: str, meta: dict | None = None,
-            record_id: Any = None, system: str = "") -> Trajectory:
+            record_id: Any = None, system: str = "", success: bool | None = None
+            ) -> Trajectory:
   if not isinstance(task, str):
     raise DataError(f"task must be a string, got {type(task).__name__}", field="task")
   if not task.strip():
@@ -108,7 +113,8 @@ def _finish(task: str, segments: list[Segment], *, source: str, meta: dict | Non
   segs = head + [Segment("task", task.strip())] + segments
   traj = Trajectory(
       id=str(record_id) if record_id not in (None, "") else content_id(segs),
-      segments=segs, source=source, success=_success_from(segments), meta=dict(meta or {}))
+      segments=segs, source=source,
+      success=_success_from(segments) if success is None else success, meta=dict(meta or {}))
   traj.validate()
   return traj
 
@@ -427,6 +433,53 @@ def import_smolagents_record(rec: Any, *, source: str) -> Trajectory:
                  record_id=rec.get("id") if isinstance(rec, dict) else None)
 
 
+# ----------------------------------------------------------------------------- evaluation logs
+
+_LAST_QUESTION_RE = re.compile(r"^Question(?: \d+)?:", re.M)
+_EVAL_SCORES = ("reward", "em")  # the first one present decides success
+_EVAL_META = ("reward", "em", "f1", "gt", "pred", "answer", "gt_answer")
+
+
+def _eval_success(rec: dict) -> bool | None:
+  """Success from the run's own score: full reward (or exact match) is a success."""
+  for key in _EVAL_SCORES:
+    if key in rec and rec[key] is not None:
+      value = rec[key]
+      if not isinstance(value, bool | int | float):
+        raise DataError(f"must be a number or a boolean, got {type(value).__name__}", field=key)
+      return float(value) >= 1.0
+  return None
+
+
+def import_evallog_record(rec: Any, *, source: str, record_id: str) -> Trajectory:
+  """One value of an evaluation-log object; `record_id` is its key."""
+  if not isinstance(rec, dict):
+    raise DataError(f"expected a JSON object, got {type(rec).__name__}")
+  if "traj" not in rec:
+    raise DataError("missing field", field="traj")
+  text = rec["traj"]
+  if not isinstance(text, str):
+    raise DataError(f"must be a string, got {type(text).__name__}", field="traj")
+  # The few-shot examples before the episode have markers of their own: skip to the last
+  # question, which is the one this episode answers.
+  questions = list(_LAST_QUESTION_RE.finditer(text))
+  start = questions[-1].start() if questions else 0
+  header, segments = parse_react(text[start:], field="traj")
+  if not segments:
+    raise DataError("no 'Thought:' / 'Action:' lines after the last 'Question:'", field="traj")
+  meta = {k: rec[k] for k in _EVAL_META
+          if k in rec and isinstance(rec[k], str | int | float | bool | None)}
+  return _finish(task_from_header(header), segments, source=source, meta=meta,
+                 record_id=record_id, success=_eval_success(rec))
+
+
+def is_evallog(doc: Any) -> bool:
+  """An object of records keyed by id, not a record itself: no key of a record format,
+  and some value is an object (a bad value among them is then that record's error)."""
+  return (isinstance(doc, dict) and bool(doc) and not doc.keys() & _RECORD_KEYS
+          and any(isinstance(v, dict) for v in doc.values()))
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -457,6 +510,9 @@ def detect_format(rec: Any) -> str:
                   "'steps', or ReAct 'output'/'completion'/'text')")
 
 
+_RECORD_KEYS = frozenset({"segments", "steps", "messages", "output", "completion", "text",
+                          "instruction", "prompt", "traj"})
+
 IMPORTERS: dict[str, Callable[..., Trajectory]] = {
     "react": import_react_record,
     "chat": import_chat_record,
@@ -476,13 +532,22 @@ def import_file(path: str | os.PathLike, *, fmt: str = "auto",
   source = os.path.basename(path)
   out: list[Trajectory] = []
   seen: set[str] = set()
-  for recno, rec in iter_records(path):
+  records = list(iter_records(path))
+  if fmt == "evallog" or (fmt == "auto" and len(records) == 1 and is_evallog(records[0][1])):
+    records = _evallog_records(records, path)
+  for recno, rec in records:
     try:
       if isinstance(rec, DataError):
         raise rec
-      f = detect_format(rec) if fmt == "auto" else fmt
+      f = "evallog" if isinstance(rec, _Keyed) else detect_format(rec) if fmt == "auto" else fmt
       try:
-        traj = IMPORTERS[f](rec, source=source)
+        if isinstance(rec, _Keyed):
+          try:
+            traj = import_evallog_record(rec.value, source=source, record_id=rec.key)
+          except DataError as e:  # name the id too: the record number is a position
+            raise DataError(f"{e.message} (id {rec.key!r})", field=e.field) from None
+        else:
+          traj = IMPORTERS[f](rec, source=source)
       except (TypeError, AttributeError, KeyError, ValueError) as e:
         # A value of an unexpected type deep in a record: still name the record.
         raise DataError(f"malformed {f} record ({type(e).__name__}: {e})") from None
@@ -492,6 +557,22 @@ def import_file(path: str | os.PathLike, *, fmt: str = "auto",
     _dedupe_id(traj, seen)
     out.append(traj)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keyed:
+  key: str
+  value: Any
+
+
+def _evallog_records(records: list[tuple[int, Any]], path: str) -> list[tuple[int, Any]]:
+  """The one object of an evaluation log → (1-based position, keyed value) records."""
+  if len(records) != 1 or not isinstance(records[0][1], dict | DataError):
+    raise DataError("an evaluation log is one JSON object mapping ids to records", path=path)
+  doc = records[0][1]
+  if isinstance(doc, DataError):
+    raise doc.located(path=path)
+  return [(i, _Keyed(key, value)) for i, (key, value) in enumerate(doc.items(), start=1)]
 
 
 def _dedupe_id(traj: Trajectory, seen: set[str]) -> None:

@@ -126,11 +126,15 @@ def content_id(segments: Iterable[Segment]) -> str:
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-  """Yields (record number, parsed JSON or DataError) from a JSON array or JSONL file.
+  """Yields (record number, parsed JSON or DataError) from a JSON document or JSONL file.
 
-  Record numbers are 1-based line numbers for JSONL and 1-based positions for a JSON
-  array. A JSONL line with undecodable bytes or malformed JSON is yielded as a
-  DataError naming it (callers raise or skip it); a broken JSON array raises.
+  A file that parses as one JSON value is a JSON document, whatever its layout (pretty
+  printed or on one line): an array yields its elements (record = 1-based position), any
+  other value is one record (an importer may read an object as a mapping of records).
+  Otherwise it is JSONL (record = 1-based line), except when its first line is an
+  unfinished value that later lines continue, as in a multi-line document: that file is
+  a broken document and raises with the line. A JSONL line with undecodable bytes or
+  malformed JSON is yielded as a DataError naming it (callers raise or skip it).
   """
   path = os.fspath(path)
   if not path:
@@ -140,22 +144,17 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
       data = f.read()
   except OSError as e:
     raise DataError(f"cannot read: {e.strerror}", path=path) from None
-  head = data.lstrip()[:1]
-  if head == b"[":
+  probe = data.decode("utf-8", errors="replace")  # bad bytes are reported below, per layout
+  if probe.strip():
     try:
-      text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-      line = data[: e.start].count(b"\n") + 1
-      raise DataError(f"undecodable bytes at line {line}: {e.reason}", path=path) from None
-    try:
-      records = json.loads(text)
+      doc = json.loads(probe)
     except json.JSONDecodeError as e:
-      raise DataError(f"malformed JSON at line {e.lineno}: {e.msg}", path=path) from None
-    escapes = _SURROGATE_ESCAPE.search(text) is not None  # once: the file may be large
-    for i, rec in enumerate(records, start=1):
-      yield i, (DataError(_SURROGATE_MESSAGE, path=path, record=i)
-                if escapes and _lone_surrogate(rec) else rec)
-    return
+      if _unfinished_first_line(probe):
+        raise DataError(f"malformed JSON at line {e.lineno}: {e.msg} (column {e.colno})",
+                        path=path) from None
+    else:
+      yield from _document_records(data, doc, path)
+      return
   for lineno, raw in enumerate(data.split(b"\n"), start=1):
     if not raw.strip():
       continue
@@ -173,6 +172,30 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
       if _SURROGATE_ESCAPE.search(line) and _lone_surrogate(rec):
         rec = DataError(_SURROGATE_MESSAGE, path=path, record=lineno)
     yield lineno, rec
+
+
+def _unfinished_first_line(text: str) -> bool:
+  """True when the first non-blank line starts a value that goes on in the lines after
+  it (a pretty-printed document's `[` or `{`); false when that line is a whole value,
+  breaks off inside the line, or is the only line (a JSONL record)."""
+  lines = [line.strip() for line in text.split("\n") if line.strip()]
+  try:
+    json.loads(lines[0])
+  except json.JSONDecodeError as e:
+    return e.pos >= len(lines[0]) and len(lines) > 1
+  return False
+
+
+def _document_records(data: bytes, doc: Any, path: str) -> Iterator[tuple[int, Any]]:
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[: e.start].count(b"\n") + 1
+    raise DataError(f"undecodable bytes at line {line}: {e.reason}", path=path) from None
+  escapes = _SURROGATE_ESCAPE.search(text) is not None  # once: the file may be large
+  for i, rec in enumerate(doc if isinstance(doc, list) else [doc], start=1):
+    yield i, (DataError(_SURROGATE_MESSAGE, path=path, record=i)
+              if escapes and _lone_surrogate(rec) else rec)
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")

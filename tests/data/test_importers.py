@@ -267,3 +267,89 @@ def test_render_react_reimports_to_same_segments():
     again = importers.import_react_record({"text": text}, source="x")
     assert again.segments == traj.segments
     assert again.segments[0] == Segment("task", traj.task)
+
+
+EVAL_PROMPT = ("Solve a question answering task with interleaving Thought, Action, Observation "
+               "steps.\n(1) Search[entity], which searches the entity.\n(2) Finish[answer]\n"
+               "Here are some examples.\nQuestion: Who wrote X?\nThought 1: I search X.\n"
+               "Action 1: Search[X]\nObservation 1: X was written by Y.\nThought 2: Y.\n"
+               "Action 2: Finish[Y]\n\n")
+
+
+def eval_traj(question: str, answer: str, reward: int) -> str:
+  return (f"{EVAL_PROMPT}Question: {question}\nThought 1: I need to search {question}.\n"
+          f"Action 1: Search[{question}]\nObservation 1: Something about it.\n"
+          f"Thought 2: The answer is {answer}.\nAction 2: Finish[{answer}]\n"
+          f"Observation 2: Episode finished, reward = {reward}\n")
+
+
+def eval_log() -> dict:
+  return {
+      "1042": {"traj": eval_traj("Where is A?", "Paris", 1), "reward": 1, "em": 1, "f1": 1.0,
+               "gt": "Paris", "pred": "Paris", "n_calls": 2},
+      "7": {"traj": eval_traj("Who is B?", "Bob", 0), "reward": 0.0, "em": False,
+            "gt": "Alice", "pred": "Bob"},
+      # no reward: exact match decides
+      "q-3": {"traj": eval_traj("What is C?", "c", 1), "em": True},
+  }
+
+
+@pytest.mark.parametrize("indent", [2, None])
+def test_evaluation_log_object(tmp_path, indent):
+  """A ReAct/FireAct evaluation run saved as one JSON object (pretty-printed or on one
+  line): ids from the keys, success from reward/em, the few-shot examples dropped."""
+  path = helpers.write_json(str(tmp_path / "run.json"), eval_log(), indent=indent)
+  for fmt in ("auto", "evallog"):
+    trajs = importers.import_file(path, fmt=fmt)
+    assert [t.id for t in trajs] == ["1042", "7", "q-3"]
+    assert [t.success for t in trajs] == [True, False, True]
+    assert [t.task for t in trajs] == ["Where is A?", "Who is B?", "What is C?"]
+    assert kinds(trajs[0]) == ["task"] + ["reason", "action", "observation"] * 2
+    assert trajs[0].segments[5].text == "Finish[Paris]"
+    assert trajs[1].meta == {"reward": 0.0, "em": False, "gt": "Alice", "pred": "Bob"}
+  # the same file as JSONL lines (one record per line) still reads line by line
+  jsonl = helpers.write_jsonl(str(tmp_path / "run.jsonl"),
+                              [{"instruction": "q", "output": "Thought: a\nAction: finish[b]\n"}] * 2)
+  assert len(importers.import_file(jsonl)) == 2
+
+
+def test_pretty_printed_json_is_not_read_as_jsonl(tmp_path):
+  """Detection parses: a pretty-printed single record or array is a JSON document, a
+  one-record JSONL is one record, and a broken pretty-printed file names its line."""
+  rec = {"instruction": "q", "output": "Thought: a\nAction: finish[b]\n"}
+  one = helpers.write_json(str(tmp_path / "one.json"), rec, indent=2)
+  assert [t.task for t in importers.import_file(one)] == ["q"]
+  arr = helpers.write_json(str(tmp_path / "arr.json"), [rec, {**rec, "instruction": "r"}], indent=2)
+  assert [t.task for t in importers.import_file(arr)] == ["q", "r"]
+  line = helpers.write_jsonl(str(tmp_path / "line.jsonl"), [rec])
+  assert [t.task for t in importers.import_file(line)] == ["q"]
+  broken = tmp_path / "broken.json"
+  text = json.dumps(eval_log(), indent=2).replace('"reward": 0.0', '"reward" 0.0')
+  broken.write_text(text)
+  lineno = text.split("\n").index('    "reward" 0.0,') + 1
+  with pytest.raises(DataError) as e:
+    importers.import_file(broken)
+  assert e.value.path == str(broken) and e.value.record is None
+  assert f"malformed JSON at line {lineno}: Expecting ':' delimiter" in str(e.value)
+
+
+@pytest.mark.parametrize("mutate, field, message", [
+    (lambda log: log["7"].pop("traj"), "traj", "missing field"),
+    (lambda log: log["7"].update(traj=["Thought: a"]), "traj", "must be a string"),
+    (lambda log: log["7"].update(reward="1"), "reward", "must be a number or a boolean"),
+    (lambda log: log["7"].update(traj="Question: Q\nno markers"), "traj", "no 'Thought:'"),
+    (lambda log: log.update({"7": None}), None, "expected a JSON object, got NoneType"),
+])
+def test_evaluation_log_bad_records(tmp_path, mutate, field, message):
+  log = eval_log()
+  mutate(log)
+  path = helpers.write_json(str(tmp_path / "run.json"), log, indent=2)
+  with pytest.raises(DataError) as e:
+    importers.import_file(path)
+  assert (e.value.path, e.value.record, e.value.field) == (path, 2, field)
+  assert message in str(e.value) and "(id '7')" in str(e.value)
+  skips = SkipReport(on_error="skip")
+  assert [t.id for t in importers.import_file(path, skips=skips)] == ["1042", "q-3"]
+  with pytest.raises(DataError, match="one JSON object mapping ids"):
+    importers.import_file(helpers.write_jsonl(str(tmp_path / "l.jsonl"), [log, log]),
+                          fmt="evallog")
