@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 
 from sad_jax.data.schema import Segment, Trajectory
 
 WORDS = ("the key is in the drawer open door take apple go north kitchen recipe "
          "naïve café 東京 世界 數學 😀 🎉 e\u0301 ñ Ω ∑ fünf 100 3.14 search[x] look").split()
+
+
+def seed_of(*parts) -> int:
+  """A test case's seed from its parameters, the same in every process: `hash()` of a
+  str is salted per process (PYTHONHASHSEED), so it would draw other data each run."""
+  return zlib.crc32(repr(parts).encode("utf-8"))
+
 
 CHATML = (
     "{% for message in messages %}"

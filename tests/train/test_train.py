@@ -58,8 +58,9 @@ def test_trainer_runs_writes_metrics_and_tensorboard(train_data, tmp_path):
                                       + 0.1 * r["curriculum/loss"], rel=1e-5)
   # stage transition logged at step 3
   assert any(r.get("stage") == 1 and r["step"] == 3 for r in rows if "loss" not in r)
-  # lr: warm-up of 10 steps, so lr(step) = 3e-3 · step / 10 for logged step s (taken at s−1)
-  assert train_rows[0]["lr"] == pytest.approx(3e-3 * 1 / 10, rel=1e-5)
+  # lr: warm-up of 10 steps that trains at step 0, lr(i) = 3e-3 · (i + 1) / 10; a row of
+  # logged step s reports the lr of step i = s − 1, so 3e-3 · s / 10
+  assert train_rows[0]["lr"] == pytest.approx(3e-3 * train_rows[0]["step"] / 10, rel=1e-5)
   # TensorBoard's own reader accepts our event files (CRCs checked) and sees the same values
   from tensorboard.backend.event_processing import event_accumulator
 
@@ -68,10 +69,12 @@ def test_trainer_runs_writes_metrics_and_tensorboard(train_data, tmp_path):
   assert [(s.step, s.value) for s in ea.Scalars("reason/loss")] == [
       (r["step"], pytest.approx(r["reason/loss"], rel=1e-6)) for r in train_rows]
   assert os.path.isdir(tmp_path / "final" / "params")
-  # rerun with the same workdir: nothing left to do, same result
+  # rerun with the same workdir: nothing left to do; it restores the last checkpoint and
+  # writes final/ again, bit-identical to the uninterrupted run's
+  uninterrupted = final_params(str(tmp_path))
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again.step == 6
-  assert_bit_identical(final_params(str(tmp_path)), final_params(str(tmp_path)))
+  assert_bit_identical(final_params(str(tmp_path)), uninterrupted)
 
 
 def _wait_for(p, out: list[str], until, deadline: float) -> bool:
