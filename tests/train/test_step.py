@@ -33,7 +33,7 @@ def batches(train_data, *, accum=1, rows=4, n=2, k=8, teacher=True, length=129):
 
 
 def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=(),
-        online=None, teacher_params=None):
+        online=None, teacher_params=None, steps=None):
   config, _ = train_config(train_data, objective, extra=["--config.optim.warmup_steps=0",
                                                           *extra])
   n = int(np.prod(mesh_shape))
@@ -63,10 +63,14 @@ def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=state_sh)()
     history = []
-    for b in host_batches:
+    for b in host_batches[:steps]:
       state, m = step(state, jax.device_put(b, data_sh), weights, teacher_params)
       history.append(jax.device_get(m))
   return jax.tree.map(np.asarray, jax.device_get(state.params)), history, state
+
+
+def leaf_paths(tree) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def close(a, b, rtol=1e-5, atol=1e-6):
@@ -98,11 +102,17 @@ def test_accumulation_equals_the_full_batch(train_data):
   lay2, host2 = batches(train_data, accum=2, rows=2, n=1)
   np.testing.assert_array_equal(host1[0]["ids"].reshape(4, -1), host2[0]["ids"].reshape(4, -1))
   extra = ("--config.objective.learnable_weights=true",)
+  p0, _, _ = run(train_data, (1, 1, 1), host1, lay1, extra=extra, steps=0)
   p1, h1, s1 = run(train_data, (1, 1, 1), host1, lay1, extra=extra)
   p2, h2, s2 = run(train_data, (1, 1, 1), host2, lay2, extra=extra)
   for key in ("loss", "grad_norm", "reason/loss", "action/loss", "reason/accuracy",
               "curriculum/loss", "reason/tokens"):
     np.testing.assert_allclose(h1[0][key], h2[0][key], rtol=1e-5, err_msg=key)
+  # step 0 trained (lr is the peak there): every leaf moved by ~lr, so the comparison
+  # below is of updated parameters, not of the initial ones with themselves
+  assert h1[0]["lr"] > 0
+  for path, a, b in zip(leaf_paths(p0), jax.tree.leaves(p1), jax.tree.leaves(p0)):
+    assert np.abs(a - b).max() > 0.1 * h1[0]["lr"], path
   close(p1, p2)
   np.testing.assert_allclose(s1.span_params, s2.span_params, rtol=1e-5, atol=1e-7)
 
