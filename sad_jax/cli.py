@@ -221,6 +221,12 @@ def _cmd_demo(args) -> int:
   return demo.main_args(args)
 
 
+def _cmd_study(args, overrides) -> int:
+  from sad_jax import study
+
+  return study.main_args(args, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
   from sad_jax.data.importers import FORMATS
 
@@ -328,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
   dem.add_argument("--quick", action="store_true", help="one seed, fewer steps (≈3 min)")
   dem.add_argument("--workdir", default="runs/demo")
   dem.set_defaults(func=_cmd_demo)
+
+  stu = sub.add_parser("study", help="the comparison as a grid (objective × seed × budget × "
+                       "overrides), dev-fold choices, paired statistics, report",
+                       description="Extra --config.a.b=v arguments override the study config.")
+  stu.add_argument("--config", required=True, metavar="configs/study_X.py[:arg]")
+  stu.add_argument("--workdir", default=None, help="default: runs/study/NAME")
+  stu.set_defaults(func=_cmd_study, takes_overrides=True)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

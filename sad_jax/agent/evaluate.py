@@ -46,6 +46,8 @@ class EvalResult:
   mean_reason_tokens: float
   tokens_per_s: float
   sag: int
+  # one {task, won, steps} per game, in the fold's order: paired comparisons need them
+  games: list = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
     lo, hi = self.ci95
@@ -85,56 +87,71 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
       if env_spec.startswith("math:") else None
   bar = tqdm(total=len(tasks), desc=f"eval {env_spec}", unit="ep", disable=not progress,
              leave=False)
+  # Each environment is a slot: when its episode ends, the next task of the fold starts
+  # there, so one long episode does not hold a whole group of finished ones (lockstep
+  # groups ran every turn of the slowest episode for all of them).
+  queue = list(enumerate(tasks))
+  slots: list[dict | None] = [None] * len(envs)
+  finished: dict[int, Trajectory] = {}
+  samples = max(1, sag)
+
+  def begin(i: int) -> None:
+    if not queue:
+      slots[i] = None
+      return
+    order, task = queue.pop(0)
+    obs, info = envs[i].reset(task=task)
+    segs = [Segment("task", info["goal"])]
+    if obs and obs != info["goal"]:
+      segs.append(Segment("observation", obs))
+    traj = Trajectory(id=f"{env_spec}#{task}", segments=segs, source=f"eval:{env_spec}",
+                      success=None, meta={"env": env_spec, "task": int(task), "split": split})
+    slots[i] = {"order": order, "traj": traj, "steps": 0, "won": False}
+
+  def finish(i: int) -> None:
+    slot = slots[i]
+    slot["traj"].success = slot["won"]
+    slot["traj"].meta["steps"] = slot["steps"]
+    finished[slot["order"]] = slot["traj"]
+    bar.update(1)
+    begin(i)
+
   try:
-    for lo in range(0, len(tasks), len(envs)):
-      group = tasks[lo: lo + len(envs)]
-      trajs, live, steps, won = [], [], [], []
-      for env, task in zip(envs, group):
-        obs, info = env.reset(task=task)
-        segs = [Segment("task", info["goal"])]
-        if obs and obs != info["goal"]:
-          segs.append(Segment("observation", obs))
-        trajs.append(Trajectory(id=f"{env_spec}#{task}", segments=segs,
-                                source=f"eval:{env_spec}", success=None,
-                                meta={"env": env_spec, "task": int(task), "split": split}))
-        live.append(True)
-        steps.append(0)
-        won.append(False)
-      for turn_index in range(max_steps):
-        active = [i for i, a in enumerate(live) if a]
-        if not active:
-          break
-        samples = max(1, sag)
-        cands = policy.turns([trajs[i] for i in active], samples=samples,
-                             temperature=sag_temperature if sag else None,
-                             seed=seed * 100_003 + lo * 131 + turn_index,
-                             # one batch size for the whole run: each new size would compile
-                             # prefill and decode again, which costs more than padded rows
-                             min_batch=len(envs) * samples)
-        for i, options in zip(active, cands):
-          turn, _ = react.choose(options, code_runner=runner) if sag else (options[0], {})
-          env, traj = envs[i], trajs[i]
-          turns += 1
-          reason_tokens += len(policy.tokenizer.encode(turn.thought).ids) if turn.thought else 0
-          traj.segments.append(Segment("reason", turn.thought or "(none)"))
-          if turn.action is None:
+    for i in range(len(envs)):
+      begin(i)
+    turn_index = 0
+    while any(slots):
+      active = [i for i, slot in enumerate(slots) if slot is not None]
+      cands = policy.turns([slots[i]["traj"] for i in active], samples=samples,
+                           temperature=sag_temperature if sag else None,
+                           seed=seed * 100_003 + turn_index,
+                           # one batch size for the whole run: each new size would compile
+                           # prefill and decode again, which costs more than padded rows
+                           min_batch=len(envs) * samples)
+      turn_index += 1
+      for i, options in zip(active, cands):
+        turn, _ = react.choose(options, code_runner=runner) if sag else (options[0], {})
+        env, slot = envs[i], slots[i]
+        traj = slot["traj"]
+        turns += 1
+        reason_tokens += len(policy.tokenizer.encode(turn.thought).ids) if turn.thought else 0
+        traj.segments.append(Segment("reason", turn.thought or "(none)"))
+        done = False
+        if turn.action is None:
+          invalid += 1
+          traj.segments.append(Segment("action", turn.raw.strip() or "(nothing)"))
+          traj.segments.append(Segment("observation", react.INVALID))
+        else:
+          valid = env.valid_actions()
+          if (valid is not None and turn.action not in valid) or (
+              env_spec.startswith("math:") and math_action(turn.action) is None):
             invalid += 1
-            traj.segments.append(Segment("action", turn.raw.strip() or "(nothing)"))
-            traj.segments.append(Segment("observation", react.INVALID))
-          else:
-            valid = env.valid_actions()
-            if (valid is not None and turn.action not in valid) or (
-                env_spec.startswith("math:") and math_action(turn.action) is None):
-              invalid += 1
-            r = act(env, traj.segments, turn.action)
-            if r.done:
-              live[i], won[i] = False, r.won
-          steps[i] += 1
-      for i, traj in enumerate(trajs):
-        traj.success = won[i]
-        traj.meta["steps"] = steps[i]
-        done_trajs.append(traj)
-      bar.update(len(group))
+          r = act(env, traj.segments, turn.action)
+          done, slot["won"] = r.done, r.won
+        slot["steps"] += 1
+        if done or slot["steps"] >= max_steps:
+          finish(i)
+    done_trajs = [finished[k] for k in sorted(finished)]
   finally:
     bar.close()
     for env in envs if owned else ():
@@ -149,7 +166,42 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
       ci95=wilson(wins, n), mean_steps=sum(t.meta["steps"] for t in done_trajs) / max(1, n),
       invalid_action_rate=invalid / max(1, turns),
       mean_reason_tokens=reason_tokens / max(1, turns),
-      tokens_per_s=policy.generated_tokens / max(policy.generate_seconds, 1e-9), sag=sag)
+      tokens_per_s=policy.generated_tokens / max(policy.generate_seconds, 1e-9), sag=sag,
+      games=[{"task": t.meta["task"], "won": bool(t.success), "steps": t.meta["steps"]}
+             for t in done_trajs])
+
+
+def _norm(action: str | None) -> str:
+  return " ".join((action or "").lower().split())
+
+
+def decision_accuracy(policy: react.Policy, trajectories: list[Trajectory], *,
+                      batch: int = 32) -> dict[str, float]:
+  """The decision, measured where the thought cannot give it away: at every step of the
+  given trajectories (e.g. the teacher's on dev-fold games), the policy writes its OWN
+  thought and action after the recorded history, and its action is compared with the
+  recorded one. Teacher-forced action accuracy is near 1 for any model once the recorded
+  thought (which ends by naming the action) is in the context; this is not.
+
+  Returns {"decision_accuracy", "decision_valid" (the share that parsed), "decisions"}.
+  """
+  prefixes, wanted = [], []
+  for traj in trajectories:
+    segs = traj.segments
+    for i, seg in enumerate(segs):
+      if seg.kind == "reason" and i + 1 < len(segs) and segs[i + 1].kind == "action":
+        prefixes.append(dataclasses.replace(traj, segments=list(segs[:i])))
+        wanted.append(_norm(segs[i + 1].text))
+  right = parsed = 0
+  for lo in range(0, len(prefixes), batch):
+    outs = policy.turns(prefixes[lo: lo + batch], min_batch=batch)
+    for options, want in zip(outs, wanted[lo: lo + batch]):
+      turn = options[0]
+      parsed += turn.action is not None
+      right += turn.action is not None and _norm(turn.action) == want
+  n = max(len(wanted), 1)
+  return {"decision_accuracy": right / n, "decision_valid": parsed / n,
+          "decisions": len(wanted)}
 
 
 def load_policy(checkpoint: str, *, tokenizer: str | None = None, **kw) -> react.Policy:

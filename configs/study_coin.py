@@ -1,0 +1,70 @@
+"""The comparison study on TextWorld-Express coin (search four rooms for a coin).
+
+  sad-jax study --config configs/study_coin.py               # the study (hours on 2 cores)
+  sad-jax study --config configs/study_coin.py:rooms6        # the second environment
+  sad-jax demo                                                # = this file's "demo" plan
+  sad-jax demo --quick                                        # = "quick": a smoke run
+
+Arms: sad (fixed span weights, one stage) against token_kd and sft at four budgets and
+five seeds; SAD's components (learnable span weights, PCGrad, curriculum stages with the
+complexity term) at three seeds and the budget chosen for sad on the dev fold.
+"""
+
+import ml_collections
+
+ENV = "twx:coin?numLocations={rooms}&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
+# Two heads of 64 or 96: on a CPU the per-head softmax work bounds a step at these widths.
+TEACHER = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+               num_attention_heads=2, num_key_value_heads=1)
+STUDENT = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1)
+
+
+def arm(name, objective, *, seeds, budgets=(), overrides=(), curriculum=False):
+  return ml_collections.ConfigDict(dict(name=name, objective=objective, seeds=tuple(seeds),
+                                        budgets=tuple(budgets), overrides=tuple(overrides),
+                                        curriculum=curriculum))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "rooms6", "demo", "quick"):
+    raise ValueError(f"unknown argument {arg!r}; expected rooms6, demo or quick")
+  c = ml_collections.ConfigDict()
+  c.name = "coin" if arg is None else f"coin_{arg}"
+  rooms = 6 if arg == "rooms6" else 4
+  c.env = ENV.format(rooms=rooms)
+  c.protocol = "teacher"          # teacher: students learn from the teacher's own episodes;
+  #                                 oracle: from the expert's (a separately labelled condition)
+  c.expert = ml_collections.ConfigDict(dict(episodes=800, noise=0.1, vary_rooms=True))
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab=600, multiword=True))
+  c.data = ml_collections.ConfigDict(dict(seq_len=512 if rooms == 4 else 1024, batch=4,
+                                          pack_lookahead=1))
+  c.teacher = ml_collections.ConfigDict(dict(model=TEACHER, steps=150, lr=3e-3))
+  c.teacher_data = ml_collections.ConfigDict(dict(train_games=640, keep="success"))
+  c.store_k = 16
+  # the narrower student at twice the teacher's peak learning rate, the same for every arm
+  c.student = ml_collections.ConfigDict(dict(model=STUDENT, lr=6e-3))
+  main = dict(seeds=range(5), budgets=(100, 200, 300, 400))
+  c.arms = (
+      arm("sad", "sad", **main),
+      arm("token_kd", "token_kd", **main),
+      arm("sft", "sft", **main),
+      arm("sad+learnable", "sad", seeds=range(3), overrides=("objective.learnable_weights=True",)),
+      arm("sad+pcgrad", "sad", seeds=range(3), overrides=("objective.pcgrad=True",)),
+      arm("sad+curriculum", "sad", seeds=range(3), curriculum=True),
+  )
+  c.reference = "sad"
+  c.eval = ml_collections.ConfigDict(dict(dev_games=64, test_games=128, max_steps=8 + 4 * (
+      rooms == 6), batch=32, max_new_tokens=48, max_prompt_tokens=1024))
+  if arg == "demo":  # the README's first command: ≤ 15 min on 2 cores
+    c.teacher_data.train_games = 320
+    c.arms = tuple(arm(n, n, seeds=range(3), budgets=(200,)) for n in ("sad", "token_kd", "sft"))
+    c.eval.dev_games, c.eval.test_games = 32, 64
+  if arg == "quick":  # a smoke run of every stage (≈ 3 min): no figure means anything
+    c.expert.episodes = 100
+    c.teacher.steps = 20
+    c.teacher_data.train_games, c.teacher_data.keep = 16, "all"
+    c.data.batch = 2
+    c.arms = tuple(arm(n, n, seeds=(0,), budgets=(12,)) for n in ("sad", "token_kd", "sft"))
+    c.eval.dev_games, c.eval.test_games, c.eval.max_steps = 4, 4, 4
+  return c

@@ -1,0 +1,556 @@
+"""`sad-jax study`: SAD against token-level KD and SFT (and SAD's own ablations) as a grid
+of cells, decided with paired statistics.
+
+  sad-jax study --config configs/study_coin.py [--workdir runs/study] [--config.a.b=v …]
+
+The method's protocol, in stages (a rerun checks each stage's outputs and skips it):
+  1. expert      oracle trajectories on the environment's train fold (they train the teacher)
+  2. tokenizer   a sentencepiece model and a prepared dataset of the expert trajectories
+  3. teacher     a teacher model trained on them (SFT)
+  4. teacher     the teacher plays train-fold games itself; its successful episodes, as it
+     data        wrote them, are the students' training data (`protocol="oracle"` distils on
+                 the expert's trajectories instead: a separately labelled condition). It
+                 also plays the dev-fold games: its successful ones carry the per-span
+                 metrics, its score is the teacher's dev row.
+  5. store       the teacher's top-k log-probs on those trajectories (reason, action, answer)
+  6. cells       arm × seed × budget: a student trained on the shared dataset and store, then
+                 played on the DEV fold. Each arm's budget is chosen there (best mean dev
+                 success over its seeds; the smaller budget on a tie); arms with no budgets of
+                 their own (the ablations) take the reference arm's.
+  7. test        the chosen cells (and the teacher) play the TEST fold: the reported figures.
+  8. report      results.jsonl (one line per cell and game), report.md with bootstrap intervals
+                 over games and seeds, paired differences against the reference arm, verdicts
+                 only where an interval allows one, and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_write
+
+
+def _say(text: str) -> None:
+  print(text, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  arm: str
+  objective: str
+  seed: int
+  steps: int
+  overrides: tuple[str, ...] = ()
+  curriculum: bool = False
+
+  @property
+  def name(self) -> str:
+    return f"{self.arm}_s{self.seed}_n{self.steps}"
+
+
+def arms(c: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  names = [a.name for a in c.arms]
+  if len(set(names)) != len(names) or c.reference not in names:
+    raise DataError(f"arms must have distinct names and include the reference "
+                    f"{c.reference!r}; got {names}", field="config.arms")
+  for a in c.arms:
+    if a.objective not in ("sad", "token_kd", "sft"):
+      raise DataError(f"arm {a.name}: unknown objective {a.objective!r}",
+                      field="config.arms.objective")
+  ref = next(a for a in c.arms if a.name == c.reference)
+  if not ref.budgets:
+    raise DataError("the reference arm needs budgets of its own", field="config.arms.budgets")
+  return list(c.arms)
+
+
+def cells_of(arm: ml_collections.ConfigDict, budgets) -> list[Cell]:
+  return [Cell(arm=arm.name, objective=arm.objective, seed=int(s), steps=int(n),
+               overrides=tuple(arm.overrides), curriculum=bool(arm.curriculum))
+          for n in budgets for s in arm.seeds]
+
+
+# ----------------------------------------------------------------------------- markers
+
+
+def _read(path: str) -> dict | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with atomic_write(path) as f:
+    json.dump(obj, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- stages 1–5
+
+
+def stage_expert(work: str, c) -> str:
+  from tqdm.auto import tqdm
+
+  from sad_jax.agent import oracle
+  from sad_jax.data import schema
+
+  out = os.path.join(work, "expert")
+  path = os.path.join(out, "train.jsonl")
+  want = {"episodes": c.expert.episodes, "env": c.env, "noise": c.expert.noise,
+          "vary_rooms": c.expert.vary_rooms}
+  m = _read(os.path.join(out, "stage.json"))
+  if m and {k: m.get(k) for k in want} == want and os.path.exists(path):
+    n = sum(1 for _ in open(path, encoding="utf-8"))
+    if n == m["written"]:
+      _say(f"[1/8] expert: {n} trajectories already in {path} (checked)")
+      return path
+  os.makedirs(out, exist_ok=True)
+  bar = tqdm(total=c.expert.episodes, desc="[1/8] expert episodes", unit="ep", leave=False)
+
+  def kept():
+    for t in oracle.generate(c.env, split="train", episodes=c.expert.episodes, varied=False,
+                             noise=c.expert.noise, vary_rooms=c.expert.vary_rooms):
+      bar.update(1)
+      if t.success:
+        yield t
+
+  n = schema.write_jsonl(path, kept())
+  bar.close()
+  _write(os.path.join(out, "stage.json"), {**want, "written": n})
+  _say(f"[1/8] expert: {n} successful expert trajectories (train fold, "
+       f"{c.expert.noise:.0%} random moves) → {path}")
+  return path
+
+
+def _prepare(work: str, name: str, data: str, c, *, tokenizer: str = "",
+             val_fraction: float = 0.05) -> str:
+  from configs import prepare_base
+  from sad_jax.data import prepare
+  from sad_jax.teacher.store import file_sha256
+
+  out = os.path.join(work, "prepared", name)
+  marker = out + ".json"
+  settings = {"vocab": c.tokenizer.vocab, "max_len": c.data.seq_len + 1,
+              "multiword": c.tokenizer.multiword, "tokenizer": tokenizer,
+              "val_fraction": val_fraction, "data_sha256": file_sha256(data)}
+  m = _read(marker)
+  try:
+    if m and m["settings"] == settings and \
+        prepare.load_prepared(out)[2]["fingerprint"] == m["fingerprint"]:
+      _say(f"  prepare {name}: {out} already done (fingerprint checked)")
+      return out
+  except (OSError, ValueError, KeyError, DataError):
+    pass
+  shutil.rmtree(out, ignore_errors=True)
+  p = prepare_base.get_config()
+  p.inputs = (data,)
+  p.tokenizer.path = tokenizer
+  p.tokenizer.vocab_size = c.tokenizer.vocab
+  p.tokenizer.split_by_whitespace = not c.tokenizer.multiword
+  p.tokenizer.max_piece_length = 64 if c.tokenizer.multiword else 16
+  p.max_len = c.data.seq_len + 1
+  p.val_fraction = val_fraction
+  report = prepare.prepare(p, out, progress=True)
+  _write(marker, {"fingerprint": report.fingerprint, "settings": settings})
+  _say(f"  prepare {name}: {report.written} trajectories, {report.tokens} tokens → {out}")
+  return out
+
+
+def tokenizer_of(dataset: str) -> str:
+  return next(os.path.join(dataset, n) for n in ("tokenizer.model", "tokenizer.json")
+              if os.path.exists(os.path.join(dataset, n)))
+
+
+def train_config(c, dataset: str, *, objective: str, model, steps: int, seed: int, lr: float,
+                 store: str = "", overrides=(), curriculum: bool = False):
+  """One training run of the study: the same data, batch, schedule and window for every
+  arm; an arm differs only by its objective and its overrides."""
+  from configs import train_base
+  from sad_jax import configlib
+
+  t = train_base.get_config(objective)
+  t.dataset = dataset
+  t.teacher_store = store
+  t.seed = seed
+  for k, v in dict(model).items():
+    t.model.hf_config[k] = v
+  t.data.seq_len = c.data.seq_len
+  t.data.batch_size = c.data.batch
+  t.data.pack_lookahead = c.data.pack_lookahead
+  t.teacher.k = c.store_k
+  t.objective.chunk_size = 128
+  weights = (1.0, 1.0) if objective == "sad" else (1.0,)
+  if curriculum:  # SAD's curriculum: simple trajectories first, and the complexity term
+    warm = max(steps // 4, 1)
+    t.curriculum.stages = (train_base.stage("simple", warm, (1.0, 1.0, 0.3), weights),
+                           train_base.stage("all", steps - warm, (1.0, 1.0, 1.0), weights))
+    t.objective.curriculum_gamma = 0.1
+  else:
+    t.curriculum.stages = (train_base.stage("all", steps, (1.0, 1.0, 1.0), weights),)
+    t.objective.curriculum_gamma = 0.0
+  t.optim.lr = lr
+  t.optim.warmup_steps = max(steps // 10, 1)
+  t.train.steps = steps
+  t.train.log_every = max(steps // 20, 1)
+  t.train.eval_every = steps
+  t.train.eval_batches = 4
+  t.train.checkpoint_every = steps
+  t.checkpoint.keep = 1
+  t.checkpoint.keep_best = 0
+  t.metrics.mfu = False
+  t.metrics.progress = True
+  t.mesh.shape = (-1, 1, 1)
+  configlib.apply_overrides(t, [f"--config.{o}" for o in overrides])
+  t.lock()
+  return t
+
+
+def trained(run: str, steps: int) -> bool:
+  """A finished run: final params exist and metrics reached `steps`."""
+  from sad_jax import metrics
+
+  if not os.path.isdir(os.path.join(run, "final", "params")):
+    return False
+  try:
+    rows = metrics.read_jsonl(run)
+  except OSError:
+    return False
+  return any(r.get("step") == steps and r.get("split") == "train" and "loss" in r for r in rows)
+
+
+def train(name: str, run: str, config, steps: int) -> bool:
+  """Trains unless the same config already finished; True if it trained."""
+  from sad_jax import train as train_lib
+
+  cfg = _read(os.path.join(run, "config.json"))
+  same = None if cfg is None else cfg == train_lib.config_dict(config)
+  if same and trained(run, steps):
+    _say(f"  {name}: already trained ({run}, checked)")
+    return False
+  if same is False:  # another plan's run: its checkpoints would refuse to resume
+    _say(f"  {name}: the plan changed since {run} was trained; training again")
+    shutil.rmtree(run)
+  t0 = time.perf_counter()
+  with contextlib.redirect_stdout(io.StringIO()):  # step lines go to metrics.jsonl
+    result = train_lib.train_and_evaluate(config, run)
+  _say(f"  {name}: {steps} steps in {time.perf_counter() - t0:.0f} s, validation loss "
+       f"{result.validation.get('loss', float('nan')):.3f}")
+  return True
+
+
+def stage_teacher(work: str, c, dataset: str) -> str:
+  _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps")
+  run = os.path.join(work, "teacher")
+  t = train_config(c, dataset, objective="sft", model=c.teacher.model, steps=c.teacher.steps,
+                   seed=0, lr=c.teacher.lr)
+  train("teacher", run, t, c.teacher.steps)
+  return os.path.join(run, "final")
+
+
+class Evaluator:
+  """Plays models on a fold's games; one set of environments (a JVM each for TWX) serves
+  every model. Results are cached per (model, split, games) next to `out`."""
+
+  def __init__(self, c):
+    self.c = c
+    self.envs: list = []
+
+  def close(self) -> None:
+    for env in self.envs:
+      env.close()
+    self.envs = []
+
+  def play(self, name: str, folder: str, split: str, games: int, out: str, *,
+           transcripts: bool = False) -> dict:
+    from sad_jax.agent import evaluate
+    from sad_jax.agent.env import make_env
+
+    stamp = os.path.getmtime(os.path.join(folder, "config.json"))
+    r = _read(out)
+    if r and r.get("episodes") == games and r.get("model_mtime") == stamp and \
+        r.get("split") == split and (not transcripts or os.path.exists(out + "l")):
+      return r
+    batch = min(self.c.eval.batch, games)
+    self.envs.extend(make_env(self.c.env) for _ in range(batch - len(self.envs)))
+    policy = self.policy(folder)
+    res = evaluate.evaluate(policy, env_spec=self.c.env, split=split, episodes=games,
+                            max_steps=self.c.eval.max_steps, batch=batch, envs=self.envs,
+                            transcripts=out + "l" if transcripts else None, progress=True)
+    r = {**dataclasses.asdict(res), "model_mtime": stamp}
+    _write(out, r)
+    _say(f"  {name} [{split}]: {res.summary()}")
+    return r
+
+  def policy(self, folder: str):
+    from sad_jax.agent import evaluate
+
+    return evaluate.load_policy(folder, max_new_tokens=self.c.eval.max_new_tokens,
+                                max_prompt_tokens=self.c.eval.max_prompt_tokens)
+
+
+def stage_teacher_data(work: str, c, teacher: str, ev: Evaluator) -> tuple[str, str, dict]:
+  """The teacher's own successful episodes on train-fold games (students' data) and on the
+  dev-fold games (per-span metrics); also its dev score."""
+  from sad_jax.data import schema
+
+  out = os.path.join(work, "teacher_data")
+  if c.teacher_data.keep not in ("success", "all"):
+    raise DataError(f"teacher_data.keep must be success or all, got {c.teacher_data.keep!r}",
+                    field="config.teacher_data.keep")
+  which = "successful episodes" if c.teacher_data.keep == "success" else "episodes (all)"
+  _say(f"[4/8] teacher data: the teacher plays {c.teacher_data.train_games} train-fold and "
+       f"{c.eval.dev_games} dev-fold games; its {which} are kept as it wrote them")
+  paths = {}
+  dev_result = {}
+  for split, games in (("train", c.teacher_data.train_games), ("dev", c.eval.dev_games)):
+    r = ev.play("teacher", teacher, split, games, os.path.join(out, f"{split}.json"),
+                transcripts=True)
+    if split == "dev":
+      dev_result = r
+    path = os.path.join(out, f"{split}_success.jsonl")
+    src = os.path.join(out, f"{split}.jsonl")
+    if not (os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(src)):
+      kept = [dataclasses.replace(t, source="teacher") for t in schema.read_jsonl(src)
+              if t.success or c.teacher_data.keep == "all"]
+      if not kept:
+        raise DataError(f"the teacher won none of its {games} {split}-fold games: nothing to "
+                        "distil", path=src, field="success")
+      schema.write_jsonl(path, kept)
+    paths[split] = path
+    _say(f"  teacher [{split}]: {r['successes']}/{r['episodes']} games won, kept → {path}")
+  return paths["train"], paths["dev"], dev_result
+
+
+def stage_store(work: str, name: str, c, dataset: str, teacher: str) -> str:
+  from sad_jax.data import prepare
+  from sad_jax.models.checkpoint_io import load_model
+  from sad_jax.teacher import precompute
+  from sad_jax.teacher.store import Manifest
+
+  out = os.path.join(work, "store", name)
+  try:
+    m = Manifest.read(out)
+    if m.dataset_fingerprint == prepare.load_prepared(dataset)[2]["fingerprint"] and \
+        m.k == c.store_k:
+      _say(f"  store {name}: {out} already complete (fingerprint checked)")
+      return out
+  except DataError:
+    pass
+  cfg, params = load_model(teacher)
+  t0 = time.perf_counter()
+  m = precompute.precompute(dataset_dir=dataset, cfg=cfg, params=params, teacher_name="teacher",
+                            out_dir=out, k=c.store_k, span_kinds=("reason", "action", "answer"),
+                            batch_size=16, progress=True)
+  n = sum(len(s["ids"]) for s in m.shards)
+  _say(f"  store {name}: top-{c.store_k} on reason+action targets of {n} trajectories in "
+       f"{time.perf_counter() - t0:.0f} s → {out}")
+  return out
+
+
+# ----------------------------------------------------------------------------- per-span
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(cfg, vocab: int):
+  import jax
+
+  from sad_jax import objectives, step
+  from sad_jax.losses import LossSettings
+
+  obj = objectives.Objective(name="sad", groups=objectives.groups_for("sad"),
+                             settings=LossSettings(vocab_size=vocab, chunk_size=128))
+  return jax.jit(functools.partial(step.eval_step, model_cfg=cfg, obj=obj))
+
+
+def per_span_eval(folder: str, dataset: str, store: str, *, seq_len: int, k: int,
+                  split: str = "validation") -> dict[str, float]:
+  """Teacher-forced reason KL to the teacher and action accuracy on a prepared split, the
+  same measurement for every model (the `sad` eval step with unit weights)."""
+  import jax.numpy as jnp
+
+  from sad_jax import step
+  from sad_jax.data import pipeline
+  from sad_jax.models.checkpoint_io import load_model
+
+  cfg, params = load_model(folder)
+  data = pipeline.open_split(dataset, split)
+  teacher = pipeline.open_teacher(store, data, k=k)
+  layout = pipeline.Layout(accum=1, rows=4, length=seq_len + 1, k=k)
+  fn = _eval_fn(cfg, cfg.vocab_size)
+  total = step.eval_totals(fn(params, jnp.zeros(2), batch, jnp.ones(2))
+                           for batch, _ in pipeline.eval_batches(data, teacher, layout))
+  n = np.maximum(total["count"], 1)
+  return {"reason_kl": float(total["sum"][0] / n[0]),
+          "action_accuracy": float(total["correct"][1] / n[1])}
+
+
+def span_metrics(folder: str, c, dev: dict, ev: Evaluator) -> dict[str, float]:
+  """Per-span metrics on the teacher's dev-fold trajectories: teacher-forced reason KL and
+  action accuracy, and the decision accuracy that the recorded thought cannot give away."""
+  from sad_jax.agent import evaluate
+  from sad_jax.data import schema
+
+  out = per_span_eval(folder, dev["dataset"], dev["store"], seq_len=c.data.seq_len,
+                      k=c.store_k, split="train")
+  trajs = list(schema.read_jsonl(dev["jsonl"]))
+  out.update(evaluate.decision_accuracy(ev.policy(folder), trajs, batch=c.eval.batch))
+  return out
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tuple[str, ...],
+             index: str) -> dict:
+  """Trains the cell (unless done) and plays it on `splits`; its record is cells/NAME.json."""
+  student_store = shared["store"]
+  run = os.path.join(work, "cells", cell.name)
+  t = train_config(c, shared["dataset"], objective=cell.objective, model=c.student.model,
+                   steps=cell.steps, seed=cell.seed, lr=c.student.lr,
+                   store=student_store if cell.objective != "sft" else "",
+                   overrides=cell.overrides, curriculum=cell.curriculum)
+  _say(f"[cell {index}] {cell.name}")
+  train(cell.name, run, t, cell.steps)
+  folder = os.path.join(run, "final")
+  rec_path = os.path.join(work, "cells", cell.name + ".json")
+  rec = _read(rec_path) or {}
+  stamp = os.path.getmtime(os.path.join(folder, "config.json"))
+  if rec.get("model_mtime") != stamp:
+    rec = {"cell": dataclasses.asdict(cell), "model_mtime": stamp}
+  for split in splits:
+    games = c.eval.dev_games if split == "dev" else c.eval.test_games
+    rec[split] = ev.play(cell.name, folder, split, games,
+                         os.path.join(work, "cells", cell.name, f"eval_{split}.json"))
+  if "spans" not in rec:
+    rec["spans"] = span_metrics(folder, c, shared["dev"], ev)
+  _write(rec_path, rec)
+  return rec
+
+
+def choose_budget(records: list[dict]) -> tuple[int, dict[int, float]]:
+  """The budget with the best mean dev success over seeds (the smaller one on a tie)."""
+  by: dict[int, list[float]] = {}
+  for r in records:
+    by.setdefault(r["cell"]["steps"], []).append(r["dev"]["success_rate"])
+  curve = {n: float(np.mean(v)) for n, v in sorted(by.items())}
+  best = max(curve.values())
+  return min(n for n, v in curve.items() if v == best), curve
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -> str:
+  """The whole study; returns the report's text. `command`: what the report says ran it."""
+  t0 = time.perf_counter()
+  work = os.path.abspath(workdir)
+  os.makedirs(work, exist_ok=True)
+  _write(os.path.join(work, "study_config.json"), json.loads(config.to_json()))
+  import jax
+
+  # seeds and budgets of an arm compile the same step, and every student's evaluation the
+  # same prefill and decode: XLA's persistent cache compiles each once (restored after)
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                               "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", os.path.join(work, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:
+    sys.path.insert(0, repo)  # configs/
+  ev = Evaluator(config)
+  try:
+    return _run(work, config, ev, t0, command or f"sad-jax study ({config.name})")
+  finally:
+    ev.close()
+    for k, v in saved.items():
+      jax.config.update(k, v)
+
+
+def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
+  arm_list = arms(c)
+  _say(f"sad-jax study {c.name}: workdir {work}; protocol: students learn from the "
+       f"{'teacher' if c.protocol == 'teacher' else 'expert (oracle)'}'s trajectories")
+  expert = stage_expert(work, c)
+  _say("[2/8] tokenizer + prepared expert data")
+  expert_ds = _prepare(work, "expert", expert, c)
+  tok = tokenizer_of(expert_ds)
+  teacher = stage_teacher(work, c, expert_ds)
+  train_jsonl, dev_jsonl, teacher_dev = stage_teacher_data(work, c, teacher, ev)
+  _say("[5/8] datasets and teacher stores")
+  if c.protocol == "teacher":
+    dataset = _prepare(work, "train", train_jsonl, c, tokenizer=tok)
+  elif c.protocol == "oracle":
+    dataset = expert_ds
+  else:
+    raise DataError(f"protocol must be teacher or oracle, got {c.protocol!r}",
+                    field="config.protocol")
+  store = stage_store(work, "train", c, dataset, teacher)
+  dev_ds = _prepare(work, "dev", dev_jsonl, c, tokenizer=tok, val_fraction=0.0)
+  dev = {"dataset": dev_ds, "store": stage_store(work, "dev", c, dev_ds, teacher),
+         "jsonl": dev_jsonl}
+  shared = {"dataset": dataset, "store": store, "dev": dev}
+
+  # dev: every budget of the arms that have their own; then each arm's choice
+  own = [a for a in arm_list if a.budgets]
+  # seed-major order: a study stopped part-way has whole learning curves for its first seeds
+  order = {a.name: i for i, a in enumerate(own)}
+  plan = sorted((cell for a in own for cell in cells_of(a, a.budgets)),
+                key=lambda x: (x.seed, x.steps, order[x.arm]))
+  _say(f"[6/8] cells on the dev fold: {len(plan)} ({', '.join(a.name for a in own)} × their "
+       f"seeds × budgets), {c.eval.dev_games} dev games each")
+  records: dict[str, dict] = {}
+  for i, cell in enumerate(plan):
+    records[cell.name] = run_cell(work, c, cell, shared, ev, ("dev",), f"{i + 1}/{len(plan)}")
+  chosen, curves = {}, {}
+  for a in own:
+    chosen[a.name], curves[a.name] = choose_budget(
+        [records[x.name] for x in cells_of(a, a.budgets)])
+  for a in arm_list:
+    chosen.setdefault(a.name, chosen[c.reference])
+  _say("  budgets chosen on dev: " + ", ".join(f"{k} {v}" for k, v in chosen.items()))
+
+  # test: the chosen cells, reference's rivals first, ablations after
+  final = [cell for a in arm_list for cell in cells_of(a, (chosen[a.name],))]
+  _say(f"[7/8] the chosen cells on the test fold: {len(final)}, {c.eval.test_games} games each")
+  for i, cell in enumerate(final):
+    records[cell.name] = run_cell(work, c, cell, shared, ev, ("dev", "test"),
+                                  f"test {i + 1}/{len(final)}")
+  teacher_test = ev.play("teacher", teacher, "test", c.eval.test_games,
+                         os.path.join(work, "teacher_data", "test.json"))
+  spans_path = os.path.join(work, "teacher_data", "spans.json")
+  stamp = os.path.getmtime(os.path.join(teacher, "config.json"))
+  teacher_spans = (_read(spans_path) or {}).get(str(stamp))
+  if teacher_spans is None:
+    teacher_spans = span_metrics(teacher, c, dev, ev)
+    _write(spans_path, {str(stamp): teacher_spans})
+  _say("[8/8] report")
+  from sad_jax import study_report
+
+  text = study_report.write(work, c, arm_list=arm_list, records=records, chosen=chosen,
+                            curves=curves, teacher={"dev": teacher_dev, "test": teacher_test,
+                                                    "spans": teacher_spans,
+                                                    "folder": teacher},
+                            seconds=time.perf_counter() - t0, command=command)
+  _say(text)
+  _say(f"report: {os.path.join(work, 'report.md')}; {(time.perf_counter() - t0) / 60:.1f} min")
+  return text
+
+
+def main_args(args, overrides) -> int:
+  from sad_jax import configlib
+
+  config = configlib.load(args.config, overrides)
+  run(config, args.workdir or os.path.join("runs", "study", config.name),
+      command=" ".join(["sad-jax study --config", args.config, *overrides]))
+  return 0

@@ -1,0 +1,224 @@
+"""The study's outputs: results.jsonl (one line per cell and game), report.md with
+bootstrap intervals and paired differences, and plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import numpy as np
+
+from sad_jax import stats
+from sad_jax.fileio import atomic_write
+
+SPLITS_NOTE = ("Settings (each arm's training budget) were chosen on the dev fold; "
+               "success figures below are test-fold games unless marked dev.")
+PROCESSOR_NOTE = ("Exact figures depend on the processor: XLA's CPU kernels differ between "
+                  "CPUs (e.g. AVX-512 against AVX2 reduction orders), so the same command "
+                  "trains slightly different models elsewhere. Read the intervals, not the "
+                  "digits; a rerun on this machine gives the same numbers.")
+
+
+def won_matrix(evals: list[dict]) -> np.ndarray:
+  """[seeds, games] outcomes; every evaluation must have played the same games in order."""
+  tasks = [tuple(g["task"] for g in e["games"]) for e in evals]
+  if len(set(tasks)) != 1:
+    raise ValueError("the evaluations did not play the same games")
+  return np.array([[float(g["won"]) for g in e["games"]] for e in evals])
+
+
+def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
+  lines = []
+  for split in ("dev", "test"):
+    if split in teacher:
+      for g in teacher[split]["games"]:
+        lines.append({"cell": "teacher", "arm": "teacher", "objective": "teacher", "seed": None,
+                      "steps": None, "split": split, "task": g["task"], "won": g["won"],
+                      "turns": g["steps"]})
+    for name, r in sorted(records.items()):
+      if split not in r:
+        continue
+      cell = r["cell"]
+      for g in r[split]["games"]:
+        lines.append({"cell": name, "arm": cell["arm"], "objective": cell["objective"],
+                      "seed": cell["seed"], "steps": cell["steps"], "split": split,
+                      "task": g["task"], "won": g["won"], "turns": g["steps"]})
+  return lines
+
+
+def _arm_records(records, arm: str, steps: int) -> list[dict]:
+  out = [r for r in records.values() if r["cell"]["arm"] == arm and r["cell"]["steps"] == steps]
+  return sorted(out, key=lambda r: r["cell"]["seed"])
+
+
+def _param_count(folder: str) -> int:
+  import jax
+
+  from sad_jax.models.checkpoint_io import load_model
+
+  _, params = load_model(folder)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str, int],
+          curves: dict[str, dict[int, float]], teacher: dict, seconds: float,
+          command: str) -> str:
+  from sad_jax import metrics
+
+  lines = results_lines(records, teacher)
+  with atomic_write(os.path.join(work, "results.jsonl")) as f:
+    for line in lines:
+      f.write(json.dumps(line) + "\n")
+
+  names = [a.name for a in arm_list]
+  test = {a: won_matrix([r["test"] for r in _arm_records(records, a, chosen[a])]) for a in names}
+  test["teacher"] = won_matrix([teacher["test"]])
+  est = stats.success(test)
+  rivals = [n for n in names if n != c.reference] + ["teacher"]
+  diffs = stats.paired_differences(test, [(c.reference, n) for n in rivals])
+  dev = {a: won_matrix([r["dev"] for r in _arm_records(records, a, chosen[a])]) for a in names}
+  dev["teacher"] = won_matrix([teacher["dev"]])
+  dev_est = stats.success(dev)
+
+  first = _arm_records(records, c.reference, chosen[c.reference])[0]
+  s_folder = os.path.join(work, "cells", first["cell"]["arm"] + f"_s{first['cell']['seed']}"
+                          f"_n{first['cell']['steps']}", "final")
+  t_params, s_params = _param_count(teacher["folder"]), _param_count(s_folder)
+
+  rows = ["| model | objective | steps (dev-chosen) | params | test success [95% CI] | per seed "
+          "| dev success | decision acc (dev) | reason KL (dev) | action acc, forced (dev) "
+          "| mean turns | invalid actions |",
+          "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+  def span(rs, key):
+    return float(np.mean([r["spans"][key] for r in rs]))
+
+  for a in arm_list:
+    rs = _arm_records(records, a.name, chosen[a.name])
+    per_seed = " / ".join(f"{100 * r['test']['success_rate']:.0f}" for r in rs)
+    rows.append(
+        f"| {a.name} | {a.objective} | {chosen[a.name]} | {s_params / 1e6:.2f} M | "
+        f"{est[a.name].pct()} | {per_seed} | {dev_est[a.name].pct()} | "
+        f"{span(rs, 'decision_accuracy'):.3f} | {span(rs, 'reason_kl'):.3f} | "
+        f"{span(rs, 'action_accuracy'):.3f} | "
+        f"{np.mean([r['test']['mean_steps'] for r in rs]):.2f} | "
+        f"{100 * np.mean([r['test']['invalid_action_rate'] for r in rs]):.0f}% |")
+  ts = teacher["spans"]
+  rows.append(f"| teacher | sft on expert | {c.teacher.steps} | {t_params / 1e6:.2f} M | "
+              f"{est['teacher'].pct()} | – | {dev_est['teacher'].pct()} | "
+              f"{ts['decision_accuracy']:.3f} | {ts['reason_kl']:.3f} | "
+              f"{ts['action_accuracy']:.3f} | {teacher['test']['mean_steps']:.2f} | "
+              f"{100 * teacher['test']['invalid_action_rate']:.0f}% |")
+  table = "\n".join(rows)
+
+  drows = ["| comparison (test) | difference, points [95% CI] | verdict |", "|---|---:|---|"]
+  verdicts = []
+  for (a, b), d in diffs.items():
+    v = stats.verdict(a, b, d)
+    verdicts.append(f"{a} − {b}: {d.points()} → {v}")
+    drows.append(f"| {a} − {b} | {d.points()} | {v} |")
+  dtable = "\n".join(drows)
+
+  # learning curves on dev: each budget of the arms that had their own
+  crows = ["| arm | " + " | ".join(f"{n} steps" for n in sorted({n for v in curves.values()
+                                                                    for n in v})) + " |"]
+  budgets = sorted({n for v in curves.values() for n in v})
+  crows.append("|---|" + "---:|" * len(budgets))
+  curve_est: dict[str, dict[int, stats.Estimate]] = {}
+  for arm in curves:
+    curve_est[arm] = {}
+    cells = []
+    for n in budgets:
+      rs = _arm_records(records, arm, n)
+      if rs:
+        curve_est[arm][n] = stats.success({arm: won_matrix([r["dev"] for r in rs])})[arm]
+        cells.append(curve_est[arm][n].pct(0) + (" ←" if n == chosen[arm] else ""))
+      else:
+        cells.append("–")
+    crows.append(f"| {arm} | " + " | ".join(cells) + " |")
+  ctable = "\n".join(crows)
+
+  _plots(work, curve_est, est)
+  n_seeds = {a.name: len(a.seeds) for a in arm_list}
+  when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  import jax
+
+  protocol = ("the teacher's own successful train-fold episodes (the method's protocol)"
+              if c.protocol == "teacher" else "the expert's (oracle's) trajectories: the "
+              "oracle condition, not the method's protocol")
+  md = f"""# sad-jax study: {c.name}
+
+Command: `{command}` · {when} · CPU: {metrics.cpu_model()} ({os.cpu_count()} cores) ·
+jax {jax.__version__} · this invocation's wall time {seconds / 60:.1f} min (stages that a
+rerun found done take no time; each cell's own times are in its run folder).
+
+Environment: `{c.env}`. The teacher ({t_params / 1e6:.2f} M parameters) is trained
+{c.teacher.steps} steps on {c.expert.episodes} expert episodes; the students
+({s_params / 1e6:.2f} M, {t_params / s_params:.1f}× fewer) learn from {protocol}, with the
+teacher's top-{c.store_k} log-probs on reason and action tokens. Every model plays the same
+{c.eval.test_games} test-fold games (and {c.eval.dev_games} dev-fold games), up to
+{c.eval.max_steps} turns each; seeds per arm: {n_seeds}.
+
+{SPLITS_NOTE} Intervals: 95% bootstrap over games (shared by all models: differences are
+paired) and seeds. A ranking is written only where a difference's interval excludes zero.
+
+{PROCESSOR_NOTE}
+
+## Test fold
+
+{table}
+
+{dtable}
+
+Decision accuracy: on the teacher's successful dev-fold episodes, the model writes its own
+thought and action after the recorded history; the share whose action equals the teacher's.
+"forced" action accuracy reads the teacher's thought first, which names the action.
+
+## Dev fold: success against training steps (budget chosen per arm: ←)
+
+{ctable}
+
+![learning curves](learning_curves.png)
+
+![test success](test_success.png)
+"""
+  with atomic_write(os.path.join(work, "report.md")) as f:
+    f.write(md)
+  return table + "\n\n" + dtable + "\n" + "\n".join(verdicts)
+
+
+def _plots(work: str, curves: dict[str, dict[int, stats.Estimate]],
+           est: dict[str, stats.Estimate]) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for arm, pts in curves.items():
+    xs = sorted(pts)
+    ys = [100 * pts[x].mean for x in xs]
+    err = [[100 * (pts[x].mean - pts[x].lo) for x in xs], [100 * (pts[x].hi - pts[x].mean)
+                                                            for x in xs]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=arm)
+  ax.set_xlabel("training steps")
+  ax.set_ylabel("dev-fold success (%)")
+  ax.set_ylim(0, 100)
+  ax.legend()
+  ax.set_title("Learning curves (95% bootstrap intervals)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(work, "learning_curves.png"), dpi=90)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  names = list(est)
+  ax.bar(names, [100 * est[n].mean for n in names],
+         yerr=[[100 * (est[n].mean - est[n].lo) for n in names],
+               [100 * (est[n].hi - est[n].mean) for n in names]], capsize=6)
+  ax.set_ylabel("test-fold success (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title("Success, 95% bootstrap over games and seeds")
+  plt.setp(ax.get_xticklabels(), rotation=20)
+  fig.tight_layout()
+  fig.savefig(os.path.join(work, "test_success.png"), dpi=90)
+  plt.close(fig)

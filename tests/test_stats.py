@@ -1,0 +1,78 @@
+"""Paired bootstrap statistics against hand-computed cases and the verdict lines on
+constructed results."""
+
+import numpy as np
+import pytest
+
+from sad_jax import stats
+
+
+def test_two_games_one_seed_gives_the_enumerated_bootstrap_distribution():
+  """Games (0, 1), one seed: a resample of two games has mean 0, ½ or 1 with probabilities
+  ¼, ½, ¼ (hand-enumerated), so the 95% interval is [0, 1]."""
+  draws = stats.replicates({"a": np.array([[0.0, 1.0]])}, reps=40_000, seed=3)["a"]
+  for value, prob in ((0.0, 0.25), (0.5, 0.5), (1.0, 0.25)):
+    assert np.mean(np.isclose(draws, value)) == pytest.approx(prob, abs=0.01)
+  est = stats.success({"a": np.array([[0.0, 1.0]])}, reps=40_000)["a"]
+  assert (est.mean, est.lo, est.hi) == (0.5, 0.0, 1.0)
+
+
+def test_seeds_are_resampled_too():
+  """Two seeds that each won or lost every game: only the seed draw moves the mean
+  (0, ½, 1 with ¼, ½, ¼), however many games there are."""
+  won = np.array([[1.0] * 10, [0.0] * 10])
+  draws = stats.replicates({"a": won}, reps=40_000, seed=1)["a"]
+  for value, prob in ((0.0, 0.25), (0.5, 0.5), (1.0, 0.25)):
+    assert np.mean(np.isclose(draws, value)) == pytest.approx(prob, abs=0.01)
+
+
+def test_bootstrap_variance_matches_the_plug_in_binomial_variance():
+  """One seed, G games with p won: the bootstrap mean's variance is p(1−p)/G."""
+  won = np.array([[1.0] * 30 + [0.0] * 70])
+  draws = stats.replicates({"a": won}, reps=40_000, seed=0)["a"]
+  assert np.var(draws) == pytest.approx(0.3 * 0.7 / 100, rel=0.05)
+
+
+def test_shared_games_make_the_difference_paired():
+  """Two models that win exactly the same games: every replicate draws the same games for
+  both, so the difference is 0 in each (an unpaired bootstrap would give about ±20
+  points here); a model that wins every game against one that wins none is +1 exactly."""
+  a = np.array([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]] * 3)
+  d = stats.paired_differences({"a": a, "b": a.copy()}, [("a", "b")])[("a", "b")]
+  assert (d.mean, d.lo, d.hi) == (0.0, 0.0, 0.0)
+  ones, zeros = np.ones((2, 8)), np.zeros((3, 8))
+  d = stats.paired_differences({"a": ones, "b": zeros}, [("a", "b"), ("b", "a")])
+  assert (d[("a", "b")].lo, d[("a", "b")].hi) == (1.0, 1.0)
+  assert (d[("b", "a")].lo, d[("b", "a")].hi) == (-1.0, -1.0)
+
+
+def test_paired_interval_is_narrower_than_the_unpaired_one():
+  """Correlated models (b wins a's games but 5 of them): the paired interval is close to
+  the 5-game gap, while resampling each model's games separately is far wider."""
+  rng = np.random.default_rng(0)
+  a = (rng.random((3, 100)) < 0.6).astype(float)
+  a[:] = a[0]  # the same outcome for every seed: all variance is in the games
+  b = a.copy()
+  b[:, np.flatnonzero(a[0])[:5]] = 0.0
+  d = stats.paired_differences({"a": a, "b": b}, [("a", "b")], reps=20_000)[("a", "b")]
+  assert d.mean == pytest.approx(0.05)
+  assert d.lo > 0  # always ≥ 0: b never wins a game that a lost
+  ra = stats.replicates({"a": a}, reps=20_000, seed=1)["a"]
+  rb = stats.replicates({"b": b}, reps=20_000, seed=2)["b"]
+  lo, hi = np.percentile(ra - rb, [2.5, 97.5])
+  assert lo < 0 < hi and (hi - lo) > 3 * (d.hi - d.lo)
+
+
+def test_verdicts_follow_the_interval_only():
+  e = stats.Estimate
+  assert stats.verdict("sad", "sft", e(0.10, 0.02, 0.18)) == "sad ahead"
+  assert stats.verdict("sad", "sft", e(-0.10, -0.18, -0.02)) == "sft ahead"
+  assert stats.verdict("sad", "sft", e(0.10, -0.01, 0.21)) == "no significant difference"
+  assert stats.verdict("sad", "sft", e(0.0, 0.0, 0.0)) == "no significant difference"
+  assert e(0.5, 0.25, 0.75).pct() == "50.0% [25.0, 75.0]"
+  assert e(-0.05, -0.1, 0.0).points() == "-5.0 [-10.0, +0.0]"
+
+
+def test_models_must_play_the_same_number_of_games():
+  with pytest.raises(ValueError, match="different numbers of games"):
+    stats.replicates({"a": np.ones((1, 4)), "b": np.ones((1, 5))})

@@ -1,0 +1,152 @@
+"""`sad-jax study` (and the demo, one instance of it): every config builds, the grid's
+plan, the dev-fold choice, the report's lines, and the whole pipeline end to end."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from sad_jax import cli, configlib, study, study_report
+from sad_jax.models import transformer as T
+from sad_jax.models.config import from_hf_dict
+
+CONFIG = "configs/study_coin.py"
+
+
+def count(model: dict) -> int:
+  from configs import train_base
+
+  cfg = from_hf_dict({**train_base.DEMO_STUDENT, **model, "vocab_size": 600})
+  shapes = jax.eval_shape(lambda: T.init_params(cfg, jax.random.key(0)))
+  return sum(int(x.size) for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("arg", [None, "rooms6", "demo", "quick"])
+def test_every_study_config_builds_a_valid_grid(arg):
+  c = configlib.load(f"{CONFIG}:{arg}" if arg else CONFIG)
+  arms = study.arms(c)
+  assert count(c.teacher.model) >= 4 * count(c.student.model)
+  assert {a.name for a in arms} >= {"sad", "token_kd", "sft"} and c.reference == "sad"
+  if arg in (None, "rooms6"):  # the issue's power: ≥ 128 shared test games, ≥ 5 seeds,
+    # ≥ 4 budgets for the main arms, ≥ 3 seeds for each ablation
+    assert c.eval.test_games >= 128 and c.eval.dev_games >= 32
+    for a in arms:
+      assert len(a.seeds) >= (5 if a.budgets else 3)
+      assert not a.budgets or len(a.budgets) >= 4
+    assert {a.name for a in arms} >= {"sad+learnable", "sad+pcgrad", "sad+curriculum"}
+  # each cell's training config builds (overrides are real keys)
+  for a in arms:
+    cell = study.cells_of(a, a.budgets or (10,))[0]
+    t = study.train_config(c, "DATA", objective=cell.objective, model=c.student.model,
+                           steps=cell.steps, seed=cell.seed, lr=c.student.lr,
+                           overrides=cell.overrides, curriculum=cell.curriculum)
+    assert t.train.steps == cell.steps and t.objective.name == a.objective
+    assert t.objective.pcgrad == ("pcgrad" in a.name)
+    assert t.objective.learnable_weights == ("learnable" in a.name)
+    assert len(t.curriculum.stages) == (2 if a.curriculum else 1)
+
+
+def test_a_bad_grid_is_refused_by_name():
+  c = configlib.load(f"{CONFIG}:quick", ["--config.reference=nope"])
+  with pytest.raises(Exception, match="reference 'nope'"):
+    study.arms(c)
+
+
+def _rec(arm, seed, steps, dev, test=None):
+  games = lambda won: {"games": [{"task": i, "won": bool(w), "steps": 1}
+                                 for i, w in enumerate(won)],
+                       "success_rate": float(np.mean(won))}
+  r = {"cell": {"arm": arm, "objective": arm, "seed": seed, "steps": steps}, "dev": games(dev)}
+  if test is not None:
+    r["test"] = games(test)
+  return r
+
+
+def test_the_budget_is_chosen_on_dev_the_smaller_on_a_tie():
+  recs = [_rec("sad", s, n, dev) for s in (0, 1) for n, dev in
+          ((100, [0, 0, 1, 0]), (200, [1, 1, 1, 0]), (300, [1, 1, 0, 1]), (400, [0, 1, 0, 0]))]
+  best, curve = study.choose_budget(recs)
+  assert curve == {100: 0.25, 200: 0.75, 300: 0.75, 400: 0.25} and best == 200
+
+
+def test_results_lines_hold_one_line_per_cell_and_game_and_mismatched_games_are_refused():
+  records = {"sad_s0_n100": _rec("sad", 0, 100, [1, 0], [1, 1, 0])}
+  teacher = {"dev": {"games": [{"task": 7, "won": True, "steps": 2}] * 2}}
+  lines = study_report.results_lines(records, teacher)
+  assert len(lines) == 2 + 2 + 3
+  assert {(x["cell"], x["split"]) for x in lines} == {("teacher", "dev"), ("sad_s0_n100", "dev"),
+                                                       ("sad_s0_n100", "test")}
+  m = study_report.won_matrix([records["sad_s0_n100"]["test"]] * 2)
+  assert m.shape == (2, 3) and m.sum() == 4
+  other = _rec("sad", 1, 100, [1, 0], [1, 1])["test"]
+  with pytest.raises(ValueError, match="same games"):
+    study_report.won_matrix([records["sad_s0_n100"]["test"], other])
+
+
+def tiny_config(tmp_env_games: int = 2):
+  """The quick plan, shrunk further: tiny models, 2 steps, 2 games per fold."""
+  c = configlib.load(f"{CONFIG}:quick")
+  c.unlock()
+  tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1)
+  c.expert.episodes = 30
+  c.data.seq_len, c.data.batch = 128, 8
+  c.teacher.model = {**tiny, "hidden_size": 64}
+  c.teacher.steps = 2
+  c.student.model = tiny
+  c.teacher_data.train_games = 4
+  c.arms = tuple(list(c.arms) + [__import__("configs.study_coin", fromlist=["arm"]).arm(
+      "sad+pcgrad", "sad", seeds=(0,), overrides=("objective.pcgrad=True",))])
+  for a in c.arms:
+    if a.budgets:
+      a.budgets = (2,)
+  c.eval.dev_games = c.eval.test_games = tmp_env_games
+  c.eval.max_steps, c.eval.batch, c.eval.max_new_tokens = 1, 2, 8
+  c.lock()
+  return c
+
+
+@pytest.mark.slow
+def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, monkeypatch,
+                                                                   capsys):
+  """The demo's path (`sad-jax demo --quick` through cli.main) on a shrunken plan: expert
+  data → prepare → teacher → the teacher's own episodes → stores → cells on dev → the
+  budget choice → test → results.jsonl and report.md; a rerun checks and skips every stage;
+  a changed plan retrains."""
+  from sad_jax import demo
+
+  c = tiny_config()
+  monkeypatch.setattr(demo, "config", lambda quick: c)
+  assert cli.main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
+  work = tmp_path / "quick"
+  out = capsys.readouterr().out
+  assert "budgets chosen on dev: sad 2, token_kd 2, sft 2, sad+pcgrad 2" in out
+  lines = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
+  # teacher (dev + test) and four cells (dev + test), two games each
+  assert len(lines) == 2 * 2 + 4 * 2 * 2
+  assert {x["arm"] for x in lines} == {"teacher", "sad", "token_kd", "sft", "sad+pcgrad"}
+  report = (work / "report.md").read_text()
+  for needle in ("| sad − token_kd |", "| sad − sft |", "| sad − sad+pcgrad |",
+                 "Exact figures depend on the processor", "chosen on the dev fold",
+                 "Command: `sad-jax demo --quick`"):
+    assert needle in report
+  for png in ("learning_curves.png", "test_success.png"):
+    assert (work / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  teacher_data = [json.loads(x) for x in (work / "teacher_data" / "train_success.jsonl")
+                  .read_text().splitlines()]
+  assert len(teacher_data) == 4 and {t["source"] for t in teacher_data} == {"teacher"}
+
+  assert cli.main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert re.search(r"expert: \d+ trajectories already", out)
+  assert out.count("already trained") == 1 + 3 + 4  # teacher; 3 cells on dev, 4 on test
+  assert out.count("already done") == 3 and out.count("already complete") == 2
+  assert "steps in" not in out and "episodes: success" not in out  # nothing retrained/replayed
+
+  c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
+                          model=c.student.model, steps=3, seed=0, lr=c.student.lr)
+  run = str(work / "cells" / "sft_s0_n2")
+  study.train("sft_s0_n2", run, c2, 3)
+  assert "the plan changed" in capsys.readouterr().out
