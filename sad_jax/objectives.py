@@ -63,6 +63,15 @@ def groups_for(name: str) -> tuple[Group, ...]:
   raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
 
 
+def teacher_kinds(obj: Objective) -> tuple[int, ...]:
+  """The span kinds whose tokens learn from the teacher: the kinds of the groups that
+  need it, and the action kinds when actions mix in teacher KD (action_teacher_weight)."""
+  kinds = {k for g in obj.groups if g.needs_teacher for k in g.kinds}
+  if obj.settings.action_teacher_weight > 0:
+    kinds |= set(losses.ACTION)
+  return tuple(sorted(kinds))
+
+
 def build(config) -> Objective:
   """From an ml_collections config (the `objective` section of a training config)."""
   settings = LossSettings(

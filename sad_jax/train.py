@@ -121,12 +121,17 @@ def train_and_evaluate(config, workdir: str) -> Result:
     online = step_lib.OnlineTeacher(
         cfg=tcfg, k=config.teacher.k,
         kinds=tuple(int(SpanKind.from_name(s)) for s in config.teacher.online_kinds))
+    check_teacher_kinds(obj, config.teacher.online_kinds, train_split,
+                        what="the online teacher covers", field="config.teacher.online_kinds")
   elif obj.needs_teacher:
     if not config.teacher_store:
       raise DataError(f"objective {obj.name!r} needs a teacher: set --config.teacher_store "
                       "(or --config.teacher.online)", field="config.teacher_store")
     k = config.teacher.k
     store = pipeline.open_teacher(config.teacher_store, train_split, k=k)
+    check_teacher_kinds(obj, store.manifest.span_kinds, train_split,
+                        what="the teacher store covers", field="span_kinds",
+                        path=os.path.join(config.teacher_store, "manifest.json"))
     if val_split is not None:
       val_store = pipeline.open_teacher(config.teacher_store, val_split, k=k)
 
@@ -369,6 +374,24 @@ def student_config(config, *, vocab: int, tensor: int):
   hf = dict(config.model.hf_config)
   hf["vocab_size"] = hf.get("vocab_size") or vocab
   return from_hf_dict(hf, where="config.model.hf_config").replace(vocab_multiple=tensor)
+
+
+def check_teacher_kinds(obj, covered, split, *, what: str, field: str,
+                        path: str | None = None) -> None:
+  """Refuses a teacher that lacks a span kind the objective distils and the data holds:
+  those tokens would silently drop out of the loss (token_kd on a reason-only store would
+  be reason-only KD)."""
+  have = {int(SpanKind.from_name(name)) for name in covered}
+  present = split.kind_tokens
+  missing = [k for k in objectives.teacher_kinds(obj)
+             if k not in have and (present is None or present[k] > 0)]
+  if missing:
+    name = lambda kinds: ", ".join(SpanKind(k).name.lower() for k in sorted(kinds))
+    raise DataError(
+        f"objective {obj.name!r} learns {name(objectives.teacher_kinds(obj))} tokens from the "
+        f"teacher but {what} only {name(have) or 'nothing'}: {name(missing)} tokens would "
+        f"have no teacher (recompute the top-k with span_kinds including "
+        f"{name(missing)})", path=path, field=field)
 
 
 def objective_for(config, model_cfg):

@@ -41,6 +41,7 @@ from sad_jax import curriculum
 from sad_jax.data import prepare, tfds_builder
 from sad_jax.errors import DataError
 from sad_jax.teacher.store import TeacherStore
+from sad_jax.types import SpanKind
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class Split:
   lengths: np.ndarray            # int64[n] tokens per example
   stats: dict[str, np.ndarray]   # STATS_FIELDS → int64[n]
   meta: dict[str, Any]
+  kind_tokens: np.ndarray | None = None  # int64[len(SpanKind)]: tokens of each kind
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -72,17 +74,21 @@ def open_split(dataset_dir: str, split: str) -> Split:
   source = tfds_builder.DataSource(builder, split)
   n = len(source)
   stats = np.zeros((n, len(tfds_builder.STATS_FIELDS)), np.int64)
+  kind_tokens = np.zeros(len(SpanKind), np.int64)
   ids = []
   for i in range(n):
     ex = source[i]
     ids.append(tfds_builder.example_id(ex))
     stats[i] = ex["stats"]
+    kinds = np.asarray(ex["kinds"], np.int64)
+    kind_tokens += np.bincount(kinds[(kinds >= 0) & (kinds < len(SpanKind))],
+                               minlength=len(SpanKind))
     if len(ex["ids"]) != stats[i, tfds_builder.STATS_FIELDS.index("tokens")]:
       raise DataError(f"example {ids[-1]}: {len(ex['ids'])} tokens but stats say "
                       f"{stats[i, 2]}", path=source.where(), record=i + 1, field="stats")
   named = {f: stats[:, j] for j, f in enumerate(tfds_builder.STATS_FIELDS)}
   return Split(path=dataset_dir, name=split, source=source, ids=ids,
-               lengths=named["tokens"].copy(), stats=named, meta=meta)
+               lengths=named["tokens"].copy(), stats=named, meta=meta, kind_tokens=kind_tokens)
 
 
 def open_teacher(store_dir: str, split: Split, *, k: int) -> TeacherStore:

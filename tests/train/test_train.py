@@ -15,8 +15,10 @@ import pytest
 
 from sad_jax import metrics as metrics_lib
 from sad_jax import train
+from sad_jax.data import pipeline
 from sad_jax.errors import DataError
 from sad_jax.models import checkpoint_io
+from sad_jax.types import SpanKind
 from tests.train.conftest import REPO, train_config
 
 
@@ -362,3 +364,75 @@ cp -a {mnt}/work {copy}
   resumed = train.train_and_evaluate(config, str(copy))
   assert resumed.step == total
   assert_bit_identical(final_params(str(copy)), final_params(str(tmp_path / "clean")))
+
+
+def _store_with_kinds(train_data, folder, kinds):
+  """A copy of the shared store whose manifest claims only `kinds` (the check reads it)."""
+  import shutil
+
+  shutil.copytree(train_data[1], folder)
+  man = json.loads((folder / "manifest.json").read_text())
+  man["span_kinds"] = list(kinds)
+  (folder / "manifest.json").write_text(json.dumps(man))
+  return str(folder)
+
+
+def test_an_objective_needs_a_store_of_its_span_kinds(train_data, tmp_path):
+  """token_kd distils every generated token: a reason-only store is refused, naming the
+  objective's kinds and the store's, instead of training reason-only KD."""
+  store = _store_with_kinds(train_data, tmp_path / "store", ["reason"])
+  config, _ = train_config(train_data, "token_kd", extra=[f"--config.teacher_store={store}"])
+  with pytest.raises(DataError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert e.value.field == "span_kinds" and e.value.path == f"{store}/manifest.json"
+  assert ("objective 'token_kd' learns reason, action, answer tokens from the teacher but the "
+          "teacher store covers only reason: action tokens would have no teacher") in str(e.value)
+  # sad distils reasons only: the same store is enough; mixing teacher KD into the actions
+  # (action_teacher_weight) needs action top-k again
+  split = pipeline.open_split(train_data[0], "train")
+  assert split.kind_tokens[SpanKind.ACTION] > 0 and split.kind_tokens[SpanKind.ANSWER] == 0
+  sad, _ = train_config(train_data, "sad")
+  train.check_teacher_kinds(train.objective_for(sad, None), ["reason"], split, what="the store",
+                            field="span_kinds")
+  sad.objective.action_teacher_weight = 0.5
+  with pytest.raises(DataError, match="learns reason, action, answer tokens") as e:
+    train.check_teacher_kinds(train.objective_for(sad, None), ["reason"], split,
+                              what="the store", field="span_kinds")
+  assert "only reason: action tokens" in str(e.value)  # no answer tokens in this data
+  # the online teacher's kinds are checked the same way
+  config, _ = train_config(train_data, "token_kd", extra=[
+      f"--config.teacher.online={train_data[2]}", "--config.teacher_store="])
+  with pytest.raises(DataError, match="the online teacher covers only reason") as e:
+    train.train_and_evaluate(config, str(tmp_path / "online"))
+  assert e.value.field == "config.teacher.online_kinds"
+
+
+@pytest.mark.slow
+def test_token_kd_through_the_trainer_distils_every_generated_token(train_data, tmp_path,
+                                                                     monkeypatch):
+  """token_kd's one group holds every reason, action and answer target of a step, counted
+  here in NumPy from the batches the trainer drew."""
+  drawn = []
+  next_batch = pipeline.TrainIterator.__next__
+
+  def record(self):
+    out = next_batch(self)
+    drawn.append(out[0])
+    return out
+
+  monkeypatch.setattr(pipeline.TrainIterator, "__next__", record)
+  config, _ = train_config(train_data, "token_kd", extra=[
+      "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=0",
+      "--config.train.eval_batches=1", "--config.train.checkpoint_every=100",
+      "--config.train.export=false"])
+  assert train.train_and_evaluate(config, str(tmp_path)).step == 2
+  rows = [r for r in metrics_lib.read_jsonl(str(tmp_path)) if r["split"] == "train" and "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  generated = [int(SpanKind.REASON), int(SpanKind.ACTION), int(SpanKind.ANSWER)]
+  for row, batch in zip(rows, drawn):
+    seg, kinds = batch["segment_ids"], batch["kinds"]
+    target = (seg[..., 1:] == seg[..., :-1]) & (seg[..., 1:] > 0)  # within one trajectory
+    want = {k: int(np.sum(target & (kinds[..., 1:] == k))) for k in generated}
+    assert want[SpanKind.REASON] > 0 and want[SpanKind.ACTION] > 0, want
+    assert row["kd/tokens"] == sum(want.values())
+    assert np.isfinite(row["kd/loss"]) and row["kd/loss"] > 0
