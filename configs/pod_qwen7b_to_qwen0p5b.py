@@ -45,9 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.batch_size = 256            # 1M tokens per step
   c.data.accum = 2
   c.data.prefetch = 4
+  # Every stage distils at the store's τ (precompute's --config.temperature, 1.0 above):
+  # a store holds one τ, and training refuses a stage at another (README "Temperature").
   c.curriculum.stages = (
-      train_base.stage("single_tool", 2000, (1.0, 0.3, 0.0), (1.0, 1.0), temperature=2.0),
-      train_base.stage("multi_step", 4000, (0.5, 1.0, 0.5), (1.0, 1.0), temperature=1.5),
+      train_base.stage("single_tool", 2000, (1.0, 0.3, 0.0), (1.0, 1.0), temperature=1.0),
+      train_base.stage("multi_step", 4000, (0.5, 1.0, 0.5), (1.0, 1.0), temperature=1.0),
       train_base.stage("all", 14000, (1.0, 1.0, 1.0), (1.0, 1.0), temperature=1.0),
   )
   c.optim.lr = 5e-5

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -139,6 +140,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
   edges = curriculum.bucket_edges(stats_score, config.curriculum.n_buckets)
   stages = curriculum.stages_from_config(config, n_buckets=config.curriculum.n_buckets,
                                          n_groups=len(obj.groups))
+  if store is not None:
+    check_temperatures(stages, store.manifest.temperature,
+                       path=os.path.join(config.teacher_store, "manifest.json"))
   if config.data.batch_size % config.data.accum:
     raise DataError(f"batch_size {config.data.batch_size} must divide by accum "
                     f"{config.data.accum}", field="config.data.batch_size")
@@ -205,17 +209,14 @@ def train_and_evaluate(config, workdir: str) -> Result:
       teacher_params, transformer.param_axes(teacher_params), mesh, rules)
   compiled: dict[float, Any] = {}
 
-  def stage_objective(index: int):
-    return dataclasses.replace(obj, settings=dataclasses.replace(
-        obj.settings, temperature=stages[index].temperature))
-
   def train_fn(index: int):
     # one compiled step per distinct τ (a stage transition may recompile once)
     tau = stages[index].temperature
     if tau not in compiled:
+      stage_obj, stage_online = at_temperature(obj, online, tau)
       compiled[tau] = jit_train_step(
-          model_cfg=model_cfg, obj=stage_objective(index), tx=tx, schedule=schedule,
-          dtype=dtype, remat=config.model.remat, online=online, state_sh=state_sh,
+          model_cfg=model_cfg, obj=stage_obj, tx=tx, schedule=schedule,
+          dtype=dtype, remat=config.model.remat, online=stage_online, state_sh=state_sh,
           data_sh=data_sh, teacher_sh=teacher_sh)
     return compiled[tau]
 
@@ -224,8 +225,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
   def eval_fn(index: int):
     tau = stages[index].temperature
     if tau not in eval_fns:
+      stage_obj, stage_online = at_temperature(obj, online, tau)
       fn = functools.partial(step_lib.eval_step, model_cfg=model_cfg,
-                             obj=stage_objective(index), dtype=dtype, online=online)
+                             obj=stage_obj, dtype=dtype, online=stage_online)
       eval_fns[tau] = jax.jit(fn, in_shardings=(state_sh.params, state_sh.span_params,
                                                 data_sh, None, teacher_sh))
     return eval_fns[tau]
@@ -374,6 +376,27 @@ def student_config(config, *, vocab: int, tensor: int):
   hf = dict(config.model.hf_config)
   hf["vocab_size"] = hf.get("vocab_size") or vocab
   return from_hf_dict(hf, where="config.model.hf_config").replace(vocab_multiple=tensor)
+
+
+def at_temperature(obj, online, tau: float):
+  """The objective and the online teacher of a stage at τ. Distillation compares teacher
+  and student softened at the same τ (τ²·D(p_τ ‖ q_τ), README "Temperature"): the stage's
+  τ softens the student, and the online teacher, which sees all its logits, too."""
+  obj = dataclasses.replace(obj, settings=dataclasses.replace(obj.settings, temperature=tau))
+  return obj, None if online is None else dataclasses.replace(online, temperature=tau)
+
+
+def check_temperatures(stages, store_tau: float, *, path: str | None = None) -> None:
+  """A store holds the teacher at one τ, and its top-k cannot be re-softened exactly (the
+  tail's mass at another τ is unknown): every stage must distil at the store's τ."""
+  for i, stage in enumerate(stages):
+    if not math.isclose(stage.temperature, store_tau, rel_tol=1e-6):
+      raise DataError(
+          f"curriculum stage {stage.name!r} distils at τ={stage.temperature:g} but the teacher "
+          f"store holds the teacher's top-k at τ={store_tau:g}: teacher and student must be "
+          f"softened alike; set the stage's temperature to {store_tau:g}, or precompute a "
+          f"store at τ={stage.temperature:g}, or use an online teacher",
+          path=path, field=f"config.curriculum.stages[{i}].temperature")
 
 
 def check_teacher_kinds(obj, covered, split, *, what: str, field: str,

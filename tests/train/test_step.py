@@ -183,3 +183,57 @@ def test_lr_schedule_trains_at_step_0_and_decays_by_hand():
                            10)
   np.testing.assert_allclose(float(g(0)), 1e-2, rtol=1e-6)
   np.testing.assert_allclose(float(g(5)), 1e-3 + 9e-3 * 0.5, rtol=1e-6)
+
+
+def np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_a_stage_temperature_softens_teacher_and_student_alike(train_data):
+  """At a stage's τ = 2, the reason loss is τ²·KL(softmax(z_t/2) ‖ softmax(z_s/2)) per
+  target, from both models' full logits in float64 (k = the whole vocabulary, so the
+  top-k is exact): the online teacher is softened by the stage's τ, not left at 1."""
+  tau = 2.0
+  _, _, teacher_dir = train_data
+  tcfg, tparams = checkpoint_io.load_model(teacher_dir)
+  _, host = batches(train_data, rows=2, n=1, teacher=False)
+  batch = {k: jnp.asarray(v) for k, v in host[0].items()}
+  config, _ = train_config(train_data, extra=["--config.objective.tail=ignore"])
+  model_cfg = train.student_config(config, vocab=tcfg.vocab_size, tensor=1)
+  online = step_lib.OnlineTeacher(cfg=tcfg, k=tcfg.vocab_size, kinds=(int(SpanKind.REASON),))
+  obj, online = train.at_temperature(train.objective_for(config, model_cfg), online, tau)
+  params = T.init_params(model_cfg, jax.random.key(1))
+  out = step_lib.eval_step(params, jnp.zeros(2), batch, jnp.ones(2), tparams,
+                           model_cfg=model_cfg, obj=obj, online=online)
+
+  mb = {k: np.asarray(v[0]) for k, v in host[0].items()}
+  inputs, pos, seg = mb["ids"][:, :-1], mb["positions"][:, :-1], mb["segment_ids"][:, :-1]
+
+  def logits(cfg, p):
+    h, w, _ = T.features(cfg, p, jnp.asarray(inputs), positions_bt=jnp.asarray(pos),
+                         segment_ids_bt=jnp.asarray(seg))
+    return np.asarray(h, np.float64) @ np.asarray(w, np.float64)[:, :cfg.vocab_size]
+
+  log_p = np_log_softmax(logits(tcfg, tparams) / tau)
+  log_q = np_log_softmax(logits(model_cfg, params) / tau)
+  kl = tau ** 2 * np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+  same = (mb["segment_ids"][:, 1:] == seg) & (seg > 0)
+  reason = same & (mb["kinds"][:, 1:] == SpanKind.REASON)
+  assert reason.sum() > 0 and out["count"][0] == reason.sum()
+  np.testing.assert_allclose(float(out["sum"][0]), kl[reason].sum(), rtol=2e-4)
+
+
+def test_a_stage_temperature_must_be_the_stores(train_data, tmp_path):
+  """A store holds the teacher at one τ: a stage at another τ is refused, naming both."""
+  config, _ = train_config(train_data)
+  stages = list(config.curriculum.stages)
+  stages[1] = {**stages[1].to_dict(), "temperature": 2.0}
+  config.curriculum.stages = tuple(stages)
+  with pytest.raises(train.DataError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert e.value.field == "config.curriculum.stages[1].temperature"
+  assert e.value.path.endswith("manifest.json")
+  assert "stage 'all' distils at τ=2 but the teacher store holds the teacher's top-k at τ=1" \
+      in str(e.value)
