@@ -266,14 +266,19 @@ def sharded_case(cfg, shape, seed=0):
   bsh = sharding.sharding_for((B, L), ("batch", "length"), mesh)
   tk = sharding.sharding_for((B, L, k), ("batch", "length", None), mesh)
   tsh = losses.TeacherTopK(tk, tk, bsh)
+  params, ids = jax.device_put(params, psh), jax.device_put(ids, bsh)
+  # what is split, by hand from the rules (a device_set of 8 would not tell: a replicated
+  # array has one too): the rows over data × fsdp, q's embed over fsdp and heads over
+  # tensor where the mesh axis divides them (D = 32, 4 heads)
+  assert ids.sharding.spec == P(("data", "fsdp"), None), ids.sharding.spec
+  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+  want_q = P("fsdp" if fsdp > 1 else None, "tensor" if tensor > 1 else None, None)
+  assert params["layers_0"]["attn"]["q"].sharding.spec == want_q
   with sharding.use_mesh(mesh):
     f = jax.jit(vg, in_shardings=(psh, bsh, bsh, tsh),
                 out_shardings=(NamedSharding(mesh, P()), psh))
-    out = f(jax.device_put(params, psh), jax.device_put(ids, bsh), jax.device_put(kinds, bsh),
-            jax.device_put(teacher, tsh))
-  # the parameters really were split across devices
-  q = out[1]["layers_0"]["attn"]["q"]
-  assert len(q.sharding.device_set) == 8
+    out = f(params, ids, jax.device_put(kinds, bsh), jax.device_put(teacher, tsh))
+  assert out[1]["layers_0"]["attn"]["q"].sharding.spec == want_q
   return out
 
 

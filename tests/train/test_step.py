@@ -7,7 +7,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from sad_jax import curriculum, sharding, train
 from sad_jax import step as step_lib
@@ -64,7 +66,12 @@ def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=
     state = jax.jit(init, out_shardings=state_sh)()
     history = []
     for b in host_batches[:steps]:
-      state, m = step(state, jax.device_put(b, data_sh), weights, teacher_params)
+      batch = jax.device_put(b, data_sh)
+      state, m = step(state, batch, weights, teacher_params)
+      # the first moment after this step: (1 − b1)·(clipped gradient) at step 0, then its
+      # running mean: the step's per-leaf gradients, as the optimizer saw them
+      m["mu"] = jax.tree.map(np.asarray, jax.device_get(optax.tree.get(state.opt_state, "mu")))
+      m["batch_spec"] = batch["ids"].sharding.spec
       history.append(jax.device_get(m))
   return jax.tree.map(np.asarray, jax.device_get(state.params)), history, state
 
@@ -78,22 +85,71 @@ def close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
+def same_gradients(got, want, *, tol=2e-5, where=""):
+  """Per leaf: max |got − want| within `tol` of the leaf's own scale (a small leaf's error
+  is not hidden by a large one's)."""
+  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+  for (path, g), w in zip(got_leaves, jax.tree.leaves(want), strict=True):
+    w = np.asarray(w)
+    assert np.abs(w).max() > 0, (where, jax.tree_util.keystr(path))  # a leaf that trained
+    err = float(np.abs(np.asarray(g) - w).max() / np.abs(w).max())
+    assert err < tol, (where, jax.tree_util.keystr(path), err)
+
+
+# Rows every mesh's batch axes (data × fsdp: 8, 4, 2) divide, so each mesh is
+# data-parallel; specs written out by hand from DEFAULT_RULES (embed → fsdp, heads / mlp /
+# vocab → tensor; a mesh axis of size 1 leaves its dimension replicated).
+BATCH = P(None, ("data", "fsdp"))
+PARAM_SPECS = {
+    (2, 2, 2): {"['embed']": P("tensor", "fsdp"), "['layers_0']['attn']['q']": P("fsdp", "tensor"),
+                "['layers_0']['mlp']['down']": P("tensor", "fsdp")},
+    (1, 2, 4): {"['embed']": P("tensor", "fsdp"), "['layers_0']['attn']['q']": P("fsdp", "tensor"),
+                "['layers_0']['mlp']['down']": P("tensor", "fsdp"),
+                "['layers_0']['attn']['k']": P("fsdp")},  # 2 KV heads: not split 4 ways
+    (8, 1, 1): {"['embed']": P(), "['layers_0']['attn']['q']": P(),
+                "['layers_0']['mlp']['down']": P()},
+}
+
+
+def assert_specs(shape, state, hist):
+  """The batch is split over the batch axes; the parameters and both Adam moments are
+  split as the rules say (checked per leaf in the moments: each like its parameter)."""
+  for h in hist:
+    assert h["batch_spec"] == BATCH, (shape, h["batch_spec"])
+  params = dict(zip(leaf_paths(state.params), jax.tree.leaves(state.params)))
+  for path, spec in PARAM_SPECS[shape].items():
+    got = params[path].sharding.spec
+    assert tuple(got) + (None,) * (params[path].ndim - len(got)) == \
+        tuple(spec) + (None,) * (params[path].ndim - len(spec)), (shape, path, got)
+  for moment in ("mu", "nu"):
+    tree = optax.tree.get(state.opt_state, moment)["model"]
+    for path, leaf, param in zip(leaf_paths(tree), jax.tree.leaves(tree),
+                                 jax.tree.leaves(state.params)):
+      assert leaf.sharding.spec == param.sharding.spec, (shape, moment, path)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("sad", ()),
     ("sad", ("--config.objective.learnable_weights=true", "--config.objective.pcgrad=true")),
 ])
 def test_sharded_steps_equal_one_device(train_data, objective, extra):
-  layout, host = batches(train_data, accum=2, rows=4)
+  layout, host = batches(train_data, accum=2, rows=8)
   ref_params, ref_hist, _ = run(train_data, (1, 1, 1), host, layout, objective=objective,
                                 extra=extra)
   meshes = [(2, 2, 2), (1, 2, 4), (8, 1, 1)] if not extra else [(2, 2, 2)]
   for shape in meshes:
-    params, hist, _ = run(train_data, shape, host, layout, objective=objective, extra=extra)
-    for h, r in zip(hist, ref_hist):
-      assert bool(h["ok"])
+    params, hist, state = run(train_data, shape, host, layout, objective=objective, extra=extra)
+    assert_specs(shape, state, hist)
+    for i, (h, r) in enumerate(zip(hist, ref_hist)):
+      assert bool(h["ok"]) and h["lr"] > 0
       for key in ("loss", "grad_norm", "reason/loss", "action/loss", "curriculum/loss"):
         np.testing.assert_allclose(h[key], r[key], rtol=2e-5, err_msg=f"{shape} {key}")
-    close(params, ref_params)
+      same_gradients(h["mu"]["model"], r["mu"]["model"], where=f"{shape} step {i}")
+      np.testing.assert_allclose(h["mu"]["span"], r["mu"]["span"], rtol=2e-5, atol=1e-9)
+    # Adam divides by √v: where a gradient entry is ~0, float noise in it moves the update
+    # by up to a few 1e-3 of a step (lr 3e-3), hence atol 3e-5 on the parameters
+    close(params, ref_params, atol=3e-5)
 
 
 def test_accumulation_equals_the_full_batch(train_data):
@@ -113,6 +169,9 @@ def test_accumulation_equals_the_full_batch(train_data):
   assert h1[0]["lr"] > 0
   for path, a, b in zip(leaf_paths(p0), jax.tree.leaves(p1), jax.tree.leaves(p0)):
     assert np.abs(a - b).max() > 0.1 * h1[0]["lr"], path
+  same_gradients(h2[0]["mu"]["model"], h1[0]["mu"]["model"], where="accumulation")
+  assert np.abs(h1[0]["mu"]["span"]).min() > 0  # the learnable weights have gradients too
+  np.testing.assert_allclose(h2[0]["mu"]["span"], h1[0]["mu"]["span"], rtol=2e-5)
   close(p1, p2)
   np.testing.assert_allclose(s1.span_params, s2.span_params, rtol=1e-5, atol=1e-7)
 
