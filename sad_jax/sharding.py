@@ -6,7 +6,9 @@ replicated (e.g. 2 KV heads on a tensor axis of 8), rather than failing.
 
 Activations are constrained at block boundaries with `constrain`: the known trap is XLA
 on CPU returning wrong gradients for an FSDP+TP matmul chain whose output carried no
-sharding constraint (DESIGN.md).
+sharding constraint (DESIGN.md). tests/models/test_model.py records, per JAX version,
+whether the unconstrained chain is wrong (not on 0.10.2), and tests/train/test_step.py
+counts the constraints in the lowered train step.
 """
 
 from __future__ import annotations

@@ -296,3 +296,34 @@ def test_a_stage_temperature_must_be_the_stores(train_data, tmp_path):
   assert e.value.path.endswith("manifest.json")
   assert "stage 'all' distils at τ=2 but the teacher store holds the teacher's top-k at τ=1" \
       in str(e.value)
+
+
+def test_lowered_train_step_constrains_every_block_boundary():
+  """The lowered (2,2,2) train step of a 2-layer student holds the block-boundary sharding
+  constraints, counted by hand: per layer, the attention and MLP inputs as rows [B·T, D],
+  q and the attention output [B,T,H,hd], k and v [B,T,KV,hd], the MLP hidden [B·T, F], and
+  [B,T,D] after attention, after the MLP and after each residual add; per model, [B,T,D]
+  after the embedding and after the final norm. The backward pass constrains each
+  cotangent too (×2). A dropped constraint, or a step traced outside the mesh context
+  (constrain is then a no-op), fails here."""
+  import collections
+  import re
+
+  from sad_jax import configlib
+  from tests.train.conftest import REPO, TINY
+
+  config = configlib.load(f"{REPO}/configs/train_sad.py:runlocal",
+                          [*TINY, "--config.mesh.shape=(2,2,2)"])
+  text = train.lower_abstract(config, devices=8, platform="cpu", vocab=600).as_text()
+  found = collections.Counter(re.findall(
+      r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<(\w+)>", text))
+  b, t, d, f, h, kv, hd, layers = 4, 128, 32, 64, 4, 2, 8, 2  # runlocal batch 4, TINY sizes
+  rows, split = '[{"data", "fsdp"}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}, {}]'
+  want = {
+      (rows, f"{b * t}x{d}xf32"): 2 * layers * 2,
+      (split, f"{b}x{t}x{h}x{hd}xf32"): 2 * layers * 2,
+      (split, f"{b}x{t}x{kv}x{hd}xf32"): 2 * layers * 2,
+      ('[{"data", "fsdp"}, {"tensor"}]', f"{b * t}x{f}xf32"): 2 * layers * 1,
+      ('[{"data", "fsdp"}, {}, {}]', f"{b}x{t}x{d}xf32"): 2 * (layers * 4 + 2),
+  }
+  assert dict(found) == want
