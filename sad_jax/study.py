@@ -198,7 +198,7 @@ def train_config(c, dataset: str, *, objective: str, model, steps: int, seed: in
     warm = max(steps // 4, 1)
     t.curriculum.stages = (train_base.stage("simple", warm, (1.0, 1.0, 0.3), weights),
                            train_base.stage("all", steps - warm, (1.0, 1.0, 1.0), weights))
-    t.objective.curriculum_gamma = 0.1
+    t.objective.curriculum_gamma = 0.1 if objective == "sad" else 0.0
   else:
     t.curriculum.stages = (train_base.stage("all", steps, (1.0, 1.0, 1.0), weights),)
     t.objective.curriculum_gamma = 0.0
@@ -256,7 +256,7 @@ def stage_teacher(work: str, c, dataset: str) -> str:
   _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps")
   run = os.path.join(work, "teacher")
   t = train_config(c, dataset, objective="sft", model=c.teacher.model, steps=c.teacher.steps,
-                   seed=0, lr=c.teacher.lr)
+                   seed=0, lr=c.teacher.lr, curriculum=c.teacher.curriculum)
   train("teacher", run, t, c.teacher.steps)
   return os.path.join(run, "final")
 
@@ -501,8 +501,9 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
          "jsonl": dev_jsonl}
   shared = {"dataset": dataset, "store": store, "dev": dev}
 
-  # dev: every budget of the arms that have their own; then each arm's choice
-  own = [a for a in arm_list if a.budgets]
+  # dev: every budget of the arms that have a choice to make (two budgets or more); then
+  # each arm's choice. An arm with one budget takes it; one with none takes the reference's.
+  own = [a for a in arm_list if len(a.budgets) > 1]
   # seed-major order: a study stopped part-way has whole learning curves for its first seeds
   order = {a.name: i for i, a in enumerate(own)}
   plan = sorted((cell for a in own for cell in cells_of(a, a.budgets)),
@@ -517,6 +518,9 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
     chosen[a.name], curves[a.name] = choose_budget(
         [records[x.name] for x in cells_of(a, a.budgets)])
   for a in arm_list:
+    if len(a.budgets) == 1:
+      chosen[a.name] = int(a.budgets[0])
+  for a in arm_list:
     chosen.setdefault(a.name, chosen[c.reference])
   _say("  budgets chosen on dev: " + ", ".join(f"{k} {v}" for k, v in chosen.items()))
 
@@ -524,7 +528,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
   final = [cell for a in arm_list for cell in cells_of(a, (chosen[a.name],))]
   _say(f"[7/8] the chosen cells on the test fold: {len(final)}, {c.eval.test_games} games each")
   for i, cell in enumerate(final):
-    records[cell.name] = run_cell(work, c, cell, shared, ev, ("dev", "test"),
+    records[cell.name] = run_cell(work, c, cell, shared, ev, ("test",),
                                   f"test {i + 1}/{len(final)}")
   teacher_test = ev.play("teacher", teacher, "test", c.eval.test_games,
                          os.path.join(work, "teacher_data", "test.json"))

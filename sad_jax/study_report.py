@@ -77,7 +77,9 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   est = stats.success(test)
   rivals = [n for n in names if n != c.reference] + ["teacher"]
   diffs = stats.paired_differences(test, [(c.reference, n) for n in rivals])
-  dev = {a: won_matrix([r["dev"] for r in _arm_records(records, a, chosen[a])]) for a in names}
+  # dev success where the arm played dev (arms with a budget to choose)
+  dev = {a: won_matrix([r["dev"] for r in rs]) for a in names
+         if (rs := _arm_records(records, a, chosen[a])) and all("dev" in r for r in rs)}
   dev["teacher"] = won_matrix([teacher["dev"]])
   dev_est = stats.success(dev)
 
@@ -99,7 +101,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
     per_seed = " / ".join(f"{100 * r['test']['success_rate']:.0f}" for r in rs)
     rows.append(
         f"| {a.name} | {a.objective} | {chosen[a.name]} | {s_params / 1e6:.2f} M | "
-        f"{est[a.name].pct()} | {per_seed} | {dev_est[a.name].pct()} | "
+        f"{est[a.name].pct()} | {per_seed} | "
+        f"{dev_est[a.name].pct() if a.name in dev_est else '–'} | "
         f"{span(rs, 'decision_accuracy'):.3f} | {span(rs, 'reason_kl'):.3f} | "
         f"{span(rs, 'action_accuracy'):.3f} | "
         f"{np.mean([r['test']['mean_steps'] for r in rs]):.2f} | "
@@ -137,7 +140,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
       else:
         cells.append("–")
     crows.append(f"| {arm} | " + " | ".join(cells) + " |")
-  ctable = "\n".join(crows)
+  ctable = "\n".join(crows) if curves else (
+      "No arm had budgets to choose between: each arm trained for its one budget.")
 
   _plots(work, curve_est, est)
   n_seeds = {a.name: len(a.seeds) for a in arm_list}

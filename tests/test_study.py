@@ -100,8 +100,8 @@ def tiny_config(tmp_env_games: int = 2):
   c.arms = tuple(list(c.arms) + [__import__("configs.study_coin", fromlist=["arm"]).arm(
       "sad+pcgrad", "sad", seeds=(0,), overrides=("objective.pcgrad=True",))])
   for a in c.arms:
-    if a.budgets:
-      a.budgets = (2,)
+    if a.budgets:  # sad chooses between two budgets on dev; token_kd and sft have one
+      a.budgets = (2, 3) if a.name == "sad" else (2,)
   c.eval.dev_games = c.eval.test_games = tmp_env_games
   c.eval.max_steps, c.eval.batch, c.eval.max_new_tokens = 1, 2, 8
   c.lock()
@@ -122,10 +122,13 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
   work = tmp_path / "quick"
   out = capsys.readouterr().out
+  # ties go to the smaller budget, and the ablation takes sad's
   assert "budgets chosen on dev: sad 2, token_kd 2, sft 2, sad+pcgrad 2" in out
   lines = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
-  # teacher (dev + test) and four cells (dev + test), two games each
-  assert len(lines) == 2 * 2 + 4 * 2 * 2
+  # two games a line: teacher dev + test; sad's two budgets on dev; four cells on test
+  assert len(lines) == 2 * (2 + 2 + 4)
+  assert sorted({(x["cell"], x["split"]) for x in lines if x["split"] == "dev"}) == [
+      ("sad_s0_n2", "dev"), ("sad_s0_n3", "dev"), ("teacher", "dev")]
   assert {x["arm"] for x in lines} == {"teacher", "sad", "token_kd", "sft", "sad+pcgrad"}
   report = (work / "report.md").read_text()
   for needle in ("| sad − token_kd |", "| sad − sft |", "| sad − sad+pcgrad |",
@@ -141,7 +144,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert re.search(r"expert: \d+ trajectories already", out)
-  assert out.count("already trained") == 1 + 3 + 4  # teacher; 3 cells on dev, 4 on test
+  assert out.count("already trained") == 1 + 2 + 4  # teacher; 2 cells on dev, 4 on test
   assert out.count("already done") == 3 and out.count("already complete") == 2
   assert "steps in" not in out and "episodes: success" not in out  # nothing retrained/replayed
 
