@@ -149,6 +149,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
   rows = config.data.batch_size // config.data.accum
   batch_sharding = batch_sharding_for(rows, mesh, rules)
   start, count = local_rows(batch_sharding, rows)
+  if jax.process_count() > 1:  # each process says which rows it packs (every one logs)
+    _log(True, f"process {jax.process_index()} of {jax.process_count()}: packs rows "
+               f"[{start}, {start + count}) of each {rows}-row micro-batch")
   layout = pipeline.Layout(accum=config.data.accum, rows=rows,
                            length=config.data.seq_len + 1, k=k, row_start=start,
                            row_count=count)
