@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--start", type=int, default=0)
   ev.add_argument("--max-steps", type=int, default=30)
   ev.add_argument("--max-new-tokens", type=int, default=96)
-  ev.add_argument("--batch", type=int, default=8, help="episodes run in lockstep")
+  ev.add_argument("--batch", type=int, default=8,
+                  help="environments played at once (a finished game's slot takes the next)")
   ev.add_argument("--sag", type=int, default=0, help="self-consistent action generation: N")
   ev.add_argument("--seed", type=int, default=0)
   ev.add_argument("--transcripts", default=None, metavar="OUT.jsonl")

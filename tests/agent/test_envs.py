@@ -189,3 +189,19 @@ def test_textworld_treasure_and_cooking_oracles_win(tw_games):
     assert traj.success, (spec, render.render_react(traj).text[-800:])
   traj = next(oracle.generate("math:chain_sum", split="dev", episodes=1))
   assert traj.success
+
+
+def test_generate_command_writes_the_oracle_trajectories(tmp_path, capsys):
+  """`sad-jax generate` through cli.main: the file holds what oracle.generate yields for
+  the same fold, start and seed, and the summary line counts them."""
+  from sad_jax import cli
+
+  spec = "twx:coin?numLocations=3&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
+  out = tmp_path / "gen.jsonl"
+  assert cli.main(["generate", "--env", spec, "--split", "dev", "--episodes", "3", "--start",
+                   "2", "--seed", "5", "-o", str(out)]) == 0
+  got = [t.to_dict() for t in schema.read_jsonl(str(out))]
+  want = [t.to_dict() for t in oracle.generate(spec, split="dev", episodes=3, start=2, seed=5)]
+  assert got == want and len(got) == 3
+  assert f"wrote 3 trajectories to {out} ({sum(t['success'] for t in want)} successful)" in \
+      capsys.readouterr().out

@@ -164,8 +164,12 @@ def test_import_server_prompt_logprobs(dataset, teacher, tmp_path):
       lines.append({"id": ex["id"].decode(), "prompt_token_ids": ids.tolist(),
                     "prompt_logprobs": entries})
   src = helpers.write_jsonl(str(tmp_path / "lp.jsonl"), lines)
-  V.import_prompt_logprobs(src, dataset_dir=dataset, out_dir=str(tmp_path / "imp"), k=8,
-                           teacher_name="server", teacher_vocab_size=cfg.vocab_size + 128)
+  from sad_jax import cli
+
+  # through the command, as a user runs it
+  assert cli.main(["teacher", "import", src, "--dataset", dataset, "--out",
+                   str(tmp_path / "imp"), "--k", "8", "--teacher-name", "server",
+                   "--teacher-vocab-size", str(cfg.vocab_size + 128)]) == 0
   report = V.verify(str(tmp_path / "imp"), dataset)
   assert report["examples"] == 40
   a, b = S.TeacherStore(tmp_path / "imp"), S.TeacherStore(tmp_path / "ref")
