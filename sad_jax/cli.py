@@ -215,6 +215,17 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _cmd_export(args) -> int:
+  from sad_jax.models import export
+
+  kw = {} if args.max_shard_bytes is None else {"max_shard_bytes": args.max_shard_bytes}
+  out = export.export(args.source, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
+                      **kw)
+  print(f"exported {out['params']:,} parameters ({out['dtype']}, template {out['template']}) "
+        f"to {out['out_dir']}: {', '.join(out['files'])}")
+  return 0
+
+
 def _cmd_demo(args) -> int:
   from sad_jax import demo
 
@@ -313,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
   gen.set_defaults(func=_cmd_generate)
 
   ev = sub.add_parser("eval", help="run a checkpoint as a ReAct agent; success rate and more")
-  ev.add_argument("--checkpoint", required=True, help="model folder (training's final/, or HF)")
+  ev.add_argument("--checkpoint", required=True,
+                  help="a training run, its final/, or an HF folder; prompts use the template "
+                  "it was trained with (recorded in the folder or the run's dataset)")
   ev.add_argument("--tokenizer", default=None, help="if the folder has none")
   ev.add_argument("--env", required=True)
   ev.add_argument("--split", default="test", choices=("train", "dev", "test"))
@@ -329,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--json", default=None, metavar="RESULT.json")
   ev.add_argument("--quiet", action="store_true")
   ev.set_defaults(func=_cmd_eval)
+
+  exp = sub.add_parser("export", help="a trained model as a Hugging Face folder: weights, "
+                       "tokenizer, chat template")
+  exp.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="a training run (its final/), a final/ folder, or an HF folder")
+  exp.add_argument("out_dir", metavar="OUT_DIR")
+  exp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  exp.add_argument("--tokenizer", default=None, help="if neither the folder nor the run's "
+                   "dataset has one")
+  exp.add_argument("--max-shard-bytes", type=int, default=None,
+                   help="split the weights into files of at most this size (default 2 GiB)")
+  exp.set_defaults(func=_cmd_export)
 
   dem = sub.add_parser("demo", help="the whole method end to end on TextWorld-Express: "
                        "SAD vs token-level KD vs SFT, with a report and plots")

@@ -362,7 +362,8 @@ def train_and_evaluate(config, workdir: str) -> Result:
     final = os.path.join(workdir, "final")
     checkpoint_io.save_params(final, model_cfg, state.params)
     if is_main:  # the tokenizer travels with the model (eval, serving)
-      for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+      for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "template.json"):
         if os.path.exists(os.path.join(config.dataset, name)):
           shutil.copyfile(os.path.join(config.dataset, name), os.path.join(final, name))
   return Result(step=final_step, status=status, train=last_train, validation=last_val,

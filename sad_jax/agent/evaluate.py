@@ -205,15 +205,15 @@ def decision_accuracy(policy: react.Policy, trajectories: list[Trajectory], *,
 
 
 def load_policy(checkpoint: str, *, tokenizer: str | None = None, **kw) -> react.Policy:
-  """A model folder (orbax params + config.json, e.g. a training run's `final/`, or an HF
-  folder) and its tokenizer (in the folder, or given)."""
+  """A model folder (a training run, its `final/` of orbax params + config.json, or an HF
+  folder), its tokenizer (in the folder or the run's dataset, or given) and the template
+  it was trained with (recorded in the folder or the run's dataset; else ReAct)."""
   from sad_jax.data.tokenizer import load_tokenizer
-  from sad_jax.models.checkpoint_io import load_model
+  from sad_jax.models.checkpoint_io import load_model, resolve_source
 
-  cfg, params = load_model(checkpoint)
-  tok_path = tokenizer or next(
-      (os.path.join(checkpoint, n) for n in ("tokenizer.model", "tokenizer.json")
-       if os.path.exists(os.path.join(checkpoint, n))), None)
+  source = resolve_source(checkpoint)
+  cfg, params = load_model(source.model_dir)
+  tok_path = tokenizer or source.tokenizer_path()
   if tok_path is None:
     raise DataError("no tokenizer in the checkpoint folder: pass --tokenizer (a prepared "
                     "dataset's tokenizer.model / tokenizer.json)", path=checkpoint)
@@ -221,4 +221,5 @@ def load_policy(checkpoint: str, *, tokenizer: str | None = None, **kw) -> react
   if tok.vocab_size > cfg.vocab_size:
     raise DataError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}",
                     path=tok_path, field="vocab_size")
+  kw.setdefault("template", source.template(tok))
   return react.Policy(cfg=cfg, params=params, tokenizer=tok, **kw)

@@ -2,9 +2,10 @@
 project's KV-cache decoder, action parsing, and self-consistent action generation (SAG).
 
 A turn: the trajectory so far is rendered exactly as `prepare` rendered the training data
-(`render.render_react`), the model continues with `Thought: …\nAction: …\n`, and
-generation stops at `Observation:` (or EOS / the token budget). Episodes run batched:
-every active episode's prompt goes into one `generate` call per turn.
+(`render.render_react`, or the chat template the student was trained with, up to its
+generation prompt), the model continues with `Thought: …\nAction: …\n`, and generation
+stops at `Observation:` (or EOS, the chat template's end-of-turn token, the token budget).
+Episodes run batched: every active episode's prompt goes into one `generate` call per turn.
 
 SAG (Kang et al., "Distilling LLM Agent into Small Models with Retrieval and Code Tools"):
 sample N candidate thought+action pairs, drop those that do not parse (and, for code
@@ -19,9 +20,10 @@ import dataclasses
 import time
 
 import jax.numpy as jnp
+import numpy as np
 
-from sad_jax.data import render
-from sad_jax.data.schema import Trajectory
+from sad_jax.data import render, segment
+from sad_jax.data.schema import Segment, Trajectory
 from sad_jax.models import generate as gen
 
 STOP_STRINGS = ("\nObservation:", "Observation:")
@@ -64,6 +66,7 @@ class Policy:
   max_prompt_tokens: int = 1536
   temperature: float = 0.0
   dtype: object = jnp.float32
+  template: render.ChatTemplate | None = None  # None: the ReAct template
   generated_tokens: int = 0
   generate_seconds: float = 0.0
 
@@ -73,20 +76,49 @@ class Policy:
     segs = list(traj.segments)
     head = 2 if len(segs) > 1 and segs[1].kind == "observation" else 1
     while True:
-      text = render.render_react(dataclasses.replace(traj, segments=segs)).text
-      ids = self.tokenizer.encode(text).ids
-      if self.tokenizer.bos_id is not None:
-        ids = [self.tokenizer.bos_id, *ids]
+      cut = dataclasses.replace(traj, segments=segs)
+      if self.template is not None:
+        ids = self._chat_prompt(cut)
+      else:
+        ids = list(self.tokenizer.encode(render.render_react(cut).text).ids)
+        if self.tokenizer.bos_id is not None:
+          ids = [self.tokenizer.bos_id, *ids]
       if len(ids) <= self.max_prompt_tokens or len(segs) <= head + 3:
         return ids[-self.max_prompt_tokens:]
       segs = segs[:head] + segs[head + 3:]  # drop the oldest reason/action/observation
+
+  def _chat_prompt(self, traj: Trajectory) -> list[int]:
+    """The chat rendering up to the assistant turn's content, tokenized as prepare did:
+    a placeholder turn is rendered and the tokens from its content on are dropped (the
+    content starts after the generation prompt; no token crosses that point)."""
+    probe = dataclasses.replace(traj, segments=[*traj.segments, Segment("reason", "x")])
+    rendered = self.template.render(probe)
+    start = int(rendered.starts[np.flatnonzero(rendered.segment == len(traj.segments))[0]])
+    enc = segment.encode_rendered(self.tokenizer, [rendered], parse_special=True)[0]
+    return [int(i) for i in enc.ids[enc.starts < start]]
+
+  def stop_ids(self) -> list[int]:
+    """EOS and, with a chat template, its end-of-turn token (the first token of the
+    markup it writes after an assistant turn's content, e.g. <|im_end|>)."""
+    stop = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+    if self.template is not None:
+      probe = Trajectory(id="probe", segments=[Segment("task", "q"), Segment("reason", "r"),
+                                               Segment("action", "a")])
+      r = self.template.render(probe)
+      after = np.flatnonzero((r.segment == 2) & r.markup)
+      if len(after):
+        j = int(after[-1])
+        ids = self.tokenizer.encode(r.text[r.starts[j]: r.span_end(j)], parse_special=True).ids
+        if len(ids) and int(ids[0]) in self.tokenizer.special_tokens.values():
+          stop.append(int(ids[0]))
+    return sorted(set(stop))
 
   def turns(self, trajs: list[Trajectory], *, samples: int = 1, temperature: float | None = None,
             seed: int = 0, min_batch: int = 1) -> list[list[Turn]]:
     """`samples` candidate turns per trajectory (`min_batch`: see gen.generate)."""
     prompts = [self.prompt(t) for t in trajs for _ in range(samples)]
     tau = self.temperature if temperature is None else temperature
-    stop = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+    stop = self.stop_ids()
     t0 = time.perf_counter()
     out = gen.generate(self.cfg, self.params, prompts, max_new_tokens=self.max_new_tokens,
                        temperature=tau, top_k=0, top_p=1.0, stop_token_ids=stop,

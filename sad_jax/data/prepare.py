@@ -5,6 +5,7 @@ Output folder (written under a temporary name, renamed when complete):
   trajectory_dataset-{train,validation}.array_record-*   one record per trajectory
   tokenizer.model | tokenizer.json (+ tokenizer_config.json)   the tokenizer used
   prepare_report.json                               counts, drops, skips, fingerprint
+  template.json                                     the template, in full (eval, export)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import types
 from typing import Any
 
 import numpy as np
@@ -269,7 +271,62 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
     shutil.rmtree(build_dir)
     with atomic_write(os.path.join(tmp, "prepare_report.json")) as f:
       json.dump(report.to_dict(), f, indent=1)
+    write_template(os.path.join(tmp, TEMPLATE_FILE), template)
   return report
+
+
+TEMPLATE_FILE = "template.json"
+
+
+def write_template(path: str | os.PathLike, template: render.ChatTemplate | None) -> None:
+  """The template a dataset was rendered with, in full: evaluation and export render
+  prompts with it (the metadata holds only its fingerprint)."""
+  record: dict = {"template": render.template_fingerprint(template)}
+  if template is not None:
+    record.update(dataclasses.asdict(template))
+  with atomic_write(path) as f:
+    json.dump(record, f, indent=1)
+
+
+def load_template(folder: str | os.PathLike, tok: Tokenizer | None = None
+                  ) -> render.ChatTemplate | None:
+  """The template of a prepared dataset or a model folder that carries its record
+  (`template.json`); None means the ReAct template. A dataset prepared before the record
+  existed is matched by fingerprint against the ReAct template or its tokenizer's own chat
+  template; another template cannot be recovered (an error naming the dataset)."""
+  folder = os.fspath(folder)
+  path = os.path.join(folder, TEMPLATE_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+      want = record.pop("template")
+      template = None if want == "react-v1" else render.ChatTemplate(**record)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DataError(f"cannot read the template record: {e}", path=path,
+                      field="template") from None
+    if render.template_fingerprint(template) != want:
+      raise DataError(f"the template does not match its fingerprint {want[:17]}…", path=path,
+                      field="template")
+    return template
+  meta_path = os.path.join(folder, "metadata.json")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      want = json.load(f)["template"]
+  except (OSError, ValueError, KeyError, TypeError):
+    raise DataError(f"no {TEMPLATE_FILE} and no template in metadata.json: not a prepared "
+                    "dataset or model folder", path=folder, field="template") from None
+  if want == "react-v1":
+    return None
+  if tok is not None and tok.chat_template:
+    for role in ("user", "tool"):
+      cand = resolve_template(types.SimpleNamespace(template="tokenizer", observation_role=role),
+                              tok)
+      if render.template_fingerprint(cand) == want:
+        return cand
+  raise DataError(f"the dataset was rendered with chat template {want[:17]}…, which is not "
+                  f"its tokenizer's; prepare it again to record it in {TEMPLATE_FILE}",
+                  path=meta_path, field="template")
 
 
 def _copy_tokenizer(tok: Tokenizer, folder: str) -> None:

@@ -195,6 +195,74 @@ class SentencePieceTokenizer:
       f.write(self._proto)
 
 
+  def to_hf_json(self) -> str:
+    """An HF `tokenizer.json` that encodes as this model does (same ids), for models with
+    an exact round trip (identity normalisation, no dummy prefix, whitespace kept, byte
+    fallback: `train_sentencepiece`'s). BPE gets merges rebuilt from the pieces: every
+    split of a piece into two pieces merges, ranked by the piece's score (sentencepiece
+    merges the adjacent pair whose union scores highest, leftmost first, as `tokenizers`
+    does by rank). Control and user-defined pieces are added tokens, matched first."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as HFTok
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(self._proto)
+    norm, trainer = m.normalizer_spec, m.trainer_spec
+    exact = (norm.name == "identity" and not norm.add_dummy_prefix
+             and not norm.remove_extra_whitespaces and trainer.byte_fallback
+             and not trainer.treat_whitespace_as_suffix)
+    if not exact:
+      raise DataError("only sentencepiece models with identity normalisation, no dummy "
+                      "prefix, whitespace kept and byte fallback convert exactly",
+                      path=self.path, field="normalizer_spec")
+    P = m.SentencePiece
+    pieces = list(m.pieces)
+    unk = next((i for i, p in enumerate(pieces) if p.type == P.UNKNOWN), None)
+    if trainer.model_type == trainer.BPE:
+      vocab = {p.piece: i for i, p in enumerate(pieces)}
+      merges = []
+      for i, p in enumerate(pieces):
+        if p.type != P.NORMAL or len(p.piece) < 2:
+          continue
+        for k in range(1, len(p.piece)):
+          left, right = p.piece[:k], p.piece[k:]
+          if left in vocab and right in vocab:
+            merges.append((-p.score, i, vocab[left], (left, right)))
+      merges.sort()
+      model = models.BPE(vocab=vocab, merges=[m_[3] for m_ in merges],
+                         unk_token=pieces[unk].piece if unk is not None else None,
+                         fuse_unk=True, byte_fallback=True)
+    else:
+      # A unigram model converts too, but `tokenizers` cannot keep Viterbi off its control
+      # and byte pieces, so text that spells "<s>" would get another id: not exact.
+      raise DataError("only BPE sentencepiece models convert exactly", path=self.path,
+                      field="model_type")
+    hf = HFTok(model)
+    # sentencepiece writes a space as U+2581 before segmenting; nothing else changes.
+    hf.normalizer = normalizers.Replace(Regex(" "), "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    hf.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                   for p in pieces if p.type == P.USER_DEFINED])
+    hf.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                           for p in pieces if p.type in (P.CONTROL, P.UNKNOWN)])
+    if self.bos_token is not None:
+      hf.post_processor = processors.TemplateProcessing(
+          single=f"{self.bos_token} $A", pair=f"{self.bos_token} $A $B",
+          special_tokens=[(self.bos_token, self.bos_id)])
+    return hf.to_str()
+
+  def hf_config(self) -> dict:
+    """The tokenizer_config.json entries that go with `to_hf_json`."""
+    pad = self.sp.IdToPiece(self.pad_id) if self.pad_id is not None else None
+    unk = self.sp.unk_id()
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+            "eos_token": self.eos_token, "pad_token": pad,
+            "unk_token": self.sp.IdToPiece(unk) if unk >= 0 else None,
+            "clean_up_tokenization_spaces": False}
+
+
 def _opt_id(i: int) -> int | None:
   return None if i is None or i < 0 else int(i)
 

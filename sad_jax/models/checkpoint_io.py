@@ -6,6 +6,7 @@ This is what training exports for a teacher or student (hf.save writes the HF fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -55,3 +56,71 @@ def load_model(path: str | os.PathLike, mesh=None, dtype=None):
   except (FileNotFoundError, ValueError) as e:
     raise DataError(f"cannot restore parameters: {e}", path=path) from None
   return cfg, params
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where a model's files are: its folder, and the prepared dataset it was trained on
+  (None when unknown), which holds its tokenizer and template when the folder does not."""
+
+  model_dir: str
+  dataset: str | None = None
+
+  def tokenizer_path(self) -> str | None:
+    for folder in (self.model_dir, self.dataset):
+      for name in ("tokenizer.model", "tokenizer.json") if folder else ():
+        if os.path.exists(os.path.join(folder, name)):
+          return os.path.join(folder, name)
+    return None
+
+  def template(self, tok=None):
+    """The chat template the model was trained with (None: the ReAct template, also for
+    a folder that records none, such as an imported HF model)."""
+    from sad_jax.data import prepare
+
+    if os.path.exists(os.path.join(self.model_dir, prepare.TEMPLATE_FILE)):
+      return prepare.load_template(self.model_dir)
+    if self.dataset is not None:
+      return prepare.load_template(self.dataset, tok)
+    return None
+
+
+def resolve_source(src: str | os.PathLike) -> ModelSource:
+  """A training run (`RUN`, meaning RUN/final), its `final/` (orbax params + config.json),
+  or an HF folder. The run's config.json names its dataset."""
+  src = os.path.abspath(os.fspath(src))
+  if not os.path.isdir(src):
+    raise DataError("no such folder", path=src)
+  run_dir = None
+  if os.path.isdir(os.path.join(src, "final")) and _run_config(src) is not None:
+    run_dir, model_dir = src, os.path.join(src, "final")
+  else:
+    model_dir = src
+    if _run_config(os.path.dirname(src)) is not None:
+      run_dir = os.path.dirname(src)
+  is_hf = os.path.exists(os.path.join(model_dir, "model.safetensors")) or os.path.exists(
+      os.path.join(model_dir, "model.safetensors.index.json"))
+  if not (os.path.isdir(os.path.join(model_dir, "params")) or is_hf):
+    raise DataError("not a model folder: no params/ (orbax) and no model.safetensors (a "
+                    "training run holds them in final/)", path=model_dir, field="params")
+  if not os.path.exists(os.path.join(model_dir, "config.json")):
+    raise DataError("model folder has no config.json", path=model_dir, field="config.json")
+  dataset = None
+  if run_dir is not None:
+    ds = _run_config(run_dir).get("dataset")
+    for cand in (ds, os.path.join(run_dir, ds)) if isinstance(ds, str) and ds else ():
+      if os.path.isdir(cand):
+        dataset = os.path.abspath(cand)
+        break
+  return ModelSource(model_dir=model_dir, dataset=dataset)
+
+
+def _run_config(folder: str) -> dict | None:
+  """A training run's config.json (flat dotted keys, with `dataset`), else None."""
+  path = os.path.join(folder, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return cfg if isinstance(cfg, dict) and "dataset" in cfg else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -78,23 +78,38 @@ def _ints(x) -> bool:
 
 def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
           metadata: Mapping[str, str] | None = None) -> None:
+  arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+  write_lazy(path, [(name, a.shape, a.dtype, lambda a=a: a) for name, a in arrays.items()],
+             metadata=metadata)
+
+
+Entry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+
+def write_lazy(path: str | os.PathLike, entries: Sequence[Entry],
+               metadata: Mapping[str, str] | None = None) -> None:
+  """Writes tensors given as (name, shape, dtype, make): the header comes from shapes, and
+  each tensor is made, written and dropped in turn, so at most one is in memory."""
   header: dict = {"__metadata__": dict(metadata)} if metadata else {}
   offset = 0
-  arrays = []
-  for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
-    if a.dtype not in _NAMES:
-      raise ValueError(f"{name}: dtype {a.dtype} cannot be written to safetensors")
-    header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
+  entries = sorted(entries, key=lambda e: e[0])
+  for name, shape, dtype, _ in entries:
+    dtype = np.dtype(dtype)
+    if dtype not in _NAMES:
+      raise ValueError(f"{name}: dtype {dtype} cannot be written to safetensors")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _NAMES[dtype], "shape": [int(d) for d in shape],
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
   with atomic_write(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for a in arrays:
+    for name, shape, dtype, make in entries:
+      a = np.ascontiguousarray(make())
+      if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+        raise AssertionError(f"{name}: made {a.shape} {a.dtype}, declared {shape} {dtype}")
       f.write(a.tobytes())
 
 

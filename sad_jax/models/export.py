@@ -1,0 +1,190 @@
+"""`sad-jax export`: a trained model as a Hugging Face folder ready to serve.
+
+  from sad_jax.models import export
+  export.export("runs/sad", "out/student", dtype="bfloat16")
+
+The source is a training run (`RUN`, meaning RUN/final), its `final/` (orbax params +
+config.json) or an HF folder. The output holds config.json, generation_config.json, the
+weights as safetensors (one file, or shards with model.safetensors.index.json above
+`max_shard_bytes`), the tokenizer as tokenizer.json + tokenizer_config.json (a
+sentencepiece model is converted, see `SentencePieceTokenizer.to_hf_json`) with the chat
+template the model was trained with, and template.json (the full record, for `sad-jax eval`).
+
+Parameters are gathered one at a time (an all-gather per parameter across processes) and
+written as they come, so the whole state is never on one host. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from sad_jax.errors import DataError
+from sad_jax.fileio import atomic_dir
+from sad_jax.models import hf, safetensors_io
+from sad_jax.models.checkpoint_io import load_model, resolve_source
+from sad_jax.models.config import ModelConfig, to_hf_dict
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+def _leaf(params, path: tuple[str, ...]) -> np.ndarray:
+  """One parameter on this host, as float32 (gathered from every process that holds it)."""
+  a = params
+  for p in path:
+    a = a[p]
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    a = multihost_utils.process_allgather(a, tiled=True)
+  return np.asarray(jax.device_get(a), np.float32)
+
+
+def _from_ours(cfg: ModelConfig, params, path: tuple[str, ...], kind: str) -> np.ndarray:
+  """The HF tensor of `hf._layout` entry (path, kind) from our parameters (the inverse of
+  hf._to_ours)."""
+  d, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+  get = lambda *p: _leaf(params, p)
+  if kind == "embed":
+    return get(*path)[:v]
+  if kind == "lm_head":
+    return get(*path)[:, :v].T
+  if kind == "copy":
+    return get(*path)
+  if kind == "t":
+    return get(*path).T
+  if kind.startswith("in:"):
+    return get(*path).reshape(d, -1).T
+  if kind.startswith("bias:"):
+    return get(*path).reshape(-1)
+  if kind == "out":
+    return get(*path).reshape(cfg.num_heads * hd, d).T
+  if kind == "qkv":
+    return np.concatenate([get(*path[:-1], n).reshape(d, -1).T for n in ("q", "k", "v")])
+  if kind == "gate_up":
+    return np.concatenate([get(*path[:-1], "gate").T, get(*path[:-1], "up").T])
+  raise AssertionError(kind)
+
+
+def write_weights(cfg: ModelConfig, params, folder: str, *, dtype: str = "bfloat16",
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+  """Safetensors files of the HF layout into `folder`; returns their names. Above
+  max_shard_bytes the tensors go to several files listed in model.safetensors.index.json."""
+  np_dtype = np.dtype(DTYPES[dtype])
+  layout = hf._layout(cfg)
+  shards: list[list] = [[]]
+  size = total = 0
+  for name in sorted(layout):
+    path, shape, kind = layout[name]
+    nbytes = int(np.prod(shape)) * np_dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    make = lambda path=path, kind=kind: _from_ours(cfg, params, path, kind).astype(np_dtype)
+    shards[-1].append((name, shape, np_dtype, make))
+    size += nbytes
+    total += nbytes
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  main = jax.process_index() == 0
+  for fname, entries in zip(names, shards, strict=True):
+    if main:
+      safetensors_io.write_lazy(os.path.join(folder, fname), entries, metadata={"format": "pt"})
+    else:  # the other processes take part in each parameter's gather, in the same order
+      for *_, make in entries:
+        make()
+  if len(shards) > 1 and main:
+    _write_json(os.path.join(folder, "model.safetensors.index.json"), {
+        "metadata": {"total_size": total},
+        "weight_map": {e[0]: f for f, entries in zip(names, shards) for e in entries}})
+  return names
+
+
+def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Writes the HF folder `out_dir` (atomically) from a run, its final/ or an HF folder.
+  Returns a summary: {model_dir, dataset, files, dtype, template, params}."""
+  from sad_jax.data import prepare, render
+  from sad_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+
+  if dtype not in DTYPES:
+    raise DataError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
+  if max_shard_bytes < 1:
+    raise DataError(f"must be positive, got {max_shard_bytes}", field="max_shard_bytes")
+  source = resolve_source(src)
+  tok_path = tokenizer or source.tokenizer_path()
+  if tok_path is None:
+    raise DataError("no tokenizer in the model folder or its run's dataset: pass one",
+                    path=source.model_dir, field="tokenizer")
+  tok = load_tokenizer(tok_path)
+  template = source.template(tok)
+  # Everything that can fail on the input fails before the model is read.
+  if isinstance(tok, SentencePieceTokenizer):
+    tok_json, tok_config = tok.to_hf_json(), tok.hf_config()
+  else:
+    assert isinstance(tok, HFTokenizer)
+    tok_json, tok_config = tok._json, _hf_tokenizer_config(tok_path)
+  cfg, params = load_model(source.model_dir, mesh=mesh)
+  if tok.vocab_size > cfg.vocab_size:
+    raise DataError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}",
+                    path=tok_path, field="vocab_size")
+  tok_config = {k: v for k, v in tok_config.items() if k != "chat_template"}
+  if template is not None:
+    tok_config["chat_template"] = template.source
+  tok_config["model_max_length"] = cfg.max_position_embeddings
+  # Generation stops where the model was taught to stop: EOS, and with a chat template its
+  # end-of-turn token.
+  from sad_jax.agent.react import Policy
+
+  stop = Policy(cfg=cfg, params=None, tokenizer=tok, template=template).stop_ids()
+  hf_cfg = {**to_hf_dict(cfg), "torch_dtype": dtype}
+  for key, value in (("bos_token_id", tok.bos_id), ("pad_token_id", tok.pad_id)):
+    if value is not None:
+      hf_cfg[key] = value
+  if stop:
+    hf_cfg["eos_token_id"] = stop[0] if len(stop) == 1 else stop
+  gen_cfg = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+             if hf_cfg.get(k) is not None}
+  main = jax.process_index() == 0
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if not main:
+    files = write_weights(cfg, params, "", dtype=dtype, max_shard_bytes=max_shard_bytes)
+  else:
+    with atomic_dir(out_dir) as tmp:
+      files = write_weights(cfg, params, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
+      _write_json(os.path.join(tmp, "config.json"), hf_cfg)
+      _write_json(os.path.join(tmp, "generation_config.json"), gen_cfg)
+      with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tok_json)
+      _write_json(os.path.join(tmp, "tokenizer_config.json"), tok_config)
+      prepare.write_template(os.path.join(tmp, prepare.TEMPLATE_FILE), template)
+  n_params = sum(int(np.prod(s)) for _, s, _ in hf._layout(cfg).values())
+  return {"model_dir": source.model_dir, "dataset": source.dataset, "out_dir": out_dir,
+          "files": files, "dtype": dtype, "template": render.template_fingerprint(template),
+          "params": n_params}
+
+
+def _hf_tokenizer_config(tok_path: str) -> dict:
+  path = os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")
+  if not os.path.exists(path):
+    return {"tokenizer_class": "PreTrainedTokenizerFast"}
+  try:
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read tokenizer config: {e}", path=path) from None
+  if not isinstance(cfg, dict):
+    raise DataError("not a JSON object", path=path)
+  cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+  return cfg
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
