@@ -89,22 +89,16 @@ def resolve_source(src: str | os.PathLike) -> ModelSource:
   """A training run (`RUN`, meaning RUN/final), its `final/` (orbax params + config.json),
   or an HF folder. The run's config.json names its dataset."""
   src = os.path.abspath(os.fspath(src))
-  if not os.path.isdir(src):
-    raise DataError("no such folder", path=src)
   run_dir = None
-  if os.path.isdir(os.path.join(src, "final")) and _run_config(src) is not None:
+  if _run_config(src) is not None:
+    if not os.path.isdir(os.path.join(src, "final")):
+      raise DataError("a training run without final/ (not finished, or train.export off)",
+                      path=src, field="final")
     run_dir, model_dir = src, os.path.join(src, "final")
   else:
     model_dir = src
     if _run_config(os.path.dirname(src)) is not None:
       run_dir = os.path.dirname(src)
-  is_hf = os.path.exists(os.path.join(model_dir, "model.safetensors")) or os.path.exists(
-      os.path.join(model_dir, "model.safetensors.index.json"))
-  if not (os.path.isdir(os.path.join(model_dir, "params")) or is_hf):
-    raise DataError("not a model folder: no params/ (orbax) and no model.safetensors (a "
-                    "training run holds them in final/)", path=model_dir, field="params")
-  if not os.path.exists(os.path.join(model_dir, "config.json")):
-    raise DataError("model folder has no config.json", path=model_dir, field="config.json")
   dataset = None
   if run_dir is not None:
     ds = _run_config(run_dir).get("dataset")
@@ -113,6 +107,17 @@ def resolve_source(src: str | os.PathLike) -> ModelSource:
         dataset = os.path.abspath(cand)
         break
   return ModelSource(model_dir=model_dir, dataset=dataset)
+
+
+def check_model_dir(model_dir: str) -> None:
+  """Fails early, naming the file and field, on a folder that holds no model (its
+  config.json is read and checked; weights must be there as orbax params or safetensors)."""
+  load_config(model_dir)
+  if not (os.path.isdir(os.path.join(model_dir, "params"))
+          or os.path.exists(os.path.join(model_dir, "model.safetensors"))
+          or os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))):
+    raise DataError("no weights: neither params/ (orbax) nor model.safetensors (a training "
+                    "run holds them in final/)", path=model_dir, field="params")
 
 
 def _run_config(folder: str) -> dict | None:

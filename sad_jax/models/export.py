@@ -26,7 +26,7 @@ import numpy as np
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_dir
 from sad_jax.models import hf, safetensors_io
-from sad_jax.models.checkpoint_io import load_model, resolve_source
+from sad_jax.models.checkpoint_io import check_model_dir, load_model, resolve_source
 from sad_jax.models.config import ModelConfig, to_hf_dict
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -118,6 +118,7 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "
   if max_shard_bytes < 1:
     raise DataError(f"must be positive, got {max_shard_bytes}", field="max_shard_bytes")
   source = resolve_source(src)
+  check_model_dir(source.model_dir)
   tok_path = tokenizer or source.tokenizer_path()
   if tok_path is None:
     raise DataError("no tokenizer in the model folder or its run's dataset: pass one",

@@ -180,7 +180,13 @@ def test_bad_sources_are_refused_by_name(spm_run, tmp_path, capsys):
   empty.mkdir()
   with pytest.raises(DataError) as e:
     export.export(empty, tmp_path / "o")
-  assert e.value.path == str(empty) and e.value.field == "params"
+  assert e.value.path == str(empty / "config.json")
+  no_weights = tmp_path / "no_weights"
+  no_weights.mkdir()
+  shutil.copyfile(os.path.join(spm_run, "final", "config.json"), no_weights / "config.json")
+  with pytest.raises(DataError) as e:
+    export.export(no_weights, tmp_path / "o")
+  assert e.value.path == str(no_weights) and e.value.field == "params"
   assert cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
   assert "missing" in capsys.readouterr().err
   with pytest.raises(DataError) as e:

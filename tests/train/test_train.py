@@ -71,6 +71,8 @@ def test_trainer_runs_writes_metrics_and_tensorboard(train_data, tmp_path):
   assert [(s.step, s.value) for s in ea.Scalars("reason/loss")] == [
       (r["step"], pytest.approx(r["reason/loss"], rel=1e-6)) for r in train_rows]
   assert os.path.isdir(tmp_path / "final" / "params")
+  # the tokenizer and the template record travel with the model (eval, export)
+  assert {"tokenizer.model", "template.json"} <= set(os.listdir(tmp_path / "final"))
   # rerun with the same workdir: nothing left to do; it restores the last checkpoint and
   # writes final/ again, bit-identical to the uninterrupted run's
   uninterrupted = final_params(str(tmp_path))
