@@ -262,3 +262,16 @@ def test_a_dataset_without_a_template_record_is_matched_by_fingerprint(chat_run,
   with pytest.raises(DataError) as e:
     prepare.load_template(ds, bare)
   assert e.value.field == "template"
+
+
+def test_a_sharded_model_exports_the_same_bytes(spm_run, tmp_path):
+  """Parameters split over (2, 2, 2) devices are gathered one at a time into the same file."""
+  from sad_jax import sharding
+
+  mesh = sharding.make_mesh((2, 2, 2))
+  a = export.export(spm_run, tmp_path / "a", dtype="bfloat16")
+  b = export.export(spm_run, tmp_path / "b", dtype="bfloat16", mesh=mesh)
+  _, params = checkpoint_io.load_model(os.path.join(spm_run, "final"), mesh=mesh)
+  assert len(params["layers_0"]["mlp"]["up"].sharding.device_set) > 1  # really sharded
+  for name in a["files"]:
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
