@@ -273,5 +273,29 @@ def test_a_sharded_model_exports_the_same_bytes(spm_run, tmp_path):
   b = export.export(spm_run, tmp_path / "b", dtype="bfloat16", mesh=mesh)
   _, params = checkpoint_io.load_model(os.path.join(spm_run, "final"), mesh=mesh)
   assert len(params["layers_0"]["mlp"]["up"].sharding.device_set) > 1  # really sharded
+  assert b["files"] == a["files"]
   for name in a["files"]:
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_sad_jax_eval_of_a_chat_student_prompts_in_its_chat_template(chat_run, tmp_path,
+                                                                     monkeypatch):
+  """The command end to end on a math game: every prompt ends with the generation prompt."""
+  prompts, stops = [], []
+  real = react.gen.generate
+
+  def spy(cfg, params, batch, **kw):
+    prompts.extend(batch)
+    stops.append(list(kw["stop_token_ids"]))
+    return real(cfg, params, batch, **kw)
+
+  monkeypatch.setattr(react.gen, "generate", spy)
+  out = tmp_path / "t.jsonl"
+  assert cli.main(["eval", "--checkpoint", chat_run, "--env", "math:basic_arithmetic",
+                   "--episodes", "1", "--batch", "1", "--max-steps", "2",
+                   "--max-new-tokens", "4", "--quiet", "--transcripts", str(out)]) == 0
+  tok = load_tokenizer(os.path.join(chat_run, "final"))
+  assert prompts and all(tok.decode(p).endswith("<|im_end|>\n<|im_start|>assistant\n")
+                         for p in prompts)
+  assert all(tok.special_tokens["<|im_end|>"] in s for s in stops)
+  assert len(schema.read_jsonl(out)) == 1
