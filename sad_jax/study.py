@@ -509,7 +509,8 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
   plan = sorted((cell for a in own for cell in cells_of(a, a.budgets)),
                 key=lambda x: (x.seed, x.steps, order[x.arm]))
   _say(f"[6/8] cells on the dev fold: {len(plan)} ({', '.join(a.name for a in own)} × their "
-       f"seeds × budgets), {c.eval.dev_games} dev games each")
+       f"seeds × budgets), {c.eval.dev_games} dev games each" if plan else
+       "[6/8] cells on the dev fold: none (no arm has budgets to choose between)")
   records: dict[str, dict] = {}
   for i, cell in enumerate(plan):
     records[cell.name] = run_cell(work, c, cell, shared, ev, ("dev",), f"{i + 1}/{len(plan)}")
@@ -522,7 +523,9 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
       chosen[a.name] = int(a.budgets[0])
   for a in arm_list:
     chosen.setdefault(a.name, chosen[c.reference])
-  _say("  budgets chosen on dev: " + ", ".join(f"{k} {v}" for k, v in chosen.items()))
+  how = {a.name: "dev" if len(a.budgets) > 1 else "fixed" if a.budgets else c.reference
+         for a in arm_list}
+  _say("  budgets: " + ", ".join(f"{k} {v} ({how[k]})" for k, v in chosen.items()))
 
   # test: the chosen cells, reference's rivals first, ablations after
   final = [cell for a in arm_list for cell in cells_of(a, (chosen[a.name],))]

@@ -88,7 +88,9 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
                           f"_n{first['cell']['steps']}", "final")
   t_params, s_params = _param_count(teacher["folder"]), _param_count(s_folder)
 
-  rows = ["| model | objective | steps (dev-chosen) | params | test success [95% CI] | per seed "
+  how = {a.name: "dev" if len(a.budgets) > 1 else "fixed" if a.budgets else c.reference
+         for a in arm_list}
+  rows = ["| model | objective | steps (chosen by) | params | test success [95% CI] | per seed "
           "| dev success | decision acc (dev) | reason KL (dev) | action acc, forced (dev) "
           "| mean turns | invalid actions |",
           "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -100,7 +102,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
     rs = _arm_records(records, a.name, chosen[a.name])
     per_seed = " / ".join(f"{100 * r['test']['success_rate']:.0f}" for r in rs)
     rows.append(
-        f"| {a.name} | {a.objective} | {chosen[a.name]} | {s_params / 1e6:.2f} M | "
+        f"| {a.name} | {a.objective} | {chosen[a.name]} ({how[a.name]}) | "
+        f"{s_params / 1e6:.2f} M | "
         f"{est[a.name].pct()} | {per_seed} | "
         f"{dev_est[a.name].pct() if a.name in dev_est else '–'} | "
         f"{span(rs, 'decision_accuracy'):.3f} | {span(rs, 'reason_kl'):.3f} | "
@@ -108,7 +111,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
         f"{np.mean([r['test']['mean_steps'] for r in rs]):.2f} | "
         f"{100 * np.mean([r['test']['invalid_action_rate'] for r in rs]):.0f}% |")
   ts = teacher["spans"]
-  rows.append(f"| teacher | sft on expert | {c.teacher.steps} | {t_params / 1e6:.2f} M | "
+  rows.append(f"| teacher | sft on expert | {c.teacher.steps} (config) | "
+              f"{t_params / 1e6:.2f} M | "
               f"{est['teacher'].pct()} | – | {dev_est['teacher'].pct()} | "
               f"{ts['decision_accuracy']:.3f} | {ts['reason_kl']:.3f} | "
               f"{ts['action_accuracy']:.3f} | {teacher['test']['mean_steps']:.2f} | "
@@ -206,10 +210,14 @@ def _plots(work: str, curves: dict[str, dict[int, stats.Estimate]],
     err = [[100 * (pts[x].mean - pts[x].lo) for x in xs], [100 * (pts[x].hi - pts[x].mean)
                                                             for x in xs]]
     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=arm)
+  if not curves:
+    ax.text(0.5, 0.5, "no arm had budgets to choose between", ha="center",
+            transform=ax.transAxes)
   ax.set_xlabel("training steps")
   ax.set_ylabel("dev-fold success (%)")
   ax.set_ylim(0, 100)
-  ax.legend()
+  if curves:
+    ax.legend()
   ax.set_title("Learning curves (95% bootstrap intervals)")
   fig.tight_layout()
   fig.savefig(os.path.join(work, "learning_curves.png"), dpi=90)

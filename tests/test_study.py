@@ -123,7 +123,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   work = tmp_path / "quick"
   out = capsys.readouterr().out
   # ties go to the smaller budget, and the ablation takes sad's
-  assert "budgets chosen on dev: sad 2, token_kd 2, sft 2, sad+pcgrad 2" in out
+  assert "budgets: sad 2 (dev), token_kd 2 (fixed), sft 2 (fixed), sad+pcgrad 2 (sad)" in out
   lines = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
   # two games a line: teacher dev + test; sad's two budgets on dev; four cells on test
   assert len(lines) == 2 * (2 + 2 + 4)
