@@ -447,7 +447,10 @@ def test_kill_sigint_sigterm_resume_on_a_222_mesh_is_bit_identical(train_data, t
   saves every 2 steps); the resumed run stops on SIGINT, the next on SIGTERM, each saving
   the step it is at; the last run's final parameters are bit-identical to an
   uninterrupted run's."""
-  total = 8
+  # room after each signal: a step line is printed once its metrics come back, and by then
+  # the next step may already be dispatched (at 8 steps, a loaded machine once reached the
+  # last step before the SIGTERM was handled)
+  total = 16
   extra = ["--config.mesh.shape=(2,2,2)", f"--config.train.steps={total}",
            "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
            "--config.train.log_every=1", "--config.checkpoint.use_async=false"]
