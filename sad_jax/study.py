@@ -76,6 +76,11 @@ def arms(c: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   return list(c.arms)
 
 
+def budget_source(arm: ml_collections.ConfigDict, reference: str) -> str:
+  """How an arm's budget is set: chosen on dev, fixed by its one budget, or the reference's."""
+  return "dev" if len(arm.budgets) > 1 else "fixed" if arm.budgets else reference
+
+
 def cells_of(arm: ml_collections.ConfigDict, budgets) -> list[Cell]:
   return [Cell(arm=arm.name, objective=arm.objective, seed=int(s), steps=int(n),
                overrides=tuple(arm.overrides), curriculum=bool(arm.curriculum))
@@ -523,8 +528,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
       chosen[a.name] = int(a.budgets[0])
   for a in arm_list:
     chosen.setdefault(a.name, chosen[c.reference])
-  how = {a.name: "dev" if len(a.budgets) > 1 else "fixed" if a.budgets else c.reference
-         for a in arm_list}
+  how = {a.name: budget_source(a, c.reference) for a in arm_list}
   _say("  budgets: " + ", ".join(f"{k} {v} ({how[k]})" for k, v in chosen.items()))
 
   # test: the chosen cells, reference's rivals first, ablations after

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from sad_jax import stats
+from sad_jax import stats, study
 from sad_jax.fileio import atomic_write
 
 SPLITS_NOTE = ("Settings (each arm's training budget) were chosen on the dev fold; "
@@ -83,13 +83,13 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   dev["teacher"] = won_matrix([teacher["dev"]])
   dev_est = stats.success(dev)
 
-  first = _arm_records(records, c.reference, chosen[c.reference])[0]
-  s_folder = os.path.join(work, "cells", first["cell"]["arm"] + f"_s{first['cell']['seed']}"
-                          f"_n{first['cell']['steps']}", "final")
+  first = _arm_records(records, c.reference, chosen[c.reference])[0]["cell"]
+  s_folder = os.path.join(work, "cells", study.Cell(arm=first["arm"], objective=first["objective"],
+                                                    seed=first["seed"], steps=first["steps"]).name,
+                          "final")
   t_params, s_params = _param_count(teacher["folder"]), _param_count(s_folder)
 
-  how = {a.name: "dev" if len(a.budgets) > 1 else "fixed" if a.budgets else c.reference
-         for a in arm_list}
+  how = {a.name: study.budget_source(a, c.reference) for a in arm_list}
   rows = ["| model | objective | steps (chosen by) | params | test success [95% CI] | per seed "
           "| dev success | decision acc (dev) | reason KL (dev) | action acc, forced (dev) "
           "| mean turns | invalid actions |",
