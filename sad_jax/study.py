@@ -429,13 +429,17 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
                    store=student_store if cell.objective != "sft" else "",
                    overrides=cell.overrides, curriculum=cell.curriculum)
   _say(f"[cell {index}] {cell.name}")
-  train(cell.name, run, t, cell.steps)
+  did_train = train(cell.name, run, t, cell.steps)
   folder = os.path.join(run, "final")
   rec_path = os.path.join(work, "cells", cell.name + ".json")
   rec = _read(rec_path) or {}
   stamp = os.path.getmtime(os.path.join(folder, "config.json"))
   if rec.get("model_mtime") != stamp:
     rec = {"cell": dataclasses.asdict(cell), "model_mtime": stamp}
+  if did_train:  # figures depend on the processor: say which one trained the model
+    from sad_jax import metrics
+
+    rec["trained_on"] = metrics.cpu_model()
   for split in splits:
     games = c.eval.dev_games if split == "dev" else c.eval.test_games
     rec[split] = ev.play(cell.name, folder, split, games,

@@ -148,6 +148,11 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
       "No arm had budgets to choose between: each arm trained for its one budget.")
 
   _plots(work, curve_est, est)
+  cpus: dict[str, int] = {}
+  for r in records.values():
+    key = r.get("trained_on", "not recorded")
+    cpus[key] = cpus.get(key, 0) + 1
+  trained_on = "; ".join(f"{k}: {v} cells" for k, v in sorted(cpus.items()))
   n_seeds = {a.name: len(a.seeds) for a in arm_list}
   when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
   import jax
@@ -171,7 +176,7 @@ teacher's top-{c.store_k} log-probs on reason and action tokens. Every model pla
 {SPLITS_NOTE} Intervals: 95% bootstrap over games (shared by all models: differences are
 paired) and seeds. A ranking is written only where a difference's interval excludes zero.
 
-{PROCESSOR_NOTE}
+{PROCESSOR_NOTE} Students trained on: {trained_on}.
 
 ## Test fold
 
