@@ -42,8 +42,12 @@ import numpy as np
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 
+_START = [time.perf_counter()]  # set by run(): stage lines say when they began
+
 
 def _say(text: str) -> None:
+  if text.startswith("["):  # a stage or a cell: its start time shows where the time went
+    text = f"{text}  (at {(time.perf_counter() - _START[0]) / 60:.1f} min)"
   print(text, flush=True)
 
 
@@ -462,7 +466,7 @@ def choose_budget(records: list[dict]) -> tuple[int, dict[int, float]]:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -> str:
   """The whole study; returns the report's text. `command`: what the report says ran it."""
-  t0 = time.perf_counter()
+  t0 = _START[0] = time.perf_counter()
   work = os.path.abspath(workdir)
   os.makedirs(work, exist_ok=True)
   _write(os.path.join(work, "study_config.json"), json.loads(config.to_json()))
