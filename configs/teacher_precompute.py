@@ -4,10 +4,16 @@
       --config.dataset=runs/fireact --config.teacher=PATH --config.out=runs/fireact_teacher
 
 `teacher` is an HF folder (config.json + safetensors) or an orbax params folder
-written by training. The mesh shape is (data, fsdp, tensor); the default uses one device.
+written by training. The mesh shape is (data, fsdp, tensor) over one process's local
+devices (-1: the remaining ones); the default uses one device. Across hosts every host
+runs the same command with --coordinator/--num-processes/--process-id (as `sad-jax train`;
+or --coordinator auto on a TPU pod): each process computes its own shards on its own mesh
+into the shared `out`, and process 0 writes the manifest once every shard is there.
 """
 
 import ml_collections
+
+from configs import train_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.logp_dtype = "float16"       # float16 | bfloat16 | int8
   config.shard_size = 256             # trajectories per shard (the unit of resumption)
   config.batch_size = 8
-  config.mesh = (1, 1, 1)             # (data, fsdp, tensor)
+  config.mesh = (1, 1, 1)             # (data, fsdp, tensor) per process, over its devices
   config.compute_dtype = "float32"    # or bfloat16
+  config.distributed = train_base.distributed()  # multi-host, as in train
   return config

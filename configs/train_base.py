@@ -21,6 +21,15 @@ def stage(name, steps, bucket_weights, loss_weights, temperature=1.0):
                                         loss_weights=loss_weights, temperature=temperature))
 
 
+def distributed() -> ml_collections.ConfigDict:
+  """Multi-host start-up (sharding.init_distributed), shared by train and teacher precompute."""
+  d = ml_collections.ConfigDict()
+  d.coordinator = ""   # host:port; or env SAD_JAX_COORDINATOR (then NUM_PROCESSES,
+  d.num_processes = 0  # PROCESS_ID); "auto" lets jax detect SLURM / TPU / …
+  d.process_id = -1
+  return d
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   objective = arg or "sad"
   if objective not in ("sad", "token_kd", "sft"):
@@ -103,10 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.shape = (-1, 1, 1)        # (data, fsdp, tensor); -1 = the remaining devices
   c.mesh.rules = ()                # ((logical, mesh axis), …); () = sharding.DEFAULT_RULES
 
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator = ""   # host:port; or env SAD_JAX_COORDINATOR (then NUM_PROCESSES,
-  c.distributed.num_processes = 0  # PROCESS_ID); "auto" lets jax detect SLURM / TPU / …
-  c.distributed.process_id = -1
+  c.distributed = distributed()
 
   c.metrics = ml_collections.ConfigDict()
   c.metrics.mfu = True             # measure the matmul peak at start and report MFU

@@ -72,7 +72,22 @@ def _cmd_inspect(args) -> int:
   return 0
 
 
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  """Multi-host flags of train and teacher precompute (sharding.init_distributed)."""
+  parser.add_argument("--coordinator", default=None, help="multi-host: host:port, or 'auto'")
+  parser.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+  parser.add_argument("--process-id", dest="process_id", type=int, default=None)
+
+
+def _distributed_overrides(args) -> list[str]:
+  """The multi-host flags as config.distributed overrides (a flag beats the config)."""
+  return [f"--config.distributed.{key}={getattr(args, key)}"
+          for key in ("coordinator", "num_processes", "process_id")
+          if getattr(args, key) is not None]
+
+
 def _cmd_teacher_precompute(args, overrides) -> int:
+  import jax
   import jax.numpy as jnp
 
   from sad_jax import configlib, sharding
@@ -80,11 +95,23 @@ def _cmd_teacher_precompute(args, overrides) -> int:
   from sad_jax.models.checkpoint_io import load_model
   from sad_jax.teacher import precompute
 
-  c = configlib.load(args.config, overrides)
+  c = configlib.load(args.config, [*overrides, *_distributed_overrides(args)])
   for key in ("dataset", "teacher", "out"):
     if not c[key]:
       raise DataError(f"required (set --config.{key}=…)", field=f"config.{key}")
-  mesh = None if tuple(c.mesh) == (1, 1, 1) else sharding.make_mesh(c.mesh)
+  sharding.init_distributed(coordinator=c.distributed.coordinator,
+                            num_processes=c.distributed.num_processes,
+                            process_id=c.distributed.process_id)
+  mesh = None
+  if tuple(c.mesh) != (1, 1, 1):
+    # one mesh per process over its own devices: each process computes whole shards
+    try:
+      shape = sharding.mesh_shape(c.mesh, jax.local_device_count())
+    except ValueError as e:
+      raise DataError(f"{e} (the mesh is per process: process {jax.process_index()} of "
+                      f"{jax.process_count()} has {jax.local_device_count()} devices)",
+                      field="config.mesh") from None
+    mesh = sharding.make_mesh(shape, devices=jax.local_devices())
   cfg, params = load_model(c.teacher, mesh=mesh)
   try:
     m = precompute.precompute(
@@ -135,13 +162,7 @@ def _cmd_train(args, overrides) -> int:
   from sad_jax import configlib
   from sad_jax import train as train_lib
 
-  extra = list(overrides)
-  for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"),
-                    ("process_id", "process_id")):
-    value = getattr(args, flag)
-    if value is not None:
-      extra.append(f"--config.distributed.{key}={value}")
-  config = configlib.load(args.config, extra)
+  config = configlib.load(args.config, [*overrides, *_distributed_overrides(args)])
   try:
     result = train_lib.train_and_evaluate(config, args.workdir)
   except train_lib.TrainingDiverged as e:
@@ -226,6 +247,15 @@ def _cmd_export(args) -> int:
   return 0
 
 
+def _cmd_convert_gguf(args) -> int:
+  from sad_jax.models import gguf
+
+  out = gguf.convert(args.input, args.out_dir, dtype=args.dtype)
+  print(f"converted {out['params']:,} parameters ({out['dtype']}, template {out['template']}) "
+        f"to {out['out_dir']}: {', '.join(out['files'])}")
+  return 0
+
+
 def _cmd_demo(args) -> int:
   from sad_jax import demo
 
@@ -279,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="Override config fields with --config.a.b=value.")
   tp.add_argument("--config", default="configs/teacher_precompute.py")
   tp.add_argument("--quiet", action="store_true")
+  _add_distributed_flags(tp)
   tp.set_defaults(func=_cmd_teacher_precompute, takes_overrides=True)
   tv = tea_sub.add_parser("verify", help="fingerprints, coverage, checksums, spot recompute")
   tv.add_argument("store")
@@ -301,9 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the same workdir resumes from its latest checkpoint.")
   trn.add_argument("--config", required=True, help="configs/X.py[:arg]")
   trn.add_argument("--workdir", required=True)
-  trn.add_argument("--coordinator", default=None, help="multi-host: host:port, or 'auto'")
-  trn.add_argument("--num-processes", dest="num_processes", type=int, default=None)
-  trn.add_argument("--process-id", dest="process_id", type=int, default=None)
+  _add_distributed_flags(trn)
   trn.set_defaults(func=_cmd_train, takes_overrides=True)
 
   gen = sub.add_parser("generate", help="teacher trajectories in an environment (oracle or "
@@ -354,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--max-shard-bytes", type=int, default=None,
                    help="split the weights into files of at most this size (default 2 GiB)")
   exp.set_defaults(func=_cmd_export)
+
+  conv = sub.add_parser("convert", help="another format's model → a Hugging Face folder")
+  conv_sub = conv.add_subparsers(dest="convert_command", required=True)
+  cg = conv_sub.add_parser("gguf", help="a llama.cpp GGUF file (llama; F32/F16/BF16/Q8_0/"
+                           "Q4_0/Q4_1) → config, safetensors, tokenizer and chat template")
+  cg.add_argument("input", metavar="IN.gguf")
+  cg.add_argument("out_dir", metavar="OUT_DIR")
+  cg.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="of the written weights (the dequantized values are float32)")
+  cg.set_defaults(func=_cmd_convert_gguf)
 
   dem = sub.add_parser("demo", help="the whole method end to end on TextWorld-Express: "
                        "SAD vs token-level KD vs SFT, with a report and plots")

@@ -123,12 +123,15 @@ def init_distributed(*, coordinator: str = "", num_processes: int = 0,
     return
   n = num_processes or int(os.environ.get("SAD_JAX_NUM_PROCESSES", "0"))
   pid = process_id if process_id >= 0 else int(os.environ.get("SAD_JAX_PROCESS_ID", "-1"))
-  if n < 1 or pid < 0:
-    from sad_jax.errors import DataError
+  from sad_jax.errors import DataError
 
+  if n < 1 or pid < 0:
     raise DataError(f"coordinator {coordinator} needs num_processes and process_id "
                     "(config.distributed.* or SAD_JAX_NUM_PROCESSES / SAD_JAX_PROCESS_ID)",
                     field="config.distributed")
+  if pid >= n:  # else the coordinator would wait for a process that never comes
+    raise DataError(f"process_id {pid} is not below num_processes {n} (ids are 0 … {n - 1})",
+                    field="config.distributed.process_id")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid)
 

@@ -5,6 +5,11 @@ examples [i·S, (i+1)·S) in dataset order, computed in fixed batches, so a shar
 do not depend on which shards ran before it. A rerun skips the shards whose completion
 marker and file are on disk, and the manifest is written only when every shard is there.
 The device computes the next batch while a background thread serialises and writes.
+
+Across processes (jax.distributed, one per host) shard i belongs to process i mod n, which
+computes it on its own devices; after a barrier, process 0 checks that every shard is in
+the shared folder and writes the manifest, and a second barrier holds every process until
+it exists. A store is the same bytes whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sad_jax import sharding
 from sad_jax.data import prepare, tfds_builder
@@ -79,11 +85,18 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
   """Writes (or completes) a store at out_dir; returns its manifest.
 
   With several processes (hosts), shard i belongs to process i mod process_count, each
-  running its shards on its own devices (`mesh` of local devices). Whichever process
-  finds every shard complete writes the manifest (the same bytes from any of them).
+  running its shards on its own devices (`mesh` of local devices). Under jax.distributed
+  (process_count = jax.process_count() > 1) the processes meet at a barrier and process 0
+  writes the manifest; with process_index/process_count given by hand (no jax.distributed)
+  whichever process finds every shard complete writes it (the same bytes from any of them).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} is not in [0, {process_count})",
+                    field="process_index")
+  # real processes under jax.distributed meet at barriers; a hand-given split cannot
+  synced = process_count > 1 and process_count == jax.process_count()
   from tqdm.auto import tqdm
 
   if logp_dtype not in store_lib.LOGP_DTYPES:
@@ -122,23 +135,24 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
     n = builder.info.splits[split].num_examples
     plan += [(split, i, range(i * shard_size, min(n, (i + 1) * shard_size)))
              for i in range(-(-n // shard_size))]
-  total = sum(len(r) for _, _, r in plan)
+  total = sum(len(r) for _, _, r in plan[process_index::process_count])  # this process's
   bar = tqdm(total=total, desc="teacher top-k", unit="traj", disable=not progress)
   writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   pending: list[tuple[str, concurrent.futures.Future]] = []
   markers: list[dict] = []
-  done_now = 0
+  computed: list[str] = []  # the shards this call computed (not found complete)
   cap = int(meta["max_len"])
   for n_shard, (split, index, rows) in enumerate(plan):
     name = store_lib.shard_name(split, index)
     marker = store_lib.read_marker(out_dir, name)
+    own = n_shard % process_count == process_index
     if marker is not None:
       markers.append({**marker, "split": split})
-      bar.update(len(rows))
+      bar.update(len(rows) if own else 0)
       continue
-    if n_shard % process_count != process_index:
+    if not own:
       continue  # another host's shard
-    if stop_after_shards is not None and done_now >= stop_after_shards:
+    if stop_after_shards is not None and len(computed) >= stop_after_shards:
       break
     source = tfds_builder.DataSource(builder, split)
     examples = [source[i] for i in rows]
@@ -172,20 +186,37 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       bar.update(len(batch))
     ids = [tfds_builder.example_id(e) for e in examples]
     pending.append((split, writer.submit(store_lib.write_shard, out_dir, name, records, ids)))
-    done_now += 1
+    computed.append(name)
   for split, fut in pending:
     markers.append({**fut.result(), "split": split})
   writer.shutdown()
   bar.close()
+  if process_count > 1:  # each process says what it did (the logs show the split)
+    print(f"process {process_index} of {process_count}: computed {len(computed)} of its "
+          f"{len(plan[process_index::process_count])} shards"
+          + (f" ({', '.join(computed[:8])}{', …' if len(computed) > 8 else ''})"
+             if computed else ""), flush=True)
+  if synced:  # every process's shards are written (or it stopped) before anyone looks
+    multihost_utils.sync_global_devices("sad_jax teacher precompute: shards written")
   if process_count > 1:  # other hosts' shards may have completed meanwhile
     markers = [{**m_, "split": sp} for sp, i, _ in plan
                if (m_ := store_lib.read_marker(out_dir, store_lib.shard_name(sp, i)))]
+    if synced and stop_after_shards is None and len(markers) < len(plan):
+      # every process has finished: a shard missing now was written where this one cannot see
+      found = {m_["name"] for m_ in markers}
+      missing = [store_lib.shard_name(sp, i) for sp, i, _ in plan
+                 if store_lib.shard_name(sp, i) not in found]
+      raise DataError(f"after every process finished, {len(missing)} shards are missing "
+                      f"here ({', '.join(missing[:3])}, …): the store folder must be one that "
+                      "every host shares (a bucket or a shared file system)", path=out_dir)
   manifest = store_lib.Manifest(
       teacher=teacher_name, k=k, temperature=float(temperature), vocab_size=student_vocab,
       teacher_vocab_size=cfg.vocab_size, tokenizer_fingerprint=meta["tokenizer_fingerprint"],
       dataset_fingerprint=meta["fingerprint"], span_kinds=list(span_kinds),
       logp_dtype=logp_dtype, shards=sorted(markers, key=lambda m: m["name"]))
-  if len(markers) == len(plan):
+  if len(markers) == len(plan) and (process_index == 0 or not synced):
     with atomic_write(os.path.join(out_dir, "manifest.json")) as f:
       f.write(manifest.to_json())
+  if synced:  # no process returns (and reads the store) before the manifest exists
+    multihost_utils.sync_global_devices("sad_jax teacher precompute: manifest written")
   return manifest

@@ -239,6 +239,88 @@ def test_two_hosts_split_the_shards(dataset, teacher, tmp_path):
   assert digests(tmp_path / "two") == digests(tmp_path / "one")
 
 
+@pytest.mark.slow
+def test_two_processes_under_jax_distributed_equal_one(dataset, teacher, tmp_path, capsys):
+  """Two real processes (jax.distributed on a loopback port, 4 CPU devices and a (2,1,2)
+  mesh each) write a store byte-identical to one process on the same mesh, each
+  computing only its own shards (7 shards: a count that 2 does not divide), and
+  `teacher verify` accepts it."""
+  import subprocess
+  import sys
+
+  from sad_jax import cli
+  from sad_jax.models import checkpoint_io
+  from tests.train.test_multihost import free_port
+
+  checkpoint_io.save_params(tmp_path / "teacher", *teacher)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "sad_jax.cli", "teacher", "precompute", "--quiet",
+         f"--config.dataset={dataset}", f"--config.teacher={tmp_path / 'teacher'}",
+         "--config.k=8", "--config.shard_size=6", "--config.batch_size=4",
+         "--config.mesh=(2,1,2)"]
+  port = free_port()
+  runs = {"one": [f"--config.out={tmp_path / 'one'}"]}
+  for i in range(2):
+    runs[f"two/{i}"] = [f"--config.out={tmp_path / 'two'}", "--coordinator",
+                        f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+  procs = {name: subprocess.Popen([*cmd, *extra], cwd=root, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+           for name, extra in runs.items()}
+  outs = {name: p.communicate(timeout=400)[0] for name, p in procs.items()}
+  for name, p in procs.items():
+    assert p.returncode == 0, (name, outs[name][-3000:])
+
+  # the same files with the same bytes (manifest and settings included)
+  files = lambda d: {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+  one, two = files(tmp_path / "one"), files(tmp_path / "two")
+  builder, _, _ = prepare.load_prepared(dataset)
+  shards = [S.shard_name(sp, i) for sp in builder.info.splits
+            for i in range(-(-builder.info.splits[sp].num_examples // 6))]
+  assert len(shards) == 7 and set(shards) < set(one)
+  assert two.keys() == one.keys() and two == one
+  # process i computed shards i, i+2, …, and only those
+  for i in range(2):
+    mine = shards[i::2]
+    line = f"process {i} of 2: computed {len(mine)} of its {len(mine)} shards ({', '.join(mine)})"
+    assert line in outs[f"two/{i}"], outs[f"two/{i}"][-2000:]
+  assert "store " in outs["two/0"] and "40 trajectories in 7 shards" in outs["two/1"]
+  capsys.readouterr()
+  assert cli.main(["teacher", "verify", str(tmp_path / "two"), dataset, "--teacher",
+                   str(tmp_path / "teacher")]) == 0
+  assert "ok: 40 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"],
+     "process_id 2 is not below num_processes 2"),
+    (["--coordinator", "localhost:1", "--num-processes", "0", "--process-id", "0"],
+     "needs num_processes and process_id"),
+    (["--coordinator", "localhost:1", "--num-processes", "2"],
+     "needs num_processes and process_id"),
+    (["--config.mesh=(3,1,1)"], "needs 3 devices, there are 8 (the mesh is per process: "
+     "process 0 of 1 has 8 devices)"),
+    (["--config.mesh=(-1,3,1)"], "does not divide 8 devices (the mesh is per process"),
+])
+def test_precompute_bad_process_or_mesh_is_a_clear_error(dataset, tmp_path, capsys, extra,
+                                                         message):
+  """Caught before jax.distributed starts (a bad id would wait for the coordinator) or a
+  teacher is loaded; the teacher folder need not exist."""
+  from sad_jax import cli
+
+  args = ["teacher", "precompute", "--quiet", f"--config.dataset={dataset}",
+          f"--config.teacher={tmp_path / 'absent'}", f"--config.out={tmp_path / 'st'}", *extra]
+  assert cli.main(args) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "st").exists()
+
+
+def test_precompute_process_index_out_of_range(dataset, teacher, tmp_path):
+  with pytest.raises(DataError, match=r"process_index 2 is not in \[0, 2\)"):
+    run(dataset, teacher, tmp_path / "st", process_index=2, process_count=2)
+
+
 KILL_SCRIPT = """
 import os, sys, jax
 sys.path.insert(0, {root!r})
