@@ -1,15 +1,22 @@
 """Pod-size example: Qwen2.5-7B-Instruct teacher → Qwen2.5-0.5B student, span-level (`sad`).
 
-The teacher's top-k is precomputed offline, once, on the same pod:
-  sad-jax teacher precompute --config configs/teacher_precompute.py \
+The teacher's top-k is precomputed offline, once, on the same pod. Every host runs the same
+command (--coordinator auto: jax.distributed detects the TPU pod); each host runs the
+teacher on its own chips — the mesh is per host, here tensor 4 over a v5p host's 4 chips —
+and computes its share of the store's shards (shard i on host i mod 64), and host 0 writes
+the manifest once every shard is in the store folder:
+  sad-jax teacher precompute --config configs/teacher_precompute.py --coordinator auto \
       --config.dataset=gs://BUCKET/agent_traj --config.teacher=gs://BUCKET/Qwen2.5-7B-Instruct \
-      --config.out=gs://BUCKET/qwen7b_top64 --config.k=64 --config.mesh='(16,8,2)' \
+      --config.out=gs://BUCKET/qwen7b_top64 --config.k=64 --config.mesh='(1,1,4)' \
       --config.compute_dtype=bfloat16
 then every host runs the same command (jax.distributed detects the TPU pod):
   sad-jax train --config configs/pod_qwen7b_to_qwen0p5b.py --workdir gs://BUCKET/runs/sad05 \
       --coordinator auto --config.dataset=gs://BUCKET/agent_traj \
       --config.teacher_store=gs://BUCKET/qwen7b_top64 \
       --config.model.path=gs://BUCKET/Qwen2.5-0.5B-Instruct
+Paths are local paths until cloud paths land (issue 21, point 1): until then use a folder
+that every host mounts (a shared file system, or the bucket through gcsfuse) in place of
+gs://BUCKET; the store must be one folder that all hosts see.
 
 Mesh for 256 chips (e.g. a v5p-512 slice): data 8 × fsdp 16 × tensor 2. The 0.5B student
 fits with FSDP over 16; tensor 2 splits its 14 query heads and the 152k vocabulary (the head

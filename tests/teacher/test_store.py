@@ -237,6 +237,11 @@ def test_two_hosts_split_the_shards(dataset, teacher, tmp_path):
   assert len(first.shards) == len({m["name"] for m in first.shards})
   run(dataset, teacher, tmp_path / "two", process_index=1, process_count=2)
   assert digests(tmp_path / "two") == digests(tmp_path / "one")
+  # a store that one of two hosts left half done is completed by a one-process rerun
+  run(dataset, teacher, tmp_path / "half", process_index=1, process_count=2)
+  assert not (tmp_path / "half" / "manifest.json").exists()
+  run(dataset, teacher, tmp_path / "half")
+  assert digests(tmp_path / "half") == digests(tmp_path / "one")
 
 
 @pytest.mark.slow
