@@ -247,6 +247,15 @@ def _cmd_export(args) -> int:
   return 0
 
 
+def _cmd_convert_gguf(args) -> int:
+  from sad_jax.models import gguf
+
+  out = gguf.convert(args.input, args.out_dir, dtype=args.dtype)
+  print(f"converted {out['params']:,} parameters ({out['dtype']}, template {out['template']}) "
+        f"to {out['out_dir']}: {', '.join(out['files'])}")
+  return 0
+
+
 def _cmd_demo(args) -> int:
   from sad_jax import demo
 
@@ -374,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--max-shard-bytes", type=int, default=None,
                    help="split the weights into files of at most this size (default 2 GiB)")
   exp.set_defaults(func=_cmd_export)
+
+  conv = sub.add_parser("convert", help="another format's model → a Hugging Face folder")
+  conv_sub = conv.add_subparsers(dest="convert_command", required=True)
+  cg = conv_sub.add_parser("gguf", help="a llama.cpp GGUF file (llama; F32/F16/BF16/Q8_0/"
+                           "Q4_0/Q4_1) → config, safetensors, tokenizer and chat template")
+  cg.add_argument("input", metavar="IN.gguf")
+  cg.add_argument("out_dir", metavar="OUT_DIR")
+  cg.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="of the written weights (the dequantized values are float32)")
+  cg.set_defaults(func=_cmd_convert_gguf)
 
   dem = sub.add_parser("demo", help="the whole method end to end on TextWorld-Express: "
                        "SAD vs token-level KD vs SFT, with a report and plots")

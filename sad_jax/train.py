@@ -176,13 +176,21 @@ def train_and_evaluate(config, workdir: str) -> Result:
   vocab = int(train_split.meta["vocab_size"])
   tensor = int(mesh.shape["tensor"])
   params = None
-  if config.model.init == "pretrained":
+  init = str(config.model.init)
+  if init == "pretrained" or init.startswith(checkpoint_io.TEACHER_LAYERS):
     if not config.model.path:
-      raise DataError("model.init=pretrained needs --config.model.path", field="config.model.path")
-    model_cfg, params = checkpoint_io.load_model(config.model.path, mesh=mesh)
+      raise DataError(f"model.init={init} needs --config.model.path", field="config.model.path")
+    if init == "pretrained":
+      model_cfg, params = checkpoint_io.load_model(config.model.path, mesh=mesh)
+    else:  # a depth-pruned student: the chosen layers of the model at model.path
+      model_cfg, params = checkpoint_io.load_layers(
+          config.model.path, checkpoint_io.parse_layers(init), mesh=mesh)
     model_cfg = model_cfg.replace(vocab_multiple=tensor)
-  else:
+  elif init == "scratch":
     model_cfg = student_config(config, vocab=vocab, tensor=tensor)
+  else:
+    raise DataError(f"model.init must be scratch, pretrained or {checkpoint_io.TEACHER_LAYERS}"
+                    f"I,J,…, got {init!r}", field="config.model.init")
   if model_cfg.vocab_size < vocab:
     raise DataError(f"student vocabulary {model_cfg.vocab_size} is smaller than the "
                     f"dataset's tokenizer ({vocab})", field="config.model")

@@ -58,6 +58,45 @@ def load_model(path: str | os.PathLike, mesh=None, dtype=None):
   return cfg, params
 
 
+TEACHER_LAYERS = "teacher_layers:"
+
+
+def parse_layers(init: str, *, field: str = "config.model.init") -> tuple[int, ...]:
+  """The layer indices of `teacher_layers:0,4,8,…` (distinct, increasing)."""
+  body = init[len(TEACHER_LAYERS):] if init.startswith(TEACHER_LAYERS) else None
+  try:
+    layers = tuple(int(x) for x in body.split(",")) if body else ()
+  except ValueError:
+    layers = ()
+  if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0:
+    raise DataError(f"expected {TEACHER_LAYERS}I,J,… with increasing layer indices, got "
+                    f"{init!r}", field=field)
+  return layers
+
+
+def select_layers(cfg: ModelConfig, params, layers) -> tuple[ModelConfig, dict]:
+  """A model of the chosen layers of (cfg, params), in order, with the embeddings, final
+  norm and head kept: a depth-pruned student initialised from its teacher."""
+  layers = tuple(int(i) for i in layers)
+  bad = [i for i in layers if not 0 <= i < cfg.num_layers]
+  if bad or not layers or len(set(layers)) != len(layers):
+    raise DataError(f"layers {list(layers)} are not distinct layers of a {cfg.num_layers}-"
+                    "layer model", field="config.model.init")
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out.update({f"layers_{j}": params[f"layers_{i}"] for j, i in enumerate(layers)})
+  types = None if cfg.layer_types is None else tuple(cfg.layer_types[i] for i in layers)
+  return cfg.replace(num_layers=len(layers), layer_types=types), out
+
+
+def load_layers(path: str | os.PathLike, layers, mesh=None, dtype=None):
+  """(cfg, params) of the chosen layers of the model at `path` (as load_model reads it)."""
+  cfg, params = load_model(path, mesh=mesh, dtype=dtype)
+  try:
+    return select_layers(cfg, params, layers)
+  except DataError as e:
+    raise e.located(path=os.fspath(path)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
   """Where a model's files are: its folder, and the prepared dataset it was trained on

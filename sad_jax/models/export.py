@@ -110,7 +110,7 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "
            mesh: jax.sharding.Mesh | None = None) -> dict:
   """Writes the HF folder `out_dir` (atomically) from a run, its final/ or an HF folder.
   Returns a summary: {model_dir, dataset, files, dtype, template, params}."""
-  from sad_jax.data import prepare, render
+  from sad_jax.data import render
   from sad_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
   if dtype not in DTYPES:
@@ -135,6 +135,26 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "
   if tok.vocab_size > cfg.vocab_size:
     raise DataError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}",
                     path=tok_path, field="vocab_size")
+  files = write_folder(out_dir, cfg=cfg, params=params, tok=tok, tok_json=tok_json,
+                       tok_config=tok_config, template=template, dtype=dtype,
+                       max_shard_bytes=max_shard_bytes)
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  n_params = sum(int(np.prod(s)) for _, s, _ in hf._layout(cfg).values())
+  return {"model_dir": source.model_dir, "dataset": source.dataset, "out_dir": out_dir,
+          "files": files, "dtype": dtype, "template": render.template_fingerprint(template),
+          "params": n_params}
+
+
+def write_folder(out_dir: str | os.PathLike, *, cfg: ModelConfig, params, tok, tok_json: str,
+                 tok_config: dict, template, dtype: str = "bfloat16",
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+  """The HF folder of a model and its tokenizer (tokenizer.json text and its config), with
+  `template` (a ChatTemplate, or None for ReAct) as its chat template; atomically. Shared
+  by export and `sad-jax convert gguf`. Returns the weight files' names."""
+  from sad_jax.data import prepare
+
+  if dtype not in DTYPES:
+    raise DataError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
   tok_config = {k: v for k, v in tok_config.items() if k != "chat_template"}
   if template is not None:
     tok_config["chat_template"] = template.source
@@ -153,7 +173,6 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "
   gen_cfg = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
              if hf_cfg.get(k) is not None}
   main = jax.process_index() == 0
-  out_dir = os.path.abspath(os.fspath(out_dir))
   if not main:
     files = write_weights(cfg, params, "", dtype=dtype, max_shard_bytes=max_shard_bytes)
   else:
@@ -165,10 +184,7 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "
         f.write(tok_json)
       _write_json(os.path.join(tmp, "tokenizer_config.json"), tok_config)
       prepare.write_template(os.path.join(tmp, prepare.TEMPLATE_FILE), template)
-  n_params = sum(int(np.prod(s)) for _, s, _ in hf._layout(cfg).values())
-  return {"model_dir": source.model_dir, "dataset": source.dataset, "out_dir": out_dir,
-          "files": files, "dtype": dtype, "template": render.template_fingerprint(template),
-          "params": n_params}
+  return files
 
 
 def _hf_tokenizer_config(tok_path: str) -> dict:

@@ -105,14 +105,21 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=N
   """(cfg, params) from an HF folder; missing, extra or mis-shaped tensors are errors
   naming the tensor. On a mesh, parameters are created in their shardings."""
   path = os.fspath(path)
-  cfg = load_config(path)
+  return from_tensors(load_config(path), safetensors_io.read_checkpoint(path), where=path,
+                      mesh=mesh, dtype=dtype, rules=rules, vocab_multiple=vocab_multiple)
+
+
+def from_tensors(cfg: ModelConfig, tensors, *, where: str, mesh=None, dtype=None,
+                 rules=sharding.DEFAULT_RULES, vocab_multiple: int = 1):
+  """(cfg, params) from (HF name, array, file) triples in the HF layout (safetensors, or a
+  GGUF file's tensors renamed): the one place that checks and places them."""
   if mesh is not None and vocab_multiple == 1:
     vocab_multiple = int(mesh.shape.get("tensor", 1))
   cfg = cfg.replace(vocab_multiple=vocab_multiple)
   layout = _layout(cfg)
   host: dict = {}
   seen = set()
-  for name, w, fpath in safetensors_io.read_checkpoint(path):
+  for name, w, fpath in tensors:
     if _IGNORED.search(name):
       continue
     if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -129,7 +136,7 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=N
       _set(host, ours[:-1] + (sub,) if sub else ours, arr)
   missing = sorted(set(layout) - seen)
   if missing:
-    raise DataError(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}", path=path,
+    raise DataError(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}", path=where,
                     field=missing[0])
   params = _place(host, mesh, dtype, rules)
   return cfg, params
