@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.init = "scratch"         # scratch (from hf_config) | pretrained (from path)
+  c.model.init = "scratch"         # scratch (from hf_config) | pretrained (from path) |
+  #                                  teacher_layers:0,4,8,… (those layers of the model at path)
   c.model.path = ""                # HF folder or orbax params folder, for pretrained
   c.model.hf_config = ml_collections.ConfigDict(DEMO_STUDENT)
   c.model.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
