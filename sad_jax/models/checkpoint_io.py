@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 
 from sad_jax import sharding
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
-from sad_jax.models import hf
+from sad_jax.models import hf, safetensors_io
 from sad_jax.models.config import ModelConfig, load_config, to_hf_dict
 from sad_jax.models.transformer import param_axes
 
@@ -74,28 +75,51 @@ def parse_layers(init: str, *, field: str = "config.model.init") -> tuple[int, .
   return layers
 
 
-def select_layers(cfg: ModelConfig, params, layers) -> tuple[ModelConfig, dict]:
-  """A model of the chosen layers of (cfg, params), in order, with the embeddings, final
-  norm and head kept: a depth-pruned student initialised from its teacher."""
-  layers = tuple(int(i) for i in layers)
+def _layers_config(cfg: ModelConfig, layers: tuple[int, ...]) -> ModelConfig:
   bad = [i for i in layers if not 0 <= i < cfg.num_layers]
   if bad or not layers or len(set(layers)) != len(layers):
     raise DataError(f"layers {list(layers)} are not distinct layers of a {cfg.num_layers}-"
                     "layer model", field="config.model.init")
+  types = None if cfg.layer_types is None else tuple(cfg.layer_types[i] for i in layers)
+  return cfg.replace(num_layers=len(layers), layer_types=types)
+
+
+def select_layers(cfg: ModelConfig, params, layers) -> tuple[ModelConfig, dict]:
+  """A model of the chosen layers of (cfg, params), in order, with the embeddings, final
+  norm and head kept: a depth-pruned student initialised from its teacher."""
+  layers = tuple(int(i) for i in layers)
+  sub_cfg = _layers_config(cfg, layers)
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out.update({f"layers_{j}": params[f"layers_{i}"] for j, i in enumerate(layers)})
-  types = None if cfg.layer_types is None else tuple(cfg.layer_types[i] for i in layers)
-  return cfg.replace(num_layers=len(layers), layer_types=types), out
+  return sub_cfg, out
 
 
 def load_layers(path: str | os.PathLike, layers, mesh=None, dtype=None):
-  """(cfg, params) of the chosen layers of the model at `path` (as load_model reads it)."""
-  cfg, params = load_model(path, mesh=mesh, dtype=dtype)
+  """(cfg, params) of the chosen layers of the model at `path` (as load_model reads it).
+  From an HF folder only those layers' tensors are placed (on a mesh, a replicated
+  teacher would take a copy per device)."""
+  path = os.path.abspath(os.fspath(path))
+  layers = tuple(int(i) for i in layers)
   try:
-    return select_layers(cfg, params, layers)
+    if os.path.isdir(os.path.join(path, "params")):
+      return select_layers(*load_model(path, mesh=mesh, dtype=dtype), layers)
+    sub_cfg = _layers_config(load_config(path), layers)
   except DataError as e:
-    raise e.located(path=os.fspath(path)) from None
+    raise e.located(path=path) from None
+  new_index = {i: j for j, i in enumerate(layers)}
 
+  def chosen():
+    for name, w, fpath in safetensors_io.read_checkpoint(path):
+      m = _LAYER_NAME.match(name)
+      if m is None:
+        yield name, w, fpath
+      elif int(m.group(1)) in new_index:
+        yield f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}", w, fpath
+
+  return hf.from_tensors(sub_cfg, chosen(), where=path, mesh=mesh, dtype=dtype)
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:

@@ -186,7 +186,7 @@ def test_unsupported_tensor_type_and_architecture_are_named(tmp_path, capsys):
   assert cli.main(["convert", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "o")]) == 2
 
 
-def test_layer_subset_student_takes_the_chosen_layers():
+def test_layer_subset_student_takes_the_chosen_layers(tmp_path):
   cfg = TINY.replace(num_layers=5)
   params = T.init_params(cfg, jax.random.PRNGKey(5))
   sub_cfg, sub = checkpoint_io.select_layers(cfg, params, checkpoint_io.parse_layers(
@@ -201,6 +201,16 @@ def test_layer_subset_student_takes_the_chosen_layers():
   np.testing.assert_array_equal(hf.forward(full_cfg, full, ids), hf.forward(cfg, params, ids))
   # a proper subset is a different model
   assert not np.allclose(hf.forward(sub_cfg, sub, ids), hf.forward(cfg, params, ids))
+  # from a folder (HF: only the chosen layers' tensors are read; orbax params)
+  hf.save(cfg, params, tmp_path / "hf")
+  checkpoint_io.save_params(tmp_path / "orbax", cfg, params)
+  for folder in ("hf", "orbax"):
+    got_cfg, got = checkpoint_io.load_layers(tmp_path / folder, (0, 2, 4))
+    assert got_cfg == sub_cfg
+    jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, sub))
+  with pytest.raises(DataError, match="not distinct layers") as e:
+    checkpoint_io.load_layers(tmp_path / "hf", (1, 7))
+  assert e.value.path == str(tmp_path / "hf")
   for bad in ("teacher_layers:", "teacher_layers:2,1", "teacher_layers:a", "layers:1"):
     with pytest.raises(DataError, match="increasing layer indices"):
       checkpoint_io.parse_layers(bad)
