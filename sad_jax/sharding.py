@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scanned params: each device holds every layer
 )
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("sad_jax_mesh", default=None)

@@ -18,7 +18,7 @@ from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.models import hf, safetensors_io
 from sad_jax.models.config import ModelConfig, load_config, to_hf_dict
-from sad_jax.models.transformer import param_axes
+from sad_jax.models.transformer import param_axes, unstack_layers
 
 
 def save_params(path: str | os.PathLike, cfg: ModelConfig, params) -> None:
@@ -27,7 +27,9 @@ def save_params(path: str | os.PathLike, cfg: ModelConfig, params) -> None:
   path = os.path.abspath(os.fspath(path))
   os.makedirs(path, exist_ok=True)
   ck = ocp.StandardCheckpointer()
-  ck.save(os.path.join(path, "params"), params, force=True)
+  # model folders hold layers per layer whatever the run's layout (scan_layers stacks them
+  # again on load), so eval, export and teacher_layers read one form
+  ck.save(os.path.join(path, "params"), unstack_layers(params), force=True)
   ck.wait_until_finished()
   if jax.process_index() == 0:  # every process saves its shards; one writes the config
     with atomic_write(os.path.join(path, "config.json")) as f:
@@ -89,6 +91,7 @@ def select_layers(cfg: ModelConfig, params, layers) -> tuple[ModelConfig, dict]:
   norm and head kept: a depth-pruned student initialised from its teacher."""
   layers = tuple(int(i) for i in layers)
   sub_cfg = _layers_config(cfg, layers)
+  params = unstack_layers(params)
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out.update({f"layers_{j}": params[f"layers_{i}"] for j, i in enumerate(layers)})
   return sub_cfg, out

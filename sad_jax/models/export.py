@@ -28,6 +28,7 @@ from sad_jax.fileio import atomic_dir
 from sad_jax.models import hf, safetensors_io
 from sad_jax.models.checkpoint_io import check_model_dir, load_model, resolve_source
 from sad_jax.models.config import ModelConfig, to_hf_dict
+from sad_jax.models.transformer import unstack_layers
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -76,6 +77,7 @@ def write_weights(cfg: ModelConfig, params, folder: str, *, dtype: str = "bfloat
   """Safetensors files of the HF layout into `folder`; returns their names. Above
   max_shard_bytes the tensors go to several files listed in model.safetensors.index.json."""
   np_dtype = np.dtype(DTYPES[dtype])
+  params = unstack_layers(params)  # a scanned model's layer i is its stacked slice i
   layout = hf._layout(cfg)
   shards: list[list] = [[]]
   size = total = 0

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sad_jax.models.config import ModelConfig
-from sad_jax.models.transformer import Transformer, init_cache
+from sad_jax.models.transformer import Transformer, init_cache, unstack_layers
 
 TRACES = {"prefill": 0, "decode": 0}  # trace counters, read by tests
 
@@ -60,6 +60,7 @@ def _prefill(params, ids_bp, pos_bp, seg_bp, rng, knobs, *, cfg: ModelConfig, ca
              dtype):
   TRACES["prefill"] += 1
   model = Transformer(cfg, dtype=dtype)
+  params = unstack_layers(params)  # decoding unrolled: a scan would restack the cache per token
   cache = init_cache(cfg, ids_bp.shape[0], cache_len, dtype)
   logits, cache = model.apply({"params": params}, ids_bp, positions_bt=pos_bp,
                               segment_ids_bt=seg_bp, cache=cache, cache_index=0)
@@ -72,6 +73,7 @@ def _decode(params, cache, token_b, pos_b, index, rng, knobs, *, cfg: ModelConfi
             steps: int, dtype):
   TRACES["decode"] += 1
   model = Transformer(cfg, dtype=dtype)
+  params = unstack_layers(params)
 
   def step(carry, key):
     cache, token, pos, idx = carry

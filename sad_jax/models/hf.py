@@ -23,7 +23,7 @@ from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_dir
 from sad_jax.models import safetensors_io
 from sad_jax.models.config import ModelConfig, load_config, to_hf_dict
-from sad_jax.models.transformer import Transformer, param_axes
+from sad_jax.models.transformer import Transformer, is_stacked, param_axes, unstack_layers
 
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
@@ -159,12 +159,14 @@ def _place(host: dict, mesh, dtype, rules):
 
 def forward(cfg: ModelConfig, params, ids, *, dtype=jnp.float32) -> jax.Array:
   """Logits [B, T, V] float32 (the real vocabulary; padding columns dropped)."""
-  z = Transformer(cfg, dtype=dtype).apply({"params": params}, jnp.asarray(ids))
+  z = Transformer(cfg, dtype=dtype, scan=is_stacked(params)).apply({"params": params},
+                                                                   jnp.asarray(ids))
   return z[..., :cfg.vocab_size]
 
 
 def _to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
   p = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
+  p = unstack_layers(p)  # scanned models save the same per-layer HF tensors
   d, hd = cfg.hidden_size, cfg.head_dim
   out = {"model.embed_tokens.weight": p["embed"][:cfg.vocab_size],
          "model.norm.weight": p["final_norm"]["scale"]}

@@ -9,6 +9,11 @@ Sequences may be packed: `segment_ids_bt` (0 = padding) keeps attention inside o
 trajectory, and `positions_bt` restarts RoPE positions per trajectory. With `cache`
 (see `init_cache`) the call appends keys/values at `cache_index` and attends over
 everything cached so far (KV-cache decoding).
+
+Layers come in two layouts: per layer (`layers_0`, `layers_1`, …: the HF order, unrolled
+at trace time) or stacked (`layers`, every leaf with a leading "layers" axis), which
+`Transformer(scan=True)` runs as one compiled layer body under `nn.scan`. `stack_layers`
+and `unstack_layers` convert; `is_stacked(params)` tells which a tree is.
 """
 
 from __future__ import annotations
@@ -90,12 +95,12 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
 
 class Attention(nn.Module):
   cfg: ModelConfig
-  layer: int
+  layer: int  # -1: the scanned body, whose window comes traced from the call
   dtype: Any
   recompute: bool = False  # recompute scores and softmax in the backward (remat="attention")
 
   @nn.compact
-  def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
+  def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None, window=None):
     cfg, dt = self.cfg, self.dtype
     h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 
@@ -136,7 +141,8 @@ class Attention(nn.Module):
       if prefill:
         k, v, k_pos, k_seg = k[:, :t], v[:, :t], positions, segment_ids
     qg = q.reshape(b, t, kv, h // kv, hd)
-    window = cfg.window(self.layer)
+    if self.layer >= 0:  # a scanned body (layer -1) gets its layer's window as an input
+      window = cfg.window(self.layer)
 
     def attend(q_blk, q_pos, q_seg, k_blk, v_blk, kp, ks):
       logits = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk,
@@ -199,13 +205,13 @@ class Block(nn.Module):
   recompute_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None):
+  def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None, window=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype, name=name)
     y, new_cache = Attention(cfg, self.layer, self.dtype, self.recompute_attention,
                              name="attn")(
         norm("input_norm")(x), positions=positions, segment_ids=segment_ids, cache=cache,
-        cache_index=cache_index)
+        cache_index=cache_index, window=window)
     if cfg.post_norms:
       y = norm("post_attn_norm")(y)
     x = constrain(x + y, BTD)
@@ -220,14 +226,20 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32          # compute dtype (bfloat16 for speed); params stay f32
   # none | attention (recompute attention scores in the backward) | block (recompute blocks)
   remat: str = "none"
+  scan: bool = False  # stacked layer params ("layers"), run by nn.scan over one layer body
 
   def setup(self):
     cfg = self.cfg
     self.embed = self.param("embed", _init(), (cfg.padded_vocab, cfg.hidden_size),
                             jnp.float32)
     block = nn.remat(Block, static_argnums=()) if self.remat == "block" else Block
-    self.blocks = [block(cfg, i, self.dtype, self.remat == "attention", name=f"layers_{i}")
-                   for i in range(cfg.num_layers)]
+    if self.scan:
+      # one Block whose params carry a leading layer axis; inside the body it sees one
+      # layer's slice, so remat (block or attention) applies per layer as unrolled
+      self.layers = block(cfg, -1, self.dtype, self.remat == "attention", name="layers")
+    else:
+      self.blocks = [block(cfg, i, self.dtype, self.remat == "attention", name=f"layers_{i}")
+                     for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype)
     if not cfg.tie_embeddings:
       self.lm_head = self.param("lm_head", _init(), (cfg.hidden_size, cfg.padded_vocab),
@@ -249,13 +261,37 @@ class Transformer(nn.Module):
     if cfg.embed_scale:
       x = x * jnp.asarray(cfg.hidden_size ** 0.5, dt)
     x = constrain(x, BTD)
-    new_caches = []
-    for i, blk in enumerate(self.blocks):
-      x, c = blk(x, positions=positions_bt, segment_ids=segment_ids_bt,
-                 cache=None if cache is None else cache[i], cache_index=cache_index)
-      new_caches.append(c)
+    if self.scan:
+      x, new_caches = self._scan_layers(x, positions_bt, segment_ids_bt, cache, cache_index)
+    else:
+      new_caches = []
+      for i, blk in enumerate(self.blocks):
+        x, c = blk(x, positions=positions_bt, segment_ids=segment_ids_bt,
+                   cache=None if cache is None else cache[i], cache_index=cache_index)
+        new_caches.append(c)
     x = self.final_norm(x)
     return constrain(x, BTD), (new_caches if cache is not None else None)
+
+  def _scan_layers(self, x, positions_bt, segment_ids_bt, cache, cache_index):
+    """The decoder layers as one nn.scan: x is the carry; each layer's window (and cache,
+    stacked from the per-layer list) is scanned over."""
+    cfg, n = self.cfg, self.cfg.num_layers
+    # full-attention layers of a mixed model get a window no position difference reaches
+    windows = None if cfg.sliding_window is None else jnp.asarray(
+        [cfg.window(i) or np.iinfo(np.int32).max for i in range(n)], jnp.int32)
+    stacked = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *cache)
+
+    def body(blk, x, per_layer):
+      window, c = per_layer
+      x, new_c = blk(x, positions=positions_bt, segment_ids=segment_ids_bt, cache=c,
+                     cache_index=cache_index, window=window)
+      return x, new_c
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=n)
+    x, new_stacked = scan(self.layers, x, (windows, stacked))
+    new_caches = None if cache is None else [
+        jax.tree.map(lambda a, i=i: a[i], new_stacked) for i in range(n)]
+    return x, new_caches
 
   def logits(self, h_btd):
     """[B, T, V_padded] float32 logits; padded vocabulary entries are −inf-like."""
@@ -297,28 +333,73 @@ _AXES = {
 
 
 def param_axes(params):
-  """Logical axis names for every parameter (same tree structure, tuples at the leaves)."""
+  """Logical axis names for every parameter (same tree structure, tuples at the leaves);
+  stacked layers (under "layers") lead with the "layers" axis."""
   def axes(path, leaf):
     name = path[-1].key
     if name not in _AXES:
       raise KeyError(f"no logical axes for parameter {jax.tree_util.keystr(path)}")
-    out = _AXES[name]
+    out = ("layers",) + _AXES[name] if path[0].key == STACKED else _AXES[name]
     assert len(out) == leaf.ndim, (path, leaf.shape)
     return out
   return jax.tree_util.tree_map_with_path(axes, params)
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array):
-  """Random parameters (float32) for a config."""
-  model = Transformer(cfg)
+STACKED = "layers"
+
+
+def is_stacked(params) -> bool:
+  """Whether `params` holds its layers stacked (scan layout) rather than per layer."""
+  return STACKED in params
+
+
+def _layer_keys(params) -> list[str]:
+  keys = [k for k in params if k.startswith("layers_")]
+  return sorted(keys, key=lambda k: int(k.removeprefix("layers_")))
+
+
+def stack_layers(params):
+  """Per-layer params (layers_0 … layers_{L-1}) → the scan layout: one "layers" subtree
+  whose leaves are [L, …], layer i at index i. Stacked params pass through."""
+  if is_stacked(params):
+    return params
+  keys = _layer_keys(params)
+  if keys != [f"layers_{i}" for i in range(len(keys))]:
+    raise ValueError(f"layer params are not layers_0 … layers_{len(keys) - 1}: {keys}")
+  out = {k: v for k, v in params.items() if k not in keys}
+  out[STACKED] = jax.tree.map(lambda *a: jnp.stack(a), *(params[k] for k in keys))
+  return out
+
+
+def unstack_layers(params):
+  """The scan layout → per-layer params (the inverse of stack_layers); per-layer params
+  pass through."""
+  if not is_stacked(params):
+    return params
+  stacked = params[STACKED]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != STACKED}
+  out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)})
+  return out
+
+
+def to_layout(params, *, scan: bool):
+  """`params` in the layout a model with `scan_layers=scan` takes."""
+  return stack_layers(params) if scan else unstack_layers(params)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, *, scan: bool = False):
+  """Random parameters (float32) for a config (stacked layers when `scan`)."""
+  model = Transformer(cfg, scan=scan)
   ids = jnp.zeros((1, 1), jnp.int32)
   return model.init(rng, ids)["params"]
 
 
 def features(cfg: ModelConfig, params, ids_bt, *, positions_bt=None, segment_ids_bt=None,
              dtype=jnp.float32, remat: str = "none"):
-  """(hidden [B,T,D], head [D,V_padded], None): what the chunked loss consumes."""
-  model = Transformer(cfg, dtype=dtype, remat=remat)
+  """(hidden [B,T,D], head [D,V_padded], None): what the chunked loss consumes. Scanned
+  when `params` are stacked."""
+  model = Transformer(cfg, dtype=dtype, remat=remat, scan=is_stacked(params))
   h, _ = model.apply({"params": params}, ids_bt, positions_bt=positions_bt,
                      segment_ids_bt=segment_ids_bt, method=Transformer.hidden)
   head = model.apply({"params": params}, method=Transformer.head)

@@ -31,7 +31,7 @@ from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.models.config import ModelConfig
 from sad_jax.models.generate import length_bucket
-from sad_jax.models.transformer import Transformer, param_axes
+from sad_jax.models.transformer import Transformer, is_stacked, param_axes
 from sad_jax.teacher import store as store_lib
 
 
@@ -44,7 +44,7 @@ def teacher_topk(params, ids_bt, select_bp=None, *, cfg: ModelConfig, k: int,
   only at the selected positions, over chunks (the [B,T,V] log-probs never exist).
   positions_bt / segment_ids_bt: of packed rows (several trajectories), as the student sees
   them; None = one sequence per row."""
-  model = Transformer(cfg, dtype=dtype)
+  model = Transformer(cfg, dtype=dtype, scan=is_stacked(params))
   h, _ = model.apply({"params": params}, ids_bt, positions_bt=positions_bt,
                      segment_ids_bt=segment_ids_bt, method=Transformer.hidden)
   if select_bp is not None:
