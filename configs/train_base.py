@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hf_config = ml_collections.ConfigDict(DEMO_STUDENT)
   c.model.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = "none"           # none | attention | block
+  c.model.scan_layers = False      # layers stacked and run as one nn.scan body (compile time
+  #                                  flat in depth); HF/final/ folders stay per layer
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = objective     # sad | token_kd | sft

@@ -42,7 +42,7 @@ from sad_jax.types import SpanKind
 RESUMABLE_CHANGES = ("train.", "checkpoint.", "metrics.", "distributed.", "data.prefetch")
 # Settings added after checkpoints were written, with the value that behaves as those did:
 # a checkpoint without the key resumes when the run sets that value.
-ADDED_SETTINGS = {"data.pack_lookahead": 1}
+ADDED_SETTINGS = {"data.pack_lookahead": 1, "model.scan_layers": False}
 
 
 class TrainingDiverged(SadJaxError):
@@ -203,9 +203,13 @@ def train_and_evaluate(config, workdir: str) -> Result:
   tx = step_lib.make_optimizer(config.optim, total_steps)
   schedule = step_lib.lr_schedule(config.optim, total_steps)
 
+  scan = bool(config.model.get("scan_layers", False))
+
   def init_fn(params_in):
+    # stacked inside the jit: the per-layer loaded copy is not kept beside the stacked one
     p = params_in if params_in is not None else transformer.init_params(
         model_cfg, jax.random.key(config.seed))
+    p = transformer.to_layout(p, scan=scan)
     return step_lib.init_state(p, objectives.init_span_params(obj), tx, config.seed)
 
   abstract = jax.eval_shape(init_fn, params)
@@ -586,7 +590,8 @@ def lower_abstract(config, *, devices: int, platform: str = "tpu", vocab: int | 
   schedule = step_lib.lr_schedule(config.optim, config.train.steps)
 
   def init():
-    return step_lib.init_state(transformer.init_params(model_cfg, jax.random.key(0)),
+    scan = bool(config.model.get("scan_layers", False))
+    return step_lib.init_state(transformer.init_params(model_cfg, jax.random.key(0), scan=scan),
                                objectives.init_span_params(obj), tx, 0)
 
   abstract = jax.eval_shape(init)

@@ -35,7 +35,7 @@ def batches(train_data, *, accum=1, rows=4, n=2, k=8, teacher=True, length=129):
 
 
 def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=(),
-        online=None, teacher_params=None, steps=None):
+        online=None, teacher_params=None, steps=None, scan=False, remat="none"):
   config, _ = train_config(train_data, objective, extra=["--config.optim.warmup_steps=0",
                                                           *extra])
   n = int(np.prod(mesh_shape))
@@ -46,9 +46,9 @@ def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=
   tx = step_lib.make_optimizer(config.optim, 10)
   schedule = step_lib.lr_schedule(config.optim, 10)
 
-  def init():
-    return step_lib.init_state(T.init_params(model_cfg, jax.random.key(0)),
-                               jnp.zeros(len(obj.groups)), tx, 0)
+  def init():  # scan: the same initial params, stacked
+    return step_lib.init_state(T.to_layout(T.init_params(model_cfg, jax.random.key(0)),
+                                           scan=scan), jnp.zeros(len(obj.groups)), tx, 0)
 
   state_sh = train.state_shardings(jax.eval_shape(init), mesh, rules, tx)
   batch_sh = train.batch_sharding_for(layout.rows, mesh, rules)
@@ -59,7 +59,7 @@ def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=
                                          rules)
     teacher_params = jax.device_put(teacher_params, teacher_sh)
   step = train.jit_train_step(model_cfg=model_cfg, obj=obj, tx=tx, schedule=schedule,
-                              dtype=jnp.float32, remat="none", online=online,
+                              dtype=jnp.float32, remat=remat, online=online,
                               state_sh=state_sh, data_sh=data_sh, teacher_sh=teacher_sh)
   weights = jnp.ones(len(obj.groups), jnp.float32)
   with sharding.use_mesh(mesh, rules):
@@ -150,6 +150,28 @@ def test_sharded_steps_equal_one_device(train_data, objective, extra):
     # Adam divides by √v: where a gradient entry is ~0, float noise in it moves the update
     # by up to a few 1e-3 of a step (lr 3e-3), hence atol 3e-5 on the parameters
     close(params, ref_params, atol=3e-5)
+
+
+@pytest.mark.slow
+def test_scanned_layer_steps_on_meshes_equal_the_unrolled_one_device_steps(train_data):
+  """model.scan_layers: the stacked student's train steps on (2,2,2) and (1,2,4), with
+  block remat inside the scanned body, against the unrolled student on one device: losses,
+  per-leaf gradients (Adam's first moment) and parameters, the stacked leaves split as
+  their per-layer slices are (the layer axis whole)."""
+  layout, host = batches(train_data, accum=2, rows=8)
+  ref_params, ref_hist, _ = run(train_data, (1, 1, 1), host, layout)
+  for shape, remat in (((2, 2, 2), "block"), ((1, 2, 4), "none")):
+    params, hist, state = run(train_data, shape, host, layout, scan=True, remat=remat)
+    stacked = state.params["layers"]
+    assert stacked["attn"]["q"].shape[0] == 2 and "layers_0" not in state.params
+    assert stacked["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None), shape
+    assert stacked["mlp"]["down"].sharding.spec == P(None, "tensor", "fsdp"), shape
+    for h, r in zip(hist, ref_hist, strict=True):
+      assert bool(h["ok"])
+      for key in ("loss", "grad_norm", "reason/loss", "action/loss"):
+        np.testing.assert_allclose(h[key], r[key], rtol=2e-5, err_msg=f"{shape} {key}")
+      same_gradients(T.unstack_layers(h["mu"]["model"]), r["mu"]["model"], where=str(shape))
+    close(T.unstack_layers(params), ref_params, atol=3e-5)
 
 
 def test_accumulation_equals_the_full_batch(train_data):

@@ -496,3 +496,35 @@ def test_kill_sigint_sigterm_resume_on_a_222_mesh_is_bit_identical(train_data, t
   assert p.returncode == 0 and f"resumed from step {saved}" in text, text
   assert f"finished at step {total}" in text, text
   assert_bit_identical(final_params(work), final_params(str(tmp_path / "clean")))
+
+
+@pytest.mark.slow
+def test_scanned_layers_train_like_unrolled_from_teacher_layers_and_export(train_data, tmp_path):
+  """model.scan_layers=true through the trainer: a teacher_layers student (read per layer,
+  stacked in the jitted init) trains as the unrolled one does, its final/ folder is per
+  layer and exports; a resumption may not flip the layout."""
+  from sad_jax.models import export, hf
+
+  _, _, teacher_dir = train_data
+  base = ["--config.model.init=teacher_layers:0,1", f"--config.model.path={teacher_dir}",
+          "--config.train.steps=3", "--config.train.eval_every=3"]
+  finals, losses = {}, {}
+  for scan in (False, True):
+    config, _ = train_config(train_data, extra=[*base, f"--config.model.scan_layers={scan}"])
+    run_dir = str(tmp_path / f"scan_{scan}")
+    assert train.train_and_evaluate(config, run_dir).status == "finished"
+    losses[scan] = [r["loss"] for r in metrics_lib.read_jsonl(run_dir) if "loss" in r]
+    cfg, finals[scan] = checkpoint_io.load_model(os.path.join(run_dir, "final"))
+    assert "layers_1" in finals[scan] and "layers" not in finals[scan]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(finals[True]), jax.tree.leaves(finals[False]), strict=True):
+    np.testing.assert_allclose(a, b, atol=3e-5)
+  export.export(str(tmp_path / "scan_True"), str(tmp_path / "hf"), dtype="float32")
+  ids = np.arange(3, 40)[None]
+  hf_cfg, hf_params = hf.load(tmp_path / "hf")
+  np.testing.assert_allclose(hf.forward(hf_cfg, hf_params, ids),
+                             hf.forward(cfg, finals[True], ids), rtol=1e-5, atol=1e-5)
+  config, _ = train_config(train_data, extra=[*base, "--config.model.scan_layers=true",
+                                              "--config.train.steps=6"])
+  with pytest.raises(DataError, match="model.scan_layers"):
+    train.train_and_evaluate(config, str(tmp_path / "scan_False"))
