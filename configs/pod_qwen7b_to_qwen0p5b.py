@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hf_config = ml_collections.ConfigDict(QWEN25_0P5B)  # for abstract checks
   c.model.dtype = "bfloat16"
   c.model.remat = "block"
+  c.model.scan_layers = True         # 24 layers as one scanned body (compile time ~flat in depth)
   c.objective.chunk_size = 512
   c.objective.learnable_weights = True
   c.objective.curriculum_gamma = 0.1

@@ -59,3 +59,7 @@ def test_train_step_lowers_abstractly(name):
     assert ('tensor<151936x896xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"tensor"}, '
             '{"fsdp"}]>') in text
     assert 'tensor<2x128x4097xi32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"data", "fsdp"}, {}]>' in text
+    # scanned layers: q of all 24 layers stacked, the layer axis whole, embed over fsdp and
+    # the 14 heads (even over tensor 2) split
+    assert ('tensor<24x896x14x64xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"fsdp"}, '
+            '{"tensor"}, {}]>') in text
