@@ -199,3 +199,15 @@ def test_teacher_layers_of_a_scanned_model_equal_those_of_the_unrolled():
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(got["layers_1"]["attn"]["q"], params["layers_2"]["attn"]["q"])
+
+
+def test_teacher_topk_of_a_stacked_teacher_equals_the_unrolled():
+  from sad_jax.teacher import precompute
+
+  params = random_params(GEMMA2_4)
+  ids = ids_for(GEMMA2_4, t=12)
+  kw = dict(cfg=GEMMA2_4, k=5, temperature=1.0, chunk=4)
+  want_ids, want_lp = precompute.teacher_topk(params, ids, **kw)
+  got_ids, got_lp = precompute.teacher_topk(T.stack_layers(params), ids, **kw)
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_allclose(got_lp, want_lp, rtol=1e-5, atol=1e-5)
