@@ -108,6 +108,7 @@ def test_scanned_gradients_equal_unrolled_with_every_remat(cfg):
     assert inside == (remat != "none"), remat
 
 
+@pytest.mark.slow
 def test_scanned_kv_cache_decoding_equals_full_forward():
   cfg = GEMMA2_4
   params = random_params(cfg)
