@@ -3,6 +3,7 @@ bootstrap intervals and paired differences, and plots."""
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
@@ -84,9 +85,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   dev_est = stats.success(dev)
 
   first = _arm_records(records, c.reference, chosen[c.reference])[0]["cell"]
-  s_folder = os.path.join(work, "cells", study.Cell(arm=first["arm"], objective=first["objective"],
-                                                    seed=first["seed"], steps=first["steps"]).name,
-                          "final")
+  s_folder = os.path.join(work, "cells", study.Cell(**first).name, "final")
   t_params, s_params = _param_count(teacher["folder"]), _param_count(s_folder)
 
   how = {a.name: study.budget_source(a, c.reference) for a in arm_list}
@@ -148,10 +147,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
       "No arm had budgets to choose between: each arm trained for its one budget.")
 
   _plots(work, curve_est, est)
-  cpus: dict[str, int] = {}
-  for r in records.values():
-    key = r.get("trained_on", "not recorded")
-    cpus[key] = cpus.get(key, 0) + 1
+  cpus = collections.Counter(r.get("trained_on", "not recorded") for r in records.values())
   trained_on = "; ".join(f"{k}: {v} cells" for k, v in sorted(cpus.items()))
   n_seeds = {a.name: len(a.seeds) for a in arm_list}
   when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
