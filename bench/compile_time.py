@@ -29,38 +29,19 @@ jax.config.update("jax_enable_compilation_cache", False)  # every compile is mea
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_step import host_batch, model_config, objective_config, optim_config  # noqa: E402
+from train_step import build_step  # noqa: E402
 
-from sad_jax import objectives, sharding, train  # noqa: E402
-from sad_jax import step as step_lib  # noqa: E402
+from sad_jax import sharding  # noqa: E402
 from sad_jax.metrics import cpu_model  # noqa: E402
-from sad_jax.models import transformer  # noqa: E402
 
 SHAPE = dict(vocab=8192, d=256, heads=4, kv=2, ffn=704, seq=256, batch=2)
 
 
 def build(layers: int, *, scan: bool, remat: str):
-  """(jitted step, abstract args with shardings, init fn) of a fresh train step."""
-  s = {**SHAPE, "layers": layers}
-  cfg = model_config(s)
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  rules = sharding.DEFAULT_RULES
-  obj = objectives.build(objective_config())
-  tx = step_lib.make_optimizer(optim_config(), 1000)
-  schedule = step_lib.lr_schedule(optim_config(), 1000)
-
-  def init():
-    p = transformer.to_layout(transformer.init_params(cfg, jax.random.key(0)), scan=scan)
-    return step_lib.init_state(p, objectives.init_span_params(obj), tx, 0)
-
-  state_sh = train.state_shardings(jax.eval_shape(init), mesh, rules, tx)
-  batch = host_batch(s)
-  batch_sh = train.batch_sharding_for(s["batch"], mesh, rules)
-  data_sh = jax.tree.map(lambda _: batch_sh, batch)
-  step = train.jit_train_step(model_cfg=cfg, obj=obj, tx=tx, schedule=schedule,
-                              dtype=jnp.float32, remat=remat, online=None,
-                              state_sh=state_sh, data_sh=data_sh, teacher_sh=None)
-  return step, mesh, rules, init, state_sh, batch, data_sh
+  """(jitted step, mesh, rules, init fn, state shardings, host batch, its shardings)."""
+  step, _, *rest = build_step({**SHAPE, "layers": layers}, dtype="float32", remat=remat,
+                              scan=scan)
+  return step, *rest
 
 
 def measure(layers: int, *, scan: bool, remat: str) -> dict:

@@ -105,9 +105,10 @@ def objective_config():
       curriculum_gamma=0.1, pcgrad=False))
 
 
-def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
-                remat: str = "none") -> dict:
-  s = SHAPES[name]
+def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False):
+  """The jitted train step of shape `s` on one device and what calling it needs:
+  (step, model config, mesh, rules, init fn, state shardings, host batch, its shardings).
+  Also compile_time.py's."""
   cfg = model_config(s)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
@@ -116,8 +117,8 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
   schedule = step_lib.lr_schedule(optim_config(), 1000)
 
   def init():
-    return step_lib.init_state(transformer.init_params(cfg, jax.random.key(0)),
-                               objectives.init_span_params(obj), tx, 0)
+    p = transformer.to_layout(transformer.init_params(cfg, jax.random.key(0)), scan=scan)
+    return step_lib.init_state(p, objectives.init_span_params(obj), tx, 0)
 
   state_sh = train.state_shardings(jax.eval_shape(init), mesh, rules, tx)
   batch = host_batch(s)
@@ -126,6 +127,14 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
   step = train.jit_train_step(model_cfg=cfg, obj=obj, tx=tx, schedule=schedule,
                               dtype=jnp.dtype(dtype), remat=remat, online=None,
                               state_sh=state_sh, data_sh=data_sh, teacher_sh=None)
+  return step, cfg, mesh, rules, init, state_sh, batch, data_sh
+
+
+def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
+                remat: str = "none") -> dict:
+  s = SHAPES[name]
+  step, cfg, mesh, rules, init, state_sh, batch, data_sh = build_step(s, dtype=dtype,
+                                                                      remat=remat)
   weights = jnp.ones(2, jnp.float32)
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=state_sh)()
