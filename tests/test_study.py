@@ -135,6 +135,11 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
                  "Exact figures depend on the processor", "chosen on the dev fold",
                  "Command: `sad-jax demo --quick`"):
     assert needle in report
+  from sad_jax.metrics import cpu_model
+
+  # five cells trained (sad's two budgets, then token_kd, sft, sad+pcgrad), each stamped
+  assert f"Students trained on: {cpu_model()}: 5 cells." in report
+  assert re.search(r"^\[7/8\] .*\(at \d+\.\d min\)$", out, re.M)  # stage lines say when
   for png in ("learning_curves.png", "test_success.png"):
     assert (work / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   teacher_data = [json.loads(x) for x in (work / "teacher_data" / "train_success.jsonl")
@@ -147,6 +152,8 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert out.count("already trained") == 1 + 2 + 4  # teacher; 2 cells on dev, 4 on test
   assert out.count("already done") == 3 and out.count("already complete") == 2
   assert "steps in" not in out and "episodes: success" not in out  # nothing retrained/replayed
+  # a rerun keeps the processor that trained each cell
+  assert f"Students trained on: {cpu_model()}: 5 cells." in (work / "report.md").read_text()
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
