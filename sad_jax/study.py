@@ -256,6 +256,10 @@ def train(name: str, run: str, config, steps: int) -> bool:
   t0 = time.perf_counter()
   with contextlib.redirect_stdout(io.StringIO()):  # step lines go to metrics.jsonl
     result = train_lib.train_and_evaluate(config, run)
+  if result.status != "finished":  # a signal stopped it: later stages need its export
+    raise SystemExit(f"sad-jax study: {name} stopped at step {result.step} of {steps} "
+                     f"({result.status}); its checkpoint is in {run}; run the same command "
+                     "again to resume")
   _say(f"  {name}: {steps} steps in {time.perf_counter() - t0:.0f} s, validation loss "
        f"{result.validation.get('loss', float('nan')):.3f}")
   return True

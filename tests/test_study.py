@@ -160,3 +160,22 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   run = str(work / "cells" / "sft_s0_n2")
   study.train("sft_s0_n2", run, c2, 3)
   assert "the plan changed" in capsys.readouterr().out
+
+  # a signal during a run stops the study (later stages need the export), and a rerun
+  # resumes it: the signal arrives as training starts, so one step is saved
+  from sad_jax import train as train_lib
+
+  install = train_lib._install_signal_handlers
+
+  def signalled(stop):
+    previous = install(stop)
+    stop["signal"] = "SIGTERM"
+    return previous
+
+  monkeypatch.setattr(train_lib, "_install_signal_handlers", signalled)
+  run = str(work / "cells" / "interrupted")
+  with pytest.raises(SystemExit, match=r"interrupted stopped at step 1 of 3 \(preempted\)"):
+    study.train("interrupted", run, c2, 3)
+  assert not study.trained(run, 3)
+  monkeypatch.setattr(train_lib, "_install_signal_handlers", install)
+  assert study.train("interrupted", run, c2, 3) and study.trained(run, 3)
