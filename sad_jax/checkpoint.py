@@ -14,6 +14,10 @@ Disk full: before a save, the free space is compared with the size of the latest
 step, and a save that cannot fit is refused (DiskFull) before anything is written. A save
 that still runs out of space (another writer took it) fails with the same error; the
 previous step stays intact either way.
+
+On gs:// orbax has no rename either: a step is complete once its commit_success.txt is
+written (orbax writes it last and lists only such steps), and the disk-space check is
+skipped (a bucket has no free-space figure).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from sad_jax import fileio
 from sad_jax.errors import DataError, DiskFull
 
 ITEMS = ("state", "data", "meta")
@@ -52,7 +57,7 @@ class Checkpoints:
         preservation_policy=policies.AnyPreservationPolicy(keepers),
         enable_async_checkpointing=use_async, create=True)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_names=ITEMS,
+        fileio.abspath(directory), options=options, item_names=ITEMS,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
@@ -89,7 +94,7 @@ class Checkpoints:
 
   def _check_space(self, step: int) -> None:
     latest = self.latest_step()
-    if latest is None:
+    if latest is None or fileio.is_remote(str(self.manager.directory)):
       return
     need = _folder_bytes(os.path.join(self.manager.directory, str(latest)))
     free = shutil.disk_usage(self.manager.directory).free
@@ -140,11 +145,15 @@ class Checkpoints:
 
 def latest_complete(directory: str) -> int | None:
   """The highest committed step under `directory` (orbax renames a step's folder to its
-  number only once complete), without opening a manager."""
+  number only once complete; on gs:// it writes the step's commit_success.txt last),
+  without opening a manager."""
   try:
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+    steps = [int(n) for n in fileio.listdir(directory) if n.isdigit()]
   except OSError:
     return None
+  if fileio.is_remote(directory):
+    steps = [s for s in steps
+             if fileio.exists(fileio.join(directory, str(s), "commit_success.txt"))]
   return max(steps, default=None)
 
 

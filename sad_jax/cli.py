@@ -12,6 +12,7 @@ import errno
 import os
 import sys
 
+from sad_jax import fileio
 from sad_jax.errors import DiskFull, SadJaxError, SkipReport
 
 
@@ -173,7 +174,7 @@ def _cmd_train(args, overrides) -> int:
       raise
     from sad_jax.checkpoint import latest_complete
 
-    step = latest_complete(os.path.join(args.workdir, "checkpoints"))
+    step = latest_complete(fileio.join(args.workdir, "checkpoints"))
     intact = ("no checkpoint was complete yet" if step is None else
               f"the last complete checkpoint, step {step}, is intact")
     raise DiskFull(f"{e.filename or args.workdir}: disk full (No space left on device); "

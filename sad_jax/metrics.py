@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from sad_jax import fileio
+
 # ----------------------------------------------------------------------------- event files
 
 _CRC_TABLE = []
@@ -78,10 +80,9 @@ class EventWriter:
   """Appends scalar summaries to one TensorBoard event file."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
+    self.path = fileio.join(logdir, name)
+    self._f = fileio.AppendFile(self.path, binary=True)
     self._write(_event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
 
   def _write(self, record: bytes) -> None:
@@ -91,6 +92,8 @@ class EventWriter:
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     self._write(_event(wall_time=time.time(), step=step, scalars=values))
+
+  def flush(self) -> None:
     self._f.flush()
 
   def close(self) -> None:
@@ -99,25 +102,30 @@ class EventWriter:
 
 class MetricsWriter:
   """metrics.jsonl (one object per line: step, split, metrics) and TensorBoard events
-  under workdir/tb/{train,validation}. Only process 0 writes."""
+  under workdir/tb/{train,validation}. Only process 0 writes. On gs:// both are rewritten
+whole every few seconds, at each `flush` (checkpoint saves) and on close."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
     self._tb: dict[str, EventWriter] = {}
     self.workdir = workdir
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = fileio.AppendFile(fileio.join(workdir, "metrics.jsonl"))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: _number(v) for k, v in values.items()}
     self._jsonl.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
-    self._jsonl.flush()
     if split not in self._tb:
-      self._tb[split] = EventWriter(os.path.join(self.workdir, "tb", split))
+      self._tb[split] = EventWriter(fileio.join(self.workdir, "tb", split))
     self._tb[split].scalars(step, {k: v for k, v in clean.items() if v is not None})
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._jsonl.flush()
+      for w in self._tb.values():
+        w.flush()
 
   def close(self) -> None:
     if self.enabled:
@@ -132,8 +140,8 @@ def _number(v) -> float | None:
 
 
 def read_jsonl(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = fileio.read_text(fileio.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU

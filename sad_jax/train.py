@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sad_jax import checkpoint as ckpt_lib
-from sad_jax import curriculum, objectives, sharding
+from sad_jax import curriculum, fileio, objectives, sharding
 from sad_jax import metrics as metrics_lib
 from sad_jax import step as step_lib
 from sad_jax.data import pipeline
@@ -84,7 +83,7 @@ def _dtype(name: str):
 
 
 def train_and_evaluate(config, workdir: str) -> Result:
-  workdir = os.path.abspath(workdir)
+  workdir = fileio.abspath(workdir)  # gs://… stays a bucket path
 
   # ------------------------------------------------------------------ mesh
   sharding.init_distributed(coordinator=config.distributed.coordinator,
@@ -267,7 +266,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
     return res
 
   # ------------------------------------------------------------------ checkpoint
-  ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  ckpt = ckpt_lib.Checkpoints(fileio.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                               keep_best=config.checkpoint.keep_best,
                               best_metric=config.checkpoint.best_metric,
                               best_mode=config.checkpoint.best_mode,
@@ -280,15 +279,15 @@ def train_and_evaluate(config, workdir: str) -> Result:
   latest = ckpt.latest_step()
   if latest is not None:
     _check_resumable(ckpt.read_meta(latest), flat_config, fingerprints,
-                     os.path.join(workdir, "checkpoints", str(latest)))
+                     fileio.join(workdir, "checkpoints", str(latest)))
     abstract_state = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
     del state
     state, meta = ckpt.restore(latest, abstract_state=abstract_state, data_iter=train_iter)
     start = int(meta["step"])
     _log(is_main, f"resumed from step {start} (stage {stages[meta['stage']].name!r})")
   elif is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with atomic_write(os.path.join(workdir, "config.json")) as f:
+    fileio.makedirs(workdir)
+    with atomic_write(fileio.join(workdir, "config.json")) as f:
       json.dump(flat_config, f, indent=1)
 
   def save(step_now: int, val: dict[str, float] | None = None) -> None:
@@ -296,6 +295,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
             "fingerprints": fingerprints, "truncated": train_iter.truncated}
     metrics = {f"validation/{k}": v for k, v in (val or {}).items()}
     ckpt.save(step_now, state=state, data_iter=train_iter, meta=meta, metrics=metrics)
+    writer.flush()  # on gs:// the metrics objects then hold what the checkpoint covers
 
   # ------------------------------------------------------------------ loop
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -371,13 +371,13 @@ def train_and_evaluate(config, workdir: str) -> Result:
                failing=sys.exc_info()[1] is not None)
   final_step = int(jax.device_get(state.step))
   if status == "finished" and config.train.export:
-    final = os.path.join(workdir, "final")
+    final = fileio.join(workdir, "final")
     checkpoint_io.save_params(final, model_cfg, state.params)
     if is_main:  # the tokenizer travels with the model (eval, serving)
       for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "template.json"):
-        if os.path.exists(os.path.join(config.dataset, name)):
-          shutil.copyfile(os.path.join(config.dataset, name), os.path.join(final, name))
+        if fileio.exists(fileio.join(config.dataset, name)):
+          fileio.copyfile(fileio.join(config.dataset, name), fileio.join(final, name))
   return Result(step=final_step, status=status, train=last_train, validation=last_val,
                 checkpoint_steps=ckpt.all_steps())
 
@@ -515,7 +515,7 @@ def _diverged(workdir, step_now, m, rows, obj, is_main) -> None:
   report = {"step": step_now, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
             "spans": bad or ["(losses finite; the gradient is not)"],
             "examples": sorted({i for row in rows for i in row})}
-  path = os.path.join(workdir, f"nan_report.process{jax.process_index()}.json")
+  path = fileio.join(workdir, f"nan_report.process{jax.process_index()}.json")
   with atomic_write(path) as f:
     json.dump(report, f, indent=1)
   raise TrainingDiverged(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
+from sad_jax import fileio
 from sad_jax.agent import react
 from sad_jax.agent.env import act, make_env
 from sad_jax.agent.math_env import parse_action as math_action
@@ -157,7 +157,7 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
     for env in envs if owned else ():
       env.close()
   if transcripts:
-    os.makedirs(os.path.dirname(os.path.abspath(transcripts)), exist_ok=True)
+    fileio.makedirs(fileio.dirname(fileio.abspath(transcripts)))
     schema.write_jsonl(transcripts, done_trajs)
   n = len(done_trajs)
   wins = sum(bool(t.success) for t in done_trajs)

@@ -6,10 +6,10 @@ Colours on a terminal; `[kind]…[/kind]` markers otherwise (or with --color nev
 from __future__ import annotations
 
 import collections
-import os
 
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.data import importers, prepare, render, segment, tfds_builder
 from sad_jax.data.tokenizer import load_tokenizer
 from sad_jax.errors import DataError
@@ -103,8 +103,8 @@ def inspect_jsonl(path: str, *, index: int, fmt: str, tokenizer: str | None,
 
 def inspect(path: str, *, index: int = 0, split: str = "train", fmt: str = "auto",
             tokenizer: str | None = None, colour: bool = False) -> str:
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     return inspect_prepared(path, index=index, split=split, colour=colour)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise DataError("no such file or dataset folder", path=path)
   return inspect_jsonl(path, index=index, fmt=fmt, tokenizer=tokenizer, colour=colour)

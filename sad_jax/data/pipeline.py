@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from sad_jax import curriculum
+from sad_jax import curriculum, fileio
 from sad_jax.data import prepare, tfds_builder
 from sad_jax.errors import DataError
 from sad_jax.teacher.store import TeacherStore
@@ -95,7 +94,7 @@ def open_teacher(store_dir: str, split: Split, *, k: int) -> TeacherStore:
   """The store, checked against the dataset: fingerprints, vocabulary, k, coverage."""
   store = TeacherStore(store_dir)
   m = store.manifest
-  where = os.path.join(store_dir, "manifest.json")
+  where = fileio.join(store_dir, "manifest.json")
   if m.dataset_fingerprint != split.meta["fingerprint"]:
     raise DataError(f"teacher store was computed for dataset {m.dataset_fingerprint[:12]}…, "
                     f"not this one ({split.meta['fingerprint'][:12]}…): recompute it",

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.data import importers, render, segment, tfds_builder
 from sad_jax.data.schema import Trajectory
 from sad_jax.data.tokenizer import (
@@ -59,10 +60,9 @@ def resolve_template(config, tok: Tokenizer) -> render.ChatTemplate | None:
     source = tok.chat_template
   else:
     try:
-      with open(name, encoding="utf-8") as f:
-        text = f.read()
+      text = fileio.read_text(name)
     except OSError as e:
-      raise DataError(f"cannot read chat template: {e.strerror}", path=name) from None
+      raise DataError(f"cannot read chat template: {e.strerror or e}", path=name) from None
     if name.endswith(".json"):  # a tokenizer_config.json
       try:
         source = json.loads(text)["chat_template"]
@@ -295,11 +295,10 @@ def load_template(folder: str | os.PathLike, tok: Tokenizer | None = None
   existed is matched by fingerprint against the ReAct template or its tokenizer's own chat
   template; another template cannot be recovered (an error naming the dataset)."""
   folder = os.fspath(folder)
-  path = os.path.join(folder, TEMPLATE_FILE)
-  if os.path.exists(path):
+  path = fileio.join(folder, TEMPLATE_FILE)
+  if fileio.exists(path):
     try:
-      with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+      record = json.loads(fileio.read_text(path))
       want = record.pop("template")
       template = None if want == "react-v1" else render.ChatTemplate(**record)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -309,10 +308,9 @@ def load_template(folder: str | os.PathLike, tok: Tokenizer | None = None
       raise DataError(f"the template does not match its fingerprint {want[:17]}…", path=path,
                       field="template")
     return template
-  meta_path = os.path.join(folder, "metadata.json")
+  meta_path = fileio.join(folder, "metadata.json")
   try:
-    with open(meta_path, encoding="utf-8") as f:
-      want = json.load(f)["template"]
+    want = json.loads(fileio.read_text(meta_path))["template"]
   except (OSError, ValueError, KeyError, TypeError):
     raise DataError(f"no {TEMPLATE_FILE} and no template in metadata.json: not a prepared "
                     "dataset or model folder", path=folder, field="template") from None
@@ -334,9 +332,9 @@ def _copy_tokenizer(tok: Tokenizer, folder: str) -> None:
     tok.save(os.path.join(folder, "tokenizer.model"))
   elif isinstance(tok, HFTokenizer):
     tok.save(os.path.join(folder, "tokenizer.json"))
-    cfg = os.path.join(os.path.dirname(tok.path), "tokenizer_config.json")
-    if os.path.exists(cfg):
-      shutil.copyfile(cfg, os.path.join(folder, "tokenizer_config.json"))
+    cfg = fileio.join(fileio.dirname(tok.path), "tokenizer_config.json")
+    if fileio.exists(cfg):
+      fileio.copyfile(cfg, os.path.join(folder, "tokenizer_config.json"))
 
 
 def load_prepared(path: str | os.PathLike):
@@ -344,8 +342,8 @@ def load_prepared(path: str | os.PathLike):
   builder = tfds_builder.load_builder(path)
   meta = dict(builder.info.metadata)
   _check_report(path, meta)
-  tok_path = next((os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")
-                   if os.path.exists(os.path.join(path, n))), None)
+  tok_path = next((fileio.join(path, n) for n in ("tokenizer.model", "tokenizer.json")
+                   if fileio.exists(fileio.join(path, n))), None)
   if tok_path is None:
     raise DataError("prepared dataset has no tokenizer file", path=path)
   tok = load_tokenizer(tok_path)
@@ -358,16 +356,15 @@ def load_prepared(path: str | os.PathLike):
 def _check_report(path: str | os.PathLike, meta: dict) -> None:
   """metadata.json's fingerprint must be the one prepare reported: training and the teacher
   store trust it, so an edited one would pair a dataset with the wrong store."""
-  report_path = os.path.join(path, "prepare_report.json")
-  if not os.path.exists(report_path):
+  report_path = fileio.join(path, "prepare_report.json")
+  if not fileio.exists(report_path):
     return
   try:
-    with open(report_path, encoding="utf-8") as f:
-      reported = json.load(f).get("fingerprint")
+    reported = json.loads(fileio.read_text(report_path)).get("fingerprint")
   except (OSError, ValueError, AttributeError) as e:
     raise DataError(f"cannot read the prepare report: {e}", path=report_path) from None
   if reported != meta.get("fingerprint"):
     raise DataError(f"fingerprint {str(meta.get('fingerprint'))[:12]}… differs from the "
                     f"{str(reported)[:12]}… that prepare reported: the dataset was edited "
-                    "after prepare; prepare it again", path=os.path.join(path, "metadata.json"),
+                    "after prepare; prepare it again", path=fileio.join(path, "metadata.json"),
                     field="fingerprint")

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from sad_jax import fileio
 from sad_jax.errors import DataError, SkipReport
 from sad_jax.fileio import atomic_write
 from sad_jax.types import SEGMENT_KINDS
@@ -140,10 +141,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
   if not path:
     raise DataError("empty input path (set the input file)")
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = fileio.read_bytes(path)
   except OSError as e:
-    raise DataError(f"cannot read: {e.strerror}", path=path) from None
+    raise DataError(f"cannot read: {e.strerror or e}", path=path) from None
   probe = data.decode("utf-8", errors="replace")  # bad bytes are reported below, per layout
   if probe.strip():
     try:

@@ -9,7 +9,6 @@ themselves.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sad_jax import fileio
 from sad_jax.errors import DataError
 
 FORMAT_VERSION = 1
@@ -119,10 +119,11 @@ def _deterministic_records() -> Iterator[None]:
 
 def load_builder(path: str | os.PathLike):
   """The read-only builder of a prepared dataset folder, with a clear error if it is not one."""
-  path = os.fspath(path)
-  info_path = os.path.join(path, "dataset_info.json")
-  if not os.path.exists(info_path):
+  path = fileio.abspath(path) if fileio.is_remote(path) else os.fspath(path)
+  info_path = fileio.join(path, "dataset_info.json")
+  if not fileio.exists(info_path):
     raise DataError("not a prepared dataset (no dataset_info.json)", path=path)
+  fileio.require_complete(path, what="prepared dataset")
   try:
     builder = tfds.builder_from_directory(path)
   except Exception as e:  # tfds raises assorted errors on damaged metadata
@@ -130,7 +131,7 @@ def load_builder(path: str | os.PathLike):
   meta = dict(builder.info.metadata or {})
   if meta.get("format_version") != FORMAT_VERSION:
     raise DataError(f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}",
-                    path=os.path.join(path, "metadata.json"), field="format_version")
+                    path=fileio.join(path, "metadata.json"), field="format_version")
   return builder
 
 
@@ -144,7 +145,7 @@ class DataSource:
     self.dir = os.fspath(builder.data_dir)
     if not self._files():
       raise DataError(f"the record file of split {split!r} is missing",
-                      path=os.path.join(self.dir, f"*-{split}.array_record-*"))
+                      path=fileio.join(self.dir, f"*-{split}.array_record-*"))
     try:
       self._src = builder.as_data_source(split)
       self._n = len(self._src)
@@ -152,13 +153,12 @@ class DataSource:
       raise DataError(f"cannot open split {split!r}: {e}", path=self.where()) from None
 
   def _files(self) -> list[str]:
-    return glob.glob(os.path.join(glob.escape(self.dir),
-                                  f"*-{glob.escape(self.split)}.array_record-*"))
+    return fileio.glob(self.dir, f"*-{self.split}.array_record-*")
 
   def where(self) -> str:
     """The split's record file (or their pattern when there are several)."""
     files = self._files()
-    return files[0] if len(files) == 1 else os.path.join(
+    return files[0] if len(files) == 1 else fileio.join(
         self.dir, f"*-{self.split}.array_record-*")
 
   def __len__(self) -> int:
@@ -179,5 +179,4 @@ class DataSource:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  with open(os.path.join(path, "metadata.json"), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(fileio.join(path, "metadata.json")))

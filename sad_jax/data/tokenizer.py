@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 
@@ -102,10 +103,10 @@ class SentencePieceTokenizer:
   def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
     path = os.fspath(path)
     try:
-      with open(path, "rb") as f:
-        return cls(f.read(), path=path)
+      blob = fileio.read_bytes(path)  # bytes in: a gs:// model needs no local copy
     except OSError as e:
-      raise DataError(f"cannot read tokenizer: {e.strerror}", path=path) from None
+      raise DataError(f"cannot read tokenizer: {e.strerror or e}", path=path) from None
+    return cls(blob, path=path)
 
   def encode_batch(self, texts: Sequence[str], *, cuts: Cuts = None,
                    special_regions: Regions = None) -> list[Encoding]:
@@ -330,19 +331,18 @@ class HFTokenizer:
   @classmethod
   def from_path(cls, path: str | os.PathLike) -> HFTokenizer:
     path = os.fspath(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    tj = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    is_dir = fileio.isdir(path)
+    folder = path if is_dir else fileio.dirname(path)
+    tj = fileio.join(path, "tokenizer.json") if is_dir else path
     try:
-      with open(tj, encoding="utf-8") as f:
-        text = f.read()
+      text = fileio.read_text(tj)
     except (OSError, UnicodeDecodeError) as e:
       raise DataError(f"cannot read tokenizer: {e}", path=tj) from None
     config = None
-    cfg_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.exists(cfg_path):
+    cfg_path = fileio.join(folder, "tokenizer_config.json")
+    if fileio.exists(cfg_path):
       try:
-        with open(cfg_path, encoding="utf-8") as f:
-          config = json.load(f)
+        config = json.loads(fileio.read_text(cfg_path))
       except (OSError, ValueError) as e:
         raise DataError(f"cannot read tokenizer config: {e}", path=cfg_path) from None
     return cls(text, config=config, path=tj)
@@ -415,17 +415,16 @@ Tokenizer = SentencePieceTokenizer | HFTokenizer
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """A `.model` file → sentencepiece; a `tokenizer.json` or a folder holding one → HF."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise DataError("tokenizer not found", path=path)
-  if os.path.isdir(path):
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
+  if fileio.isdir(path):
+    if fileio.exists(fileio.join(path, "tokenizer.json")):
       return HFTokenizer.from_path(path)
-    if os.path.exists(os.path.join(path, "tokenizer.model")):
-      tok = SentencePieceTokenizer.from_file(os.path.join(path, "tokenizer.model"))
-      cfg = os.path.join(path, "tokenizer_config.json")
-      if os.path.exists(cfg):
-        with open(cfg, encoding="utf-8") as f:
-          tok.chat_template = json.load(f).get("chat_template")
+    if fileio.exists(fileio.join(path, "tokenizer.model")):
+      tok = SentencePieceTokenizer.from_file(fileio.join(path, "tokenizer.model"))
+      cfg = fileio.join(path, "tokenizer_config.json")
+      if fileio.exists(cfg):
+        tok.chat_template = json.loads(fileio.read_text(cfg)).get("chat_template")
       return tok
     raise DataError("folder has neither tokenizer.json nor tokenizer.model", path=path)
   if path.endswith(".json"):

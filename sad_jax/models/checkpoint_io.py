@@ -13,7 +13,7 @@ import re
 
 import jax
 
-from sad_jax import sharding
+from sad_jax import fileio, sharding
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.models import hf, safetensors_io
@@ -24,41 +24,60 @@ from sad_jax.models.transformer import param_axes, unstack_layers
 def save_params(path: str | os.PathLike, cfg: ModelConfig, params) -> None:
   import orbax.checkpoint as ocp
 
-  path = os.path.abspath(os.fspath(path))
-  os.makedirs(path, exist_ok=True)
+  path = fileio.abspath(path)
+  fileio.makedirs(path)
   ck = ocp.StandardCheckpointer()
   # model folders hold layers per layer whatever the run's layout (scan_layers stacks them
   # again on load), so eval, export and teacher_layers read one form
-  ck.save(os.path.join(path, "params"), unstack_layers(params), force=True)
+  ck.save(fileio.join(path, "params"), unstack_layers(params), force=True)
   ck.wait_until_finished()
+  # config.json last: load_model needs it, so a folder whose params are still being written
+  # (or failed) is never read as a model
   if jax.process_index() == 0:  # every process saves its shards; one writes the config
-    with atomic_write(os.path.join(path, "config.json")) as f:
+    with atomic_write(fileio.join(path, "config.json")) as f:
       json.dump({**to_hf_dict(cfg), "vocab_multiple": cfg.vocab_multiple}, f, indent=1)
 
 
 def load_model(path: str | os.PathLike, mesh=None, dtype=None):
   """(cfg, params) from an orbax params folder or an HF folder."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(os.path.join(path, "params")):
+  path = fileio.abspath(path)
+  if not fileio.isdir(fileio.join(path, "params")):
     return hf.load(path, mesh=mesh, dtype=dtype)
   import orbax.checkpoint as ocp
 
-  cfg = load_config(path)
-  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-    cfg = cfg.replace(vocab_multiple=int(json.load(f).get("vocab_multiple", 1)))
+  cfg = model_config(path)
+  cfg = cfg.replace(vocab_multiple=int(json.loads(fileio.read_text(
+      fileio.join(path, "config.json"))).get("vocab_multiple", 1)))
   ck = ocp.StandardCheckpointer()
   try:
-    meta = ck.metadata(os.path.join(path, "params"))
+    meta = ck.metadata(fileio.join(path, "params"))
     tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype), tree)
     if mesh is not None:
       shard = sharding.tree_shardings(abstract, param_axes(abstract), mesh)
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shard)
-    params = ck.restore(os.path.join(path, "params"), abstract)
+    params = ck.restore(fileio.join(path, "params"), abstract)
   except (FileNotFoundError, ValueError) as e:
     raise DataError(f"cannot restore parameters: {e}", path=path) from None
   return cfg, params
+
+
+def model_config(path: str | os.PathLike) -> ModelConfig:
+  """load_config for a local or gs:// model folder (or config.json): a remote config is
+  read from a staged copy, and its errors name the remote file."""
+  path = os.fspath(path)
+  if not fileio.is_remote(path):
+    return load_config(path)
+  cfg_path = fileio.join(path, "config.json") if fileio.isdir(path) else path
+  try:
+    local = fileio.local_copy(cfg_path)
+  except OSError as e:
+    raise DataError(f"cannot read model config: {e.strerror or e}", path=cfg_path) from None
+  try:
+    return load_config(local)
+  except DataError as e:
+    raise DataError(e.message, path=cfg_path, record=e.record, field=e.field) from None
 
 
 TEACHER_LAYERS = "teacher_layers:"
@@ -101,12 +120,12 @@ def load_layers(path: str | os.PathLike, layers, mesh=None, dtype=None):
   """(cfg, params) of the chosen layers of the model at `path` (as load_model reads it).
   From an HF folder only those layers' tensors are placed (on a mesh, a replicated
   teacher would take a copy per device)."""
-  path = os.path.abspath(os.fspath(path))
+  path = fileio.abspath(path)
   layers = tuple(int(i) for i in layers)
   try:
-    if os.path.isdir(os.path.join(path, "params")):
+    if fileio.isdir(fileio.join(path, "params")):
       return select_layers(*load_model(path, mesh=mesh, dtype=dtype), layers)
-    sub_cfg = _layers_config(load_config(path), layers)
+    sub_cfg = _layers_config(model_config(path), layers)
   except DataError as e:
     raise e.located(path=path) from None
   new_index = {i: j for j, i in enumerate(layers)}
@@ -135,8 +154,8 @@ class ModelSource:
   def tokenizer_path(self) -> str | None:
     for folder in (self.model_dir, self.dataset):
       for name in ("tokenizer.model", "tokenizer.json") if folder else ():
-        if os.path.exists(os.path.join(folder, name)):
-          return os.path.join(folder, name)
+        if fileio.exists(fileio.join(folder, name)):
+          return fileio.join(folder, name)
     return None
 
   def template(self, tok=None):
@@ -144,7 +163,7 @@ class ModelSource:
     a folder that records none, such as an imported HF model)."""
     from sad_jax.data import prepare
 
-    if os.path.exists(os.path.join(self.model_dir, prepare.TEMPLATE_FILE)):
+    if fileio.exists(fileio.join(self.model_dir, prepare.TEMPLATE_FILE)):
       return prepare.load_template(self.model_dir)
     if self.dataset is not None:
       return prepare.load_template(self.dataset, tok)
@@ -154,23 +173,23 @@ class ModelSource:
 def resolve_source(src: str | os.PathLike) -> ModelSource:
   """A training run (`RUN`, meaning RUN/final), its `final/` (orbax params + config.json),
   or an HF folder. The run's config.json names its dataset."""
-  src = os.path.abspath(os.fspath(src))
+  src = fileio.abspath(src)
   run_dir = None
   if _run_config(src) is not None:
-    if not os.path.isdir(os.path.join(src, "final")):
+    if not fileio.isdir(fileio.join(src, "final")):
       raise DataError("a training run without final/ (not finished, or train.export off)",
                       path=src, field="final")
-    run_dir, model_dir = src, os.path.join(src, "final")
+    run_dir, model_dir = src, fileio.join(src, "final")
   else:
     model_dir = src
-    if _run_config(os.path.dirname(src)) is not None:
-      run_dir = os.path.dirname(src)
+    if _run_config(fileio.dirname(src)) is not None:
+      run_dir = fileio.dirname(src)
   dataset = None
   if run_dir is not None:
     ds = _run_config(run_dir).get("dataset")
-    for cand in (ds, os.path.join(run_dir, ds)) if isinstance(ds, str) and ds else ():
-      if os.path.isdir(cand):
-        dataset = os.path.abspath(cand)
+    for cand in (ds, fileio.join(run_dir, ds)) if isinstance(ds, str) and ds else ():
+      if fileio.isdir(cand):
+        dataset = fileio.abspath(cand)
         break
   return ModelSource(model_dir=model_dir, dataset=dataset)
 
@@ -178,20 +197,19 @@ def resolve_source(src: str | os.PathLike) -> ModelSource:
 def check_model_dir(model_dir: str) -> None:
   """Fails early, naming the file and field, on a folder that holds no model (its
   config.json is read and checked; weights must be there as orbax params or safetensors)."""
-  load_config(model_dir)
-  if not (os.path.isdir(os.path.join(model_dir, "params"))
-          or os.path.exists(os.path.join(model_dir, "model.safetensors"))
-          or os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))):
+  model_config(model_dir)
+  if not (fileio.isdir(fileio.join(model_dir, "params"))
+          or fileio.exists(fileio.join(model_dir, "model.safetensors"))
+          or fileio.exists(fileio.join(model_dir, "model.safetensors.index.json"))):
     raise DataError("no weights: neither params/ (orbax) nor model.safetensors (a training "
                     "run holds them in final/)", path=model_dir, field="params")
 
 
 def _run_config(folder: str) -> dict | None:
   """A training run's config.json (flat dotted keys, with `dataset`), else None."""
-  path = os.path.join(folder, "config.json")
+  path = fileio.join(folder, "config.json")
   try:
-    with open(path, encoding="utf-8") as f:
-      cfg = json.load(f)
+    cfg = json.loads(fileio.read_text(path))
   except (OSError, ValueError):
     return None
   return cfg if isinstance(cfg, dict) and "dataset" in cfg else None

@@ -23,6 +23,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_dir
 from sad_jax.models import hf, safetensors_io
@@ -140,7 +141,7 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "
   files = write_folder(out_dir, cfg=cfg, params=params, tok=tok, tok_json=tok_json,
                        tok_config=tok_config, template=template, dtype=dtype,
                        max_shard_bytes=max_shard_bytes)
-  out_dir = os.path.abspath(os.fspath(out_dir))
+  out_dir = fileio.abspath(out_dir)
   n_params = sum(int(np.prod(s)) for _, s, _ in hf._layout(cfg).values())
   return {"model_dir": source.model_dir, "dataset": source.dataset, "out_dir": out_dir,
           "files": files, "dtype": dtype, "template": render.template_fingerprint(template),
@@ -190,12 +191,11 @@ def write_folder(out_dir: str | os.PathLike, *, cfg: ModelConfig, params, tok, t
 
 
 def _hf_tokenizer_config(tok_path: str) -> dict:
-  path = os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")
-  if not os.path.exists(path):
+  path = fileio.join(fileio.dirname(tok_path), "tokenizer_config.json")
+  if not fileio.exists(path):
     return {"tokenizer_class": "PreTrainedTokenizerFast"}
   try:
-    with open(path, encoding="utf-8") as f:
-      cfg = json.load(f)
+    cfg = json.loads(fileio.read_text(path))
   except (OSError, ValueError) as e:
     raise DataError(f"cannot read tokenizer config: {e}", path=path) from None
   if not isinstance(cfg, dict):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 
@@ -117,22 +118,29 @@ def read_checkpoint(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
   """(name, array, file) for every tensor of an HF folder: model.safetensors or the
   shards listed in model.safetensors.index.json."""
   folder = os.fspath(folder)
-  index = os.path.join(folder, "model.safetensors.index.json")
-  if os.path.exists(index):
+  index = fileio.join(folder, "model.safetensors.index.json")
+  if fileio.exists(index):
     try:
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = json.loads(fileio.read_text(index))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise DataError(f"cannot read the shard index: {e}", path=index) from None
     if not (isinstance(weight_map, dict)
             and all(isinstance(v, str) for v in weight_map.values())):
       raise DataError("must map tensor names to file names", path=index, field="weight_map")
     files = sorted(set(weight_map.values()))
-  elif os.path.exists(os.path.join(folder, "model.safetensors")):
+  elif fileio.exists(fileio.join(folder, "model.safetensors")):
     files = ["model.safetensors"]
   else:
     raise DataError("no model.safetensors or model.safetensors.index.json", path=folder)
   for fname in files:
-    path = os.path.join(folder, fname)
-    for name, arr in read(path).items():
+    path = fileio.join(folder, fname)
+    try:  # memory-mapped: a gs:// file is staged to the local cache (once per version)
+      local = fileio.local_copy(path)
+    except OSError as e:
+      raise DataError(f"cannot read: {e.strerror or e}", path=path) from None
+    try:
+      tensors = read(local)
+    except DataError as e:
+      raise DataError(e.message, path=path, record=e.record, field=e.field) from None
+    for name, arr in tensors.items():
       yield name, arr, path

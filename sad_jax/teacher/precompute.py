@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
-import os
 from collections.abc import Sequence
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sad_jax import sharding
+from sad_jax import fileio, sharding
 from sad_jax.data import prepare, tfds_builder
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
@@ -113,11 +112,10 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
               "span_kinds": list(span_kinds), "logp_dtype": logp_dtype,
               "dataset_fingerprint": meta["fingerprint"], "shard_size": shard_size,
               "batch_size": batch_size}
-  os.makedirs(out_dir, exist_ok=True)
-  settings_path = os.path.join(out_dir, "precompute.json")
-  if os.path.exists(settings_path):
-    with open(settings_path, encoding="utf-8") as f:
-      old = json.load(f)
+  fileio.makedirs(out_dir)
+  settings_path = fileio.join(out_dir, "precompute.json")
+  if fileio.exists(settings_path):
+    old = json.loads(fileio.read_text(settings_path))
     if old != settings:
       diff = sorted(k_ for k_ in settings if old.get(k_) != settings[k_])
       raise DataError(f"an earlier precompute in this folder used other settings ({diff}); "
@@ -215,7 +213,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       dataset_fingerprint=meta["fingerprint"], span_kinds=list(span_kinds),
       logp_dtype=logp_dtype, shards=sorted(markers, key=lambda m: m["name"]))
   if len(markers) == len(plan) and (process_index == 0 or not synced):
-    with atomic_write(os.path.join(out_dir, "manifest.json")) as f:
+    with atomic_write(fileio.join(out_dir, "manifest.json")) as f:
       f.write(manifest.to_json())
   if synced:  # no process returns (and reads the store) before the manifest exists
     multihost_utils.sync_global_devices("sad_jax teacher precompute: manifest written")

@@ -9,6 +9,12 @@ Layout of a store folder:
                                    name only once complete: written as .tmp, then renamed)
   {split}-{i:05d}.done.json        the shard's completion marker: ids, bytes, sha256
 
+On an object store (gs://) a shard is written locally, uploaded (an object appears only
+once whole), then its marker is uploaded; readers take a shard only with its marker and
+the size it names, and a store only with its manifest, so the order "data, then marker,
+then manifest" keeps a partial precompute from being taken as complete. ArrayRecord reads
+gs:// itself (its GCS reader), so shards are read in place.
+
 A record holds `positions` int32[n] — the input positions t whose next token (t+1) is a
 target of the covered span kinds — and the top-k ids [n, k] (uint16 when the vocabulary
 fits, else uint32) and log-probs [n, k] normalised over the teacher's full vocabulary at
@@ -21,13 +27,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.types import SpanKind
@@ -136,10 +145,9 @@ class Manifest:
 
   @classmethod
   def read(cls, folder: str) -> Manifest:
-    path = os.path.join(folder, "manifest.json")
+    path = fileio.join(folder, "manifest.json")
     try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
+      d = json.loads(fileio.read_text(path))
     except FileNotFoundError:
       raise DataError("not a teacher store (no manifest.json; an interrupted precompute "
                       "leaves none: rerun it)", path=folder) from None
@@ -207,35 +215,44 @@ def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[
   from array_record.python import array_record_module
 
   marker_name = name.replace(".arrayrecord", ".done.json")
-  # atomic_write drops a dead writer's temporaries of the marker (SIGKILL mid-write)
-  tmp = os.path.join(folder, name + ".tmp")
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  for blob in records:
-    writer.write(blob)
-  writer.close()
-  marker = {"name": name, "ids": list(ids), "bytes": os.path.getsize(tmp),
-            "sha256": file_sha256(tmp)}
-  with atomic_write(os.path.join(folder, marker_name)) as f:
-    json.dump(marker, f)
-  os.replace(tmp, os.path.join(folder, name))
+  remote = fileio.is_remote(folder)
+  # ArrayRecord writes local files only: a remote shard is written here, then uploaded
+  local_dir = tempfile.mkdtemp(prefix="sad_jax_shard_") if remote else folder
+  try:
+    # atomic_write drops a dead writer's temporaries of the marker (SIGKILL mid-write)
+    tmp = os.path.join(local_dir, name + ".tmp")
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for blob in records:
+      writer.write(blob)
+    writer.close()
+    marker = {"name": name, "ids": list(ids), "bytes": os.path.getsize(tmp),
+              "sha256": file_sha256(tmp)}
+    if remote:  # no rename: the shard first, its marker last
+      fileio.copyfile(tmp, fileio.join(folder, name))
+    with atomic_write(fileio.join(folder, marker_name)) as f:
+      json.dump(marker, f)
+    if not remote:
+      os.replace(tmp, os.path.join(folder, name))
+  finally:
+    if remote:
+      shutil.rmtree(local_dir, ignore_errors=True)
   return marker
 
 
 def read_marker(folder: str, name: str) -> dict | None:
   """The completion marker of a shard that is complete on disk, else None."""
-  path = os.path.join(folder, name.replace(".arrayrecord", ".done.json"))
-  if not (os.path.exists(path) and os.path.exists(os.path.join(folder, name))):
+  path = fileio.join(folder, name.replace(".arrayrecord", ".done.json"))
+  if not (fileio.exists(path) and fileio.exists(fileio.join(folder, name))):
     return None
-  with open(path, encoding="utf-8") as f:
-    marker = json.load(f)
-  if os.path.getsize(os.path.join(folder, name)) != marker["bytes"]:
+  marker = json.loads(fileio.read_text(path))
+  if fileio.getsize(fileio.join(folder, name)) != marker["bytes"]:
     return None
   return marker
 
 
 def file_sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
@@ -270,8 +287,8 @@ class TeacherStore:
     if s not in self._readers:
       from array_record.python import array_record_module
 
-      path = os.path.join(self.folder, self.manifest.shards[s]["name"])
-      if not os.path.exists(path):
+      path = fileio.join(self.folder, self.manifest.shards[s]["name"])
+      if not fileio.exists(path):
         raise DataError("shard listed in the manifest is missing", path=path)
       self._readers[s] = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
     return self._readers[s]
@@ -281,7 +298,7 @@ class TeacherStore:
       raise DataError(f"example {example_id!r} is not in the store", path=self.folder)
     s, r = self._where[example_id]
     m = self.manifest
-    where = os.path.join(self.folder, m.shards[s]["name"])
+    where = fileio.join(self.folder, m.shards[s]["name"])
     try:
       blob = self._reader(s).read([r])[0]
     except DataError:

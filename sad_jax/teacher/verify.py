@@ -11,11 +11,11 @@ position 0), checked token for token against the dataset.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from sad_jax import fileio
 from sad_jax.data import prepare, tfds_builder
 from sad_jax.data.schema import iter_records
 from sad_jax.errors import DataError
@@ -38,7 +38,7 @@ def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int
   st = store_lib.TeacherStore(store_dir)
   m = st.manifest
   builder, _, meta = prepare.load_prepared(dataset_dir)
-  where = os.path.join(store_dir, "manifest.json")
+  where = fileio.join(store_dir, "manifest.json")
   if m.dataset_fingerprint != meta["fingerprint"]:
     raise DataError(f"dataset fingerprint {m.dataset_fingerprint[:12]}… does not match the "
                     f"dataset's {meta['fingerprint'][:12]}…", path=where,
@@ -54,8 +54,8 @@ def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int
                     f"tokenizer's {m.vocab_size}: the vocabularies differ", path=where,
                     field="teacher_vocab_size")
   for shard in m.shards:
-    path = os.path.join(store_dir, shard["name"])
-    if not os.path.exists(path):
+    path = fileio.join(store_dir, shard["name"])
+    if not fileio.exists(path):
       raise DataError("shard is missing", path=path)
     if store_lib.file_sha256(path) != shard["sha256"]:
       raise DataError("checksum mismatch (the shard changed after it was written)", path=path,
@@ -186,7 +186,7 @@ def import_prompt_logprobs(jsonl: str, *, dataset_dir: str, out_dir: str, k: int
   if missing:
     raise DataError(f"{len(missing)} dataset examples have no line, e.g. {missing[:3]}",
                     path=jsonl, field="id")
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   order = list(dataset)
   markers = []
   for s in range(0, len(order), shard_size):
@@ -199,6 +199,6 @@ def import_prompt_logprobs(jsonl: str, *, dataset_dir: str, out_dir: str, k: int
       teacher_vocab_size=teacher_vocab_size, tokenizer_fingerprint=meta["tokenizer_fingerprint"],
       dataset_fingerprint=meta["fingerprint"], span_kinds=list(span_kinds),
       logp_dtype=logp_dtype, shards=markers)
-  with atomic_write(os.path.join(out_dir, "manifest.json")) as f:
+  with atomic_write(fileio.join(out_dir, "manifest.json")) as f:
     f.write(manifest.to_json())
   return manifest
