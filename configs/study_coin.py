@@ -60,11 +60,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(dev_games=64, test_games=128, max_steps=8 + 4 * (
       rooms == 6), batch=32, max_new_tokens=48, max_prompt_tokens=1024))
   if arg == "demo":  # the README's first command: ≤ 15 min on 2 cores
-    # the teacher's train-fold games took 3.1 of the demo's 15.1 min at 256; 200 steps is on
-    # the study's dev curve within a few points of its plateau (400–600 steps)
+    # Playing games is most of its time (about 1 game/s for batch 32): 192 teacher games
+    # took 2.9 of 15.2 min, and the seven models' 64 test games about 7: 48 test games leave
+    # a margin under 15 min. 200 steps is on the study's dev curve within a
+    # few points of its plateau (400–600 steps).
     c.teacher_data.train_games = 160
     c.arms = tuple(arm(n, n, seeds=range(2), budgets=(200,)) for n in ("sad", "token_kd", "sft"))
-    c.eval.dev_games, c.eval.test_games = 32, 64
+    c.eval.dev_games, c.eval.test_games = 32, 48
   if arg == "quick":  # a smoke run of every stage (≈ 3 min): no figure means anything
     c.expert.episodes = 100
     c.teacher.steps = 20
