@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.remat = "block"
   c.model.scan_layers = True         # 24 layers as one scanned body (compile time ~flat in depth)
+  c.model.attention = "splash"       # Pallas splash kernel (TPU); "reference" runs anywhere
   c.objective.chunk_size = 512
   c.objective.learnable_weights = True
   c.objective.curriculum_gamma = 0.1

@@ -65,6 +65,11 @@ def use_mesh(mesh: Mesh | None, rules=DEFAULT_RULES) -> Iterator[None]:
     _CURRENT.reset(token)
 
 
+def current() -> tuple[Mesh, tuple] | None:
+  """(mesh, rules) of the enclosing `use_mesh`, or None (kernels under shard_map need it)."""
+  return _CURRENT.get()
+
+
 def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
              rules=DEFAULT_RULES) -> PartitionSpec:
   """PartitionSpec for a value of `shape` with logical `axes` (None: replicated)."""

@@ -32,13 +32,14 @@ from sad_jax import step as step_lib
 from sad_jax.data import pipeline
 from sad_jax.errors import DataError, SadJaxError
 from sad_jax.fileio import atomic_write
-from sad_jax.models import checkpoint_io, transformer
+from sad_jax.models import attention, checkpoint_io, transformer
 from sad_jax.models.config import from_hf_dict
 from sad_jax.types import SpanKind
 
 # Config sections that may change between a run and its resumption (they do not change
 # what is computed); anything else differing is an error, not a silent new experiment.
-RESUMABLE_CHANGES = ("train.", "checkpoint.", "metrics.", "distributed.", "data.prefetch")
+RESUMABLE_CHANGES = ("train.", "checkpoint.", "metrics.", "distributed.", "data.prefetch",
+                     "model.attention")  # a kernel computes the same attention (e.g. GPU → TPU)
 # Settings added after checkpoints were written, with the value that behaves as those did:
 # a checkpoint without the key resumes when the run sets that value.
 ADDED_SETTINGS = {"data.pack_lookahead": 1, "model.scan_layers": False}
@@ -198,6 +199,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
   if config.model.remat not in REMAT:
     raise DataError(f"model.remat must be one of {', '.join(REMAT)}, got "
                     f"{config.model.remat!r}", field="config.model.remat")
+  model_cfg = with_attention(config, model_cfg, dtype=dtype, platform=jax.devices()[0].platform)
   total_steps = int(config.train.steps)
   tx = step_lib.make_optimizer(config.optim, total_steps)
   schedule = step_lib.lr_schedule(config.optim, total_steps)
@@ -394,6 +396,18 @@ def student_config(config, *, vocab: int, tensor: int):
   return from_hf_dict(hf, where="config.model.hf_config").replace(vocab_multiple=tensor)
 
 
+def with_attention(config, model_cfg, *, dtype, platform: str):
+  """model_cfg with config.model.attention's kernel, refused (a DataError naming the
+  setting) where it cannot run: another platform, dtype or model feature."""
+  impl = str(config.model.get("attention", "reference"))
+  try:
+    attention.check(model_cfg, implementation=impl, dtype=dtype, platform=platform,
+                    seq_len=int(config.data.seq_len))
+  except ValueError as e:
+    raise DataError(str(e), field="config.model.attention") from None
+  return model_cfg.replace(attention=impl)
+
+
 def at_temperature(obj, online, tau: float):
   """The objective and the online teacher of a stage at τ. Distillation compares teacher
   and student softened at the same τ (τ²·D(p_τ ‖ q_τ), README "Temperature"): the stage's
@@ -575,16 +589,16 @@ def _restore_signal_handlers(previous: dict) -> None:
     signal.signal(sig, h)
 
 
-def lower_abstract(config, *, devices: int, platform: str = "tpu", vocab: int | None = None):
-  """Lowers the config's train step for a mesh of `devices` (resolving −1 in
-  config.mesh.shape) without any device, dataset or weights: shapes from eval_shape,
-  shardings on an AbstractMesh. Checks a pod config on a laptop. Returns jax's Lowered."""
-  from jax.sharding import AbstractMesh, AxisType
-
-  shape = sharding.mesh_shape(config.mesh.shape, devices)
-  mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
-  rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
-  model_cfg = student_config(config, vocab=vocab or 32000, tensor=shape[2])
+def abstract_parts(config, *, mesh, rules, vocab: int | None = None,
+                   platform: str | None = None) -> dict[str, Any]:
+  """What the config's train step is made of, as shapes and shardings on `mesh` (an
+  AbstractMesh will do): model_cfg, obj, tx, schedule, state (ShapeDtypeStructs) and
+  state_sh, batch and batch_sh (one NamedSharding for every batch array). With a
+  platform, the attention kernel is checked for it."""
+  model_cfg = student_config(config, vocab=vocab or 32000, tensor=int(mesh.shape["tensor"]))
+  if platform is not None:
+    model_cfg = with_attention(config, model_cfg, dtype=_dtype(config.model.dtype),
+                               platform=platform)
   obj = objective_for(config, model_cfg)
   tx = step_lib.make_optimizer(config.optim, config.train.steps)
   schedule = step_lib.lr_schedule(config.optim, config.train.steps)
@@ -594,22 +608,36 @@ def lower_abstract(config, *, devices: int, platform: str = "tpu", vocab: int | 
     return step_lib.init_state(transformer.init_params(model_cfg, jax.random.key(0), scan=scan),
                                objectives.init_span_params(obj), tx, 0)
 
-  abstract = jax.eval_shape(init)
-  state_sh = state_shardings(abstract, mesh, rules, tx)
+  state = jax.eval_shape(init)
   rows = config.data.batch_size // config.data.accum
   layout = pipeline.Layout(accum=config.data.accum, rows=rows, length=config.data.seq_len + 1,
                            k=config.teacher.k)
-  teacher = obj.needs_teacher and not config.teacher.online
-  batch = abstract_batch(layout, teacher)
-  batch_sh = batch_sharding_for(rows, mesh, rules)
+  return {"model_cfg": model_cfg, "obj": obj, "tx": tx, "schedule": schedule, "state": state,
+          "state_sh": state_shardings(state, mesh, rules, tx),
+          "batch": abstract_batch(layout, obj.needs_teacher and not config.teacher.online),
+          "batch_sh": batch_sharding_for(rows, mesh, rules)}
+
+
+def lower_abstract(config, *, devices: int, platform: str = "tpu", vocab: int | None = None):
+  """Lowers the config's train step for a mesh of `devices` (resolving −1 in
+  config.mesh.shape) without any device, dataset or weights: shapes from eval_shape,
+  shardings on an AbstractMesh. Checks a pod config on a laptop. Returns jax's Lowered
+  (on CPU, `.compile(device_assignment=tuple(jax.devices()))` compiles it)."""
+  from jax.sharding import AbstractMesh, AxisType
+
+  shape = sharding.mesh_shape(config.mesh.shape, devices)
+  mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+  rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
+  parts = abstract_parts(config, mesh=mesh, rules=rules, vocab=vocab, platform=platform)
+  obj, state_sh, batch, batch_sh = (parts[k] for k in ("obj", "state_sh", "batch", "batch_sh"))
   place = lambda tree, sh: jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-  step = jit_train_step(model_cfg=model_cfg, obj=obj, tx=tx, schedule=schedule,
-                        dtype=_dtype(config.model.dtype), remat=config.model.remat,
-                        online=None, state_sh=state_sh,
+  step = jit_train_step(model_cfg=parts["model_cfg"], obj=obj, tx=parts["tx"],
+                        schedule=parts["schedule"], dtype=_dtype(config.model.dtype),
+                        remat=config.model.remat, online=None, state_sh=state_sh,
                         data_sh=jax.tree.map(lambda _: batch_sh, batch), teacher_sh=None)
   weights = jax.ShapeDtypeStruct((len(obj.groups),), jnp.float32)
   with sharding.use_mesh(mesh, rules):
-    traced = step.trace(place(abstract, state_sh),
+    traced = step.trace(place(parts["state"], state_sh),
                         place(batch, jax.tree.map(lambda _: batch_sh, batch)), weights, None)
     return traced.lower(lowering_platforms=(platform,))

@@ -63,3 +63,8 @@ def test_train_step_lowers_abstractly(name):
     # the 14 heads (even over tensor 2) split
     assert ('tensor<24x896x14x64xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"fsdp"}, '
             '{"tensor"}, {}]>') in text
+    # model.attention=splash: the Mosaic kernels (forward, fused backward) lower for TPU,
+    # per device under shard_map (run on TPU: not checked here)
+    assert 'kernel_name = "splash_mha_fwd_segmented_residuals"' in text
+    assert 'kernel_name = "splash_mha_dkv_segmented_no_residuals"' in text
+    assert "sdy.manual_computation" in text

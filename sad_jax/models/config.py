@@ -56,6 +56,9 @@ class ModelConfig:
   # Not from HF: vocabulary padded to a multiple (of the tensor axis); logits beyond
   # vocab_size are −inf.
   vocab_multiple: int = 1
+  # Not from HF: the training-time attention kernel (models/attention.py: reference |
+  # splash | splash_interpret | cudnn); decoding always runs the reference.
+  attention: str = "reference"
 
   @property
   def padded_vocab(self) -> int:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sad_jax.models import attention
 from sad_jax.models.config import ModelConfig
 from sad_jax.sharding import constrain
 
@@ -93,6 +94,46 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
   return allowed
 
 
+def reference_attention(q, k, v, positions, segment_ids, k_pos, k_seg, *, cfg: ModelConfig,
+                        window, dtype, recompute: bool = False, blockwise: bool = True):
+  """The pure-JAX attention: q [B, T, H, hd] over k/v [B, S, KV, hd], masked by
+  `attention_mask` (causal by position, within a segment, within the window); blockwise
+  over 256-query blocks for training rows (S == T, causal in index order)."""
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, hd)
+
+  def attend(q_blk, q_pos, q_seg, k_blk, v_blk, kp, ks):
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk,
+                        preferred_element_type=jnp.float32) * cfg.scale
+    if cfg.attn_softcap:
+      logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+    mask = attention_mask(q_pos, kp, q_seg, ks, window)
+    logits = jnp.where(mask[:, None, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_blk)
+
+  if recompute:
+    # the backward otherwise keeps every block's [T, S] probabilities alive, the largest
+    # activation at long sequence lengths; recomputing them costs one more QK^T and softmax
+    attend = jax.checkpoint(attend)
+  n_blk = t // ATTN_BLOCK if blockwise and t % ATTN_BLOCK == 0 else 1
+  if n_blk > 1:
+    # Training rows are causal in index order (a packed trajectory's positions rise with
+    # its index; other segments are masked), so query block i needs keys [0, (i+1)·blk)
+    # only: the exact softmax over fewer keys, about half the work and memory of the
+    # full [T, T] einsum.
+    outs = []
+    for i in range(n_blk):
+      lo, hi = i * ATTN_BLOCK, (i + 1) * ATTN_BLOCK
+      outs.append(attend(qg[:, lo:hi], positions[:, lo:hi], segment_ids[:, lo:hi],
+                         k[:, :hi], v[:, :hi], k_pos[:, :hi], k_seg[:, :hi]))
+    out = jnp.concatenate(outs, axis=1).reshape(b, t, h, hd)
+  else:
+    out = attend(qg, positions, segment_ids, k, v, k_pos, k_seg).reshape(b, t, h, hd)
+  return out
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   layer: int  # -1: the scanned body, whose window comes traced from the call
@@ -140,38 +181,16 @@ class Attention(nn.Module):
       k, v = k.astype(dt), v.astype(dt)
       if prefill:
         k, v, k_pos, k_seg = k[:, :t], v[:, :t], positions, segment_ids
-    qg = q.reshape(b, t, kv, h // kv, hd)
     if self.layer >= 0:  # a scanned body (layer -1) gets its layer's window as an input
       window = cfg.window(self.layer)
-
-    def attend(q_blk, q_pos, q_seg, k_blk, v_blk, kp, ks):
-      logits = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk,
-                          preferred_element_type=jnp.float32) * cfg.scale
-      if cfg.attn_softcap:
-        logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
-      mask = attention_mask(q_pos, kp, q_seg, ks, window)
-      logits = jnp.where(mask[:, None, None], logits, _NEG)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      return jnp.einsum("bkgts,bskd->btkgd", probs, v_blk)
-
-    if self.recompute:
-      # the backward otherwise keeps every block's [T, S] probabilities alive, the largest
-      # activation at long sequence lengths; recomputing them costs one more QK^T and softmax
-      attend = jax.checkpoint(attend)
-    n_blk = t // ATTN_BLOCK if (cache is None or prefill) and t % ATTN_BLOCK == 0 else 1
-    if n_blk > 1:
-      # Training rows are causal in index order (a packed trajectory's positions rise with
-      # its index; other segments are masked), so query block i needs keys [0, (i+1)·blk)
-      # only: the exact softmax over fewer keys, about half the work and memory of the
-      # full [T, T] einsum.
-      outs = []
-      for i in range(n_blk):
-        lo, hi = i * ATTN_BLOCK, (i + 1) * ATTN_BLOCK
-        outs.append(attend(qg[:, lo:hi], positions[:, lo:hi], segment_ids[:, lo:hi],
-                           k[:, :hi], v[:, :hi], k_pos[:, :hi], k_seg[:, :hi]))
-      out = jnp.concatenate(outs, axis=1).reshape(b, t, h, hd)
+    if cache is None and cfg.attention != "reference":
+      # a fused kernel (models/attention.py): it keeps no [T, S] probabilities, so
+      # remat="attention" has nothing to recompute here
+      out = attention.attend(q, k, v, segment_ids, cfg=cfg, window=window)
     else:
-      out = attend(qg, positions, segment_ids, k, v, k_pos, k_seg).reshape(b, t, h, hd)
+      out = reference_attention(q, k, v, positions, segment_ids, k_pos, k_seg, cfg=cfg,
+                                window=window, dtype=dt, recompute=self.recompute,
+                                blockwise=cache is None or prefill)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     wo = self.param("o", _init(), (h, hd, d), jnp.float32)
     y = out.reshape(b * t, h * hd) @ wo.astype(dt).reshape(h * hd, d)
@@ -390,7 +409,8 @@ def to_layout(params, *, scan: bool):
 
 def init_params(cfg: ModelConfig, rng: jax.Array, *, scan: bool = False):
   """Random parameters (float32) for a config (stacked layers when `scan`)."""
-  model = Transformer(cfg, scan=scan)
+  # the parameters do not depend on the attention kernel, which may not take 1 token
+  model = Transformer(cfg.replace(attention="reference"), scan=scan)
   ids = jnp.zeros((1, 1), jnp.int32)
   return model.init(rng, ids)["params"]
 

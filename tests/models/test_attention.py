@@ -1,0 +1,172 @@
+"""Attention kernels (model.attention, models/attention.py) against the reference attention.
+
+Splash runs here only in Pallas interpret mode (`splash_interpret`, CPU): forward and
+gradients on packed rows with padding, GQA, a sliding window, Gemma 2's soft-cap and
+mixed windows in a scanned model, sharded on a mesh. Its Mosaic (TPU) lowering is checked
+in tests/test_configs.py; it has not run on a TPU. cuDNN cannot run on this CPU: its
+refusals are checked, and the call it makes through jax.nn.dot_product_attention's "xla"
+implementation.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sad_jax import sharding
+from sad_jax.models import attention
+from sad_jax.models import transformer as T
+from tests.models.test_model import GEMMA2, LLAMA, random_params
+from tests.models.test_scan import assert_trees_close
+
+
+def packed_rows(b: int, t: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, positions) [b, t]: rows of 1–3 trajectories, positions restarting at
+  each, and trailing padding (segment 0) on every other row."""
+  rng = np.random.default_rng(seed)
+  seg, pos = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  for r in range(b):
+    fill = t - (rng.integers(8, t // 4) if r % 2 == 0 else 0)
+    cuts = np.sort(rng.choice(np.arange(16, fill - 16), rng.integers(0, 3), replace=False))
+    for s, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, fill])):
+      seg[r, lo:hi], pos[r, lo:hi] = s + 1, np.arange(hi - lo)
+  return seg, pos
+
+
+def qkv(b, t, h, kv, hd, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(b, t, n, hd)), jnp.float32) for n in (h, kv, kv)]
+
+
+def attention_value_and_grad(fn, q, k, v, weight):
+  """A loss of the attention output at the given weights (0 on padding) and its q/k/v
+  gradients."""
+  return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * weight),
+                                    argnums=(0, 1, 2)))(q, k, v)
+
+
+def test_splash_equals_reference_on_packed_gqa_rows_sharded():
+  """Splash (interpret mode) on a (2,1,4) mesh: 4 query heads split over tensor 4 while
+  the 2 KV heads stay whole (each query head gets its KV head's copy), rows over data,
+  a sliding window of 40; loss and q/k/v gradients equal the reference on one device."""
+  cfg = LLAMA.replace(head_dim=32, attention="splash_interpret")
+  b, t, window = 2, 128, 40
+  seg, pos = packed_rows(b, t)
+  q, k, v = qkv(b, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+  weight = jnp.asarray(np.random.default_rng(1).normal(size=q.shape)) * (seg > 0)[..., None, None]
+  ref = lambda q, k, v: T.reference_attention(q, k, v, pos, seg, pos, seg, cfg=cfg, window=window,
+                                              dtype=jnp.float32)
+  want_loss, want_grads = attention_value_and_grad(ref, q, k, v, weight)
+  mesh = sharding.make_mesh((2, 1, 4))
+  with sharding.use_mesh(mesh):
+    got_loss, got_grads = attention_value_and_grad(
+        lambda q, k, v: attention.attend(q, k, v, jnp.asarray(seg), cfg=cfg, window=window),
+        q, k, v, weight)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4)  # a sum of ~10⁴ terms
+  for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
+  # the window matters here: the full-causal reference differs
+  full = lambda q, k, v: T.reference_attention(q, k, v, pos, seg, pos, seg, cfg=cfg, window=None,
+                                               dtype=jnp.float32)
+  assert abs(float(attention_value_and_grad(full, q, k, v, weight)[0] - want_loss)) > 1e-2
+
+
+GEMMA2_W = GEMMA2.replace(head_dim=32, sliding_window=40)  # layer 0 sliding, layer 1 full
+
+
+def hidden_loss(cfg, params, ids, seg, pos, weight):
+  h, _, _ = T.features(cfg, params, ids, positions_bt=pos, segment_ids_bt=seg)
+  return jnp.sum(h * weight)
+
+
+@pytest.mark.slow
+def test_scanned_gemma2_with_splash_equals_the_reference_model():
+  """A scanned Gemma 2 with splash: soft-capped logits, a sliding and a full layer (the
+  kernel picks the window per scanned layer, both variants compiled), packed rows with
+  padding; loss and every parameter gradient equal the unrolled reference model's."""
+  b, t = 2, 128
+  seg, pos = packed_rows(b, t, seed=2)
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, GEMMA2_W.vocab_size, (b, t)))
+  weight = jnp.asarray(np.random.default_rng(4).normal(
+      size=(b, t, GEMMA2_W.hidden_size)), jnp.float32) * (seg > 0)[..., None]
+  params = random_params(GEMMA2_W)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(
+      lambda p: hidden_loss(GEMMA2_W, p, ids, seg, pos, weight)))(params)
+  cfg = GEMMA2_W.replace(attention="splash_interpret")
+  got_loss, got_grads = jax.jit(jax.value_and_grad(
+      lambda p: hidden_loss(cfg, p, ids, seg, pos, weight)))(T.stack_layers(params))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4)
+  assert_trees_close(T.unstack_layers(got_grads), want_grads, tol=1e-4)
+
+
+def test_cudnn_call_equals_reference_through_xla():
+  """The cuDNN path's jax.nn.dot_product_attention call (segment mask, causal, window as
+  local_window_size, scale, GQA grouping), run with implementation="xla" since cuDNN
+  cannot run on CPU: equal to the reference at every non-padding position, gradients too."""
+  cfg = LLAMA.replace(head_dim=16, query_scale=0.3)
+  b, t, window = 2, 64, 24
+  seg, pos = packed_rows(b, t, seed=5)
+  q, k, v = qkv(b, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seed=6)
+  weight = jnp.asarray(np.random.default_rng(7).normal(size=q.shape)) * (seg > 0)[..., None, None]
+  for win in (None, window):
+    want = attention_value_and_grad(
+        lambda q, k, v, win=win: T.reference_attention(q, k, v, pos, seg, pos, seg, cfg=cfg,
+                                                       window=win, dtype=jnp.float32),
+        q, k, v, weight)
+    got = attention_value_and_grad(
+        lambda q, k, v, win=win: attention.cudnn_attention(q, k, v, jnp.asarray(seg), cfg=cfg,
+                                                           window=win, implementation="xla"),
+        q, k, v, weight)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+    for g, w in zip(got[1], want[1], strict=True):
+      np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl, cfg, dtype, platform, seq_len, match", [
+    ("flash", LLAMA, "bfloat16", "tpu", 512, "unknown attention 'flash'"),
+    ("splash", LLAMA, "float32", "cpu", 512, "TPU .*splash_interpret"),
+    ("splash", LLAMA, "bfloat16", "tpu", 500, "multiple"),
+    ("cudnn", LLAMA, "bfloat16", "cpu", 512, "NVIDIA GPUs only"),
+    ("cudnn", LLAMA, "float32", "gpu", 512, "model.dtype=bfloat16"),
+    ("cudnn", GEMMA2, "bfloat16", "gpu", 512, "soft-capping"),
+    ("cudnn", LLAMA.replace(head_dim=12), "bfloat16", "cuda", 512, "multiple of 8"),
+])
+def test_kernels_refuse_what_they_cannot_run(impl, cfg, dtype, platform, seq_len, match):
+  with pytest.raises(ValueError, match=match):
+    attention.check(cfg, implementation=impl, dtype=jnp.dtype(dtype), platform=platform,
+                    seq_len=seq_len)
+
+
+@pytest.mark.parametrize("impl, cfg, dtype, platform", [
+    ("reference", GEMMA2, "float32", "cpu"), ("splash", GEMMA2, "bfloat16", "tpu"),
+    ("splash_interpret", LLAMA, "float32", "cpu"), ("cudnn", LLAMA, "bfloat16", "gpu"),
+    ("cudnn", LLAMA.replace(sliding_window=64), "float16", "cuda"),
+])
+def test_kernels_accept_what_they_run(impl, cfg, dtype, platform):
+  attention.check(cfg, implementation=impl, dtype=jnp.dtype(dtype), platform=platform,
+                  seq_len=4096)
+
+
+def test_splash_refuses_a_split_sequence():
+  cfg = LLAMA.replace(attention="splash_interpret")
+  q, k, v = qkv(2, 128, 4, 2, 8)
+  mesh = sharding.make_mesh((2, 2, 2))
+  rules = (*sharding.DEFAULT_RULES[:1], ("length", "fsdp"), *sharding.DEFAULT_RULES[2:])
+  with sharding.use_mesh(mesh, rules), pytest.raises(ValueError, match="'length'"):
+    jax.eval_shape(lambda q, k, v: attention.attend(q, k, v, jnp.ones((2, 128), jnp.int32),
+                                                    cfg=cfg, window=None), q, k, v)
+
+
+def test_decoding_with_a_kernel_configured_uses_the_reference():
+  """KV-cache decoding never reaches a kernel: a model configured with the TPU-only
+  splash kernel still lowers its cached forward for CPU (a Mosaic kernel would not)."""
+  cfg = LLAMA.replace(attention="splash")
+  params = jax.eval_shape(lambda: T.init_params(cfg, jax.random.key(0)))
+  ids = jnp.zeros((1, 6), jnp.int32)
+  step = jax.jit(lambda p, c, i: T.Transformer(cfg).apply({"params": p}, ids, cache=c,
+                                                          cache_index=i))
+  step.trace(params, T.init_cache(cfg, 1, 8), 0).lower(lowering_platforms=("cpu",))
+  long_ids = jnp.zeros((1, 128), jnp.int32)
+  with pytest.raises(Exception, match="interpret mode"):  # the training forward would
+    jax.jit(lambda p: T.Transformer(cfg).apply({"params": p}, long_ids)).trace(params).lower(
+        lowering_platforms=("cpu",))
