@@ -185,6 +185,15 @@ def _cmd_train(args, overrides) -> int:
   return 0
 
 
+def _cmd_plan(args, overrides) -> int:
+  from sad_jax import configlib
+  from sad_jax import plan as plan_lib
+
+  config = configlib.load(args.config, overrides)
+  print(plan_lib.plan(config, devices=args.devices, vocab=args.vocab).table())
+  return 0
+
+
 def _cmd_generate(args) -> int:
   from sad_jax.data import schema
 
@@ -335,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
   trn.add_argument("--workdir", required=True)
   _add_distributed_flags(trn)
   trn.set_defaults(func=_cmd_train, takes_overrides=True)
+
+  pln = sub.add_parser("plan", help="per-device memory of a training config on N devices, "
+                       "from abstract shapes (no devices, data or weights)",
+                       epilog="Override config fields with --config.a.b=value.")
+  pln.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  pln.add_argument("--devices", type=int, required=True, help="devices of the mesh (all hosts)")
+  pln.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary when model.hf_config.vocab_size is 0 (default 32000)")
+  pln.set_defaults(func=_cmd_plan, takes_overrides=True)
 
   gen = sub.add_parser("generate", help="teacher trajectories in an environment (oracle or "
                        "an OpenAI-compatible LLM endpoint)")
