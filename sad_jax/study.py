@@ -246,7 +246,17 @@ def train(name: str, run: str, config, steps: int) -> bool:
   from sad_jax import train as train_lib
 
   cfg = _read(os.path.join(run, "config.json"))
-  same = None if cfg is None else cfg == train_lib.config_dict(config)
+  new = train_lib.config_dict(config)
+  same = None if cfg is None else cfg == new
+  # A finished run whose config lacks only keys added to the code since (with whatever
+  # value they now have) is the same plan: the code ran without them. Otherwise every new
+  # config field would retrain a study's hours of finished cells.
+  added = sorted(set(new) - set(cfg or {}))
+  if cfg is not None and not same and added and all(new.get(k) == v for k, v in cfg.items()) \
+      and trained(run, steps):
+    _say(f"  {name}: already trained ({run}, checked; config keys added since: "
+         f"{', '.join(added)})")
+    return False
   if same and trained(run, steps):
     _say(f"  {name}: already trained ({run}, checked)")
     return False

@@ -160,6 +160,14 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   run = str(work / "cells" / "sft_s0_n2")
   study.train("sft_s0_n2", run, c2, 3)
   assert "the plan changed" in capsys.readouterr().out
+  # a run from before a config key existed (the key is missing from its config.json) is
+  # still the same plan; a key whose value differs is not (above)
+  cfg_path = work / "cells" / "sft_s0_n2" / "config.json"
+  old = json.loads(cfg_path.read_text())
+  del old["model.attention"]
+  cfg_path.write_text(json.dumps(old))
+  assert not study.train("sft_s0_n2", run, c2, 3)
+  assert "config keys added since: model.attention" in capsys.readouterr().out
 
   # a signal during a run stops the study (later stages need the export), and a rerun
   # resumes it: the signal arrives as training starts, so one step is saved
