@@ -46,7 +46,9 @@ def _fs(path: str):
   try:
     return fsspec.filesystem(protocol, use_listings_cache=False)
   except ImportError as e:  # gcsfs (gs://) or s3fs (s3://) missing
-    raise OSError(f"{protocol}:// paths need an fsspec backend: {e}") from None
+    hint = ("pip install 'sad_jax[gcs]'" if protocol in ("gs", "gcs")
+            else "install its fsspec backend")
+    raise OSError(f"{protocol}:// paths need an fsspec backend ({hint}): {e}") from None
 
 
 def join(path: str | os.PathLike, *parts: str) -> str:

@@ -7,8 +7,9 @@ once per session, with every client pointed at it through its own documented set
                                  it tensorstore looks for real credentials)
   ArrayRecord (google-cloud-cpp) CLOUD_STORAGE_EMULATOR_ENDPOINT (anonymous credentials)
 
-The emulator runs as gcs_emulator.py: gcp-storage-emulator's own server, with the generation
-headers real GCS sends on downloads (tensorstore needs them). The variables are set in os.environ, so the CLI subprocesses the tests start inherit them.
+The emulator runs as gcs_emulator.py: gcp-storage-emulator's own server, with GCS's object
+generations and generation preconditions added (orbax's tensorstore needs them). The
+variables are set in os.environ, so the CLI subprocesses the tests start inherit them.
 """
 
 import os
@@ -40,7 +41,7 @@ def gcs(tmp_path_factory):
   port = _free_port()
   log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "wb")
   # a process of its own: a single-threaded HTTP server must not share the GIL with JAX
-  # (gcs_emulator.py: the package's server with GCS's download generation headers added)
+  # (gcs_emulator.py: the package's server with GCS's generation semantics added)
   proc = subprocess.Popen(
       [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), str(port),
        BUCKET], stdout=log, stderr=subprocess.STDOUT)

@@ -1,7 +1,8 @@
 """Cloud paths (gs://) end to end, against a real local GCS emulator (conftest.py): the path
-layer's atomic-completion promise on an object store, then prepare → teacher precompute →
-train (SIGTERM, resume, bit-identical to an uninterrupted run) → metrics/TensorBoard →
-export → inspect/eval, every path a gs:// one, and bad gs:// input as located errors."""
+layer's atomic-completion promise on an object store, the generation semantics orbax needs,
+then prepare → teacher precompute → train (SIGTERM, resume, bit-identical to an
+uninterrupted run) → metrics/TensorBoard → export → inspect/eval, every path a gs:// one,
+and bad gs:// input as located errors."""
 
 import json
 import os
@@ -14,14 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-from sad_jax import configlib, fileio
+from sad_jax import cli, configlib, fileio
 from sad_jax import metrics as metrics_lib
 from sad_jax import train as train_lib
+from sad_jax.checkpoint import latest_complete
 from sad_jax.data import inspect as inspect_lib
 from sad_jax.data import pipeline, prepare, schema
 from sad_jax.errors import DataError
 from sad_jax.models import checkpoint_io
-from sad_jax.models import export as export_lib
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
 from sad_jax.teacher import precompute as pc
@@ -109,9 +110,113 @@ def test_append_file_and_local_copy_on_gcs(gcs, tmp_path):
   assert second != first and open(second).read() == "new\n"
 
 
-def _cli(*args, cwd, **kw):
-  return subprocess.Popen([sys.executable, "-m", "sad_jax.cli", *args], cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def test_emulator_keeps_generations_and_preconditions(gcs):
+  """What tensorstore relies on (gcs_emulator.py adds it): a new generation per write,
+  `ifGenerationMatch` (0: must not exist) answered 412, `ifGenerationNotMatch` on a read
+  answered 304, a resumable upload's conditions checked when it finishes, and a conditional
+  delete."""
+  import urllib.error
+  import urllib.request
+
+  base, bucket = os.environ["STORAGE_EMULATOR_HOST"], gcs.removeprefix("gs://")
+  name = _fresh("", "gen").lstrip("/")
+
+  def call(method, path, data=None, headers=None):
+    r = urllib.request.Request(base + path, data=data, method=method, headers=headers or {})
+    try:
+      with urllib.request.urlopen(r) as resp:
+        return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as e:
+      return e.code, e.headers, e.read()
+
+  upload = f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name={name}"
+  status, _, body = call("POST", upload + "&ifGenerationMatch=0", b"one")
+  first = json.loads(body)["generation"]
+  assert status == 200 and int(first) > 0
+  assert call("POST", upload + "&ifGenerationMatch=0", b"two")[0] == 412
+  status, _, body = call("POST", upload + f"&ifGenerationMatch={first}", b"two")
+  second = json.loads(body)["generation"]
+  assert status == 200 and int(second) > int(first)
+  obj = f"/storage/v1/b/{bucket}/o/{name}"
+  status, headers, body = call("GET", obj + "?alt=media")
+  assert (status, headers["x-goog-generation"], body) == (200, second, b"two")
+  assert call("GET", obj + f"?alt=media&ifGenerationNotMatch={second}")[0] == 304
+  assert call("GET", obj + f"?alt=json&ifGenerationMatch={first}")[0] == 412
+  # a resumable upload that must create the object loses to a write made meanwhile
+  status, headers, _ = call("POST", f"/upload/storage/v1/b/{bucket}/o?uploadType=resumable"
+                            f"&name={name}-r&ifGenerationMatch=0", b"{}",
+                            {"Content-Type": "application/json"})
+  session = headers["Location"].removeprefix(base)
+  call("POST", f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name={name}-r", b"other")
+  assert call("PUT", session, b"abc", {"Content-Range": "bytes 0-2/3"})[0] == 412
+  assert call("DELETE", obj + f"?ifGenerationMatch={first}")[0] == 412
+  assert call("DELETE", obj + f"?ifGenerationMatch={second}")[0] in (200, 204)
+
+
+# saves a ~100-array tree at step 1, starts an async save of step 2 and SIGKILLs itself as
+# soon as step 2's first objects are in the bucket (before orbax's commit_success.txt)
+_KILLED_SAVER = """
+import os, signal, sys, time
+import numpy as np
+import orbax.checkpoint as ocp
+from sad_jax import fileio
+directory = sys.argv[1]
+tree = {f"a{i}": np.arange(i + 3, dtype=np.float32) * i for i in range(100)}
+mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+mgr.save(1, args=ocp.args.StandardSave(tree))
+mgr.wait_until_finished()
+mgr.save(2, args=ocp.args.StandardSave({k: v + 2 for k, v in tree.items()}))
+while not fileio.exists(directory + "/2"):
+  time.sleep(0.05)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_orbax_on_gcs_many_arrays_and_a_kill_during_a_save(gcs):
+  """orbax/tensorstore (OCDBT) on its own: a process saving a ~100-array tree is SIGKILLed
+  while its second save is being written; the partial step is not listed, the first
+  restores, and the step saves again over the partial one."""
+  import orbax.checkpoint as ocp
+
+  directory = _fresh(gcs, "orbax")
+  p = subprocess.run([sys.executable, "-c", _KILLED_SAVER, directory], capture_output=True,
+                     text=True, timeout=240)
+  assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+  assert not fileio.exists(f"{directory}/2/commit_success.txt")  # killed mid-save
+  tree = {f"a{i}": np.arange(i + 3, dtype=np.float32) * i for i in range(100)}
+  mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+  assert mgr.all_steps() == [1] and latest_complete(directory) == 1
+  out = mgr.restore(1, args=ocp.args.StandardRestore(tree))
+  for k, v in tree.items():
+    assert np.array_equal(out[k], v), k
+  mgr.save(2, args=ocp.args.StandardSave({k: v + 2 for k, v in tree.items()}))
+  mgr.wait_until_finished()
+  assert mgr.all_steps() == [1, 2]
+  out = mgr.restore(2, args=ocp.args.StandardRestore(tree))
+  for k, v in tree.items():
+    assert np.array_equal(out[k], v + 2), k
+  mgr.close()
+
+
+def test_a_missing_gcs_backend_says_which_extra_to_install(monkeypatch):
+  import fsspec
+
+  def missing(*args, **kwargs):
+    raise ImportError("Install gcsfs to access Google Storage")
+
+  monkeypatch.setattr(fsspec, "filesystem", missing)
+  with pytest.raises(OSError, match=r"pip install 'sad_jax\[gcs\]'"):
+    fileio.exists("gs://bucket/x")
+
+
+def _random_params(cfg: ModelConfig, *, seed: int, scale: float):
+  """Parameters of `cfg`'s shapes drawn with numpy: norm scales 1, weights N(0, scale²).
+  T.init_params would compile a threefry draw per array (~20 s of CPU for this tiny model),
+  which this test does not need."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: T.init_params(cfg, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda s: np.ones(s.shape, s.dtype) if len(s.shape) == 1
+                      else rng.normal(0.0, scale, s.shape).astype(s.dtype), shapes)
 
 
 def _params(folder: str):
@@ -120,22 +225,25 @@ def _params(folder: str):
 
 
 @pytest.mark.slow
-def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_path):
-  """prepare (CLI) → precompute (interrupted, resumed) → train → export → eval on gs://;
-  from train on only with SAD_JAX_GCS_ORBAX=1 (ORBAX_ON_EMULATOR)."""
+def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_path,
+                                                             monkeypatch, capsys):
+  """Every path a gs:// one: prepare (CLI) → teacher precompute (interrupted, resumed) →
+  train (a `sad-jax train` process stopped by SIGTERM after a checkpoint, resumed:
+  bit-identical to an uninterrupted run) → metrics/TensorBoard → export → eval (CLI)."""
   root = _fresh(gcs, "e2e")
   inputs, tok, ds, store = (f"{root}/in/t.jsonl", f"{root}/in/tok.model", f"{root}/ds",
                             f"{root}/store")
-  schema.write_jsonl(inputs, helpers.synthetic_trajectories(40, seed=11))
+  schema.write_jsonl(inputs, helpers.synthetic_trajectories(24, seed=11))
   fileio.copyfile(spm_path, tok)
+  # the CLI in this process (its main is what the console script runs; a subprocess only
+  # where a signal is needed): nothing local may be named after a gs:// argument
+  monkeypatch.chdir(tmp_path)
 
-  # prepare through the CLI: the dataset lands in the bucket, nothing local named gs:
-  p = _cli("prepare", "--config", os.path.join(REPO, "configs", "prepare_base.py"), "--out", ds,
-           f"--config.inputs=('{inputs}',)", f"--config.tokenizer.path={tok}",
-           "--config.max_len=256", "--config.val_fraction=0.2", "--quiet", cwd=tmp_path)
-  text = p.communicate(timeout=240)[0]
-  assert p.returncode == 0, text
-  assert os.listdir(tmp_path) == [] and f"dataset: {ds}" in text
+  assert cli.main(["prepare", "--config", os.path.join(REPO, "configs", "prepare_base.py"),
+                   "--out", ds, f"--config.inputs=('{inputs}',)",
+                   f"--config.tokenizer.path={tok}", "--config.max_len=256",
+                   "--config.val_fraction=0.2", "--quiet"]) == 0
+  assert f"dataset: {ds}" in capsys.readouterr().out
   fileio.require_complete(ds, what="prepared dataset")
   _, dtok, _ = prepare.load_prepared(ds)
   assert dtok.path == f"{ds}/tokenizer.model"  # read in place (bytes), errors name gs://
@@ -143,10 +251,10 @@ def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_
 
   # teacher precompute: interrupted after one shard, the store is not taken as complete
   cfg = ModelConfig(model_type="llama", vocab_size=dtok.vocab_size, hidden_size=32,
-                    intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
-  params = jax.tree.map(lambda a: a * 10, T.init_params(cfg, jax.random.PRNGKey(0)))
-  kw = dict(dataset_dir=ds, cfg=cfg, params=params, teacher_name="tiny", out_dir=store, k=16,
-            span_kinds=("reason", "action"), progress=False, shard_size=16)
+                    intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
+  kw = dict(dataset_dir=ds, cfg=cfg, params=_random_params(cfg, seed=0, scale=0.2),
+            teacher_name="tiny", out_dir=store, k=16,
+            span_kinds=("reason", "action"), progress=False, shard_size=8)
   pc.precompute(**kw, stop_after_shards=1)
   assert len(fileio.glob(store, "*.done.json")) == 1
   with pytest.raises(DataError, match="no manifest.json"):
@@ -154,62 +262,57 @@ def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_
   manifest = pc.precompute(**kw)  # resumes: the marked shard is kept, the rest computed
   assert len(manifest.shards) == len(fileio.glob(store, "*.done.json")) >= 3
   pipeline.open_teacher(store, pipeline.open_split(ds, "train"), k=16)
-  if not os.environ.get("SAD_JAX_GCS_ORBAX"):
-    return  # see ORBAX_ON_EMULATOR
-  _train_resume_export_eval(root, ds, store, dtok, tmp_path)
 
-
-# orbax saves arrays with tensorstore's OCDBT driver, whose manifest writes are conditional
-# (ifGenerationMatch). gcp-storage-emulator ignores generation preconditions and answers such
-# a write with a response tensorstore rejects ("Malformed StorageGeneration" on
-# manifest.ocdbt, from the first save of a ~100-array train state; a 2-array save works).
-# So training on gs:// runs here only with SAD_JAX_GCS_ORBAX=1, pointed (same variables) at
-# a GCS that implements preconditions (real GCS, fake-gcs-server).
-ORBAX_ON_EMULATOR = "orbax OCDBT needs GCS generation preconditions the emulator lacks"
-
-
-def _train_resume_export_eval(root, ds, store, dtok, tmp_path):
-  # train: an uninterrupted run, and one stopped by SIGTERM then resumed
+  # train: an uninterrupted run (in process), and a CLI run stopped by SIGTERM once it has
+  # written a checkpoint, then resumed (orbax arrays through tensorstore's GCS driver). The
+  # student starts from a model folder in the bucket (a scratch init compiles its random
+  # initialiser, ~20 s of this test's CPU time)
+  student = f"{root}/student"
+  checkpoint_io.save_params(student, cfg, _random_params(cfg, seed=1, scale=0.02))
   total = 6
   overrides = [f"--config.dataset={ds}", f"--config.teacher_store={store}", *TINY,
+               "--config.model.init=pretrained", f"--config.model.path={student}",
                f"--config.train.steps={total}", "--config.train.checkpoint_every=2",
                "--config.train.log_every=1", "--config.train.eval_every=3",
-               "--config.checkpoint.use_async=true"]
+               "--config.train.eval_batches=1", "--config.checkpoint.use_async=true"]
   config_arg = os.path.join(REPO, "configs", "train_sad.py") + ":runlocal"
   config = configlib.load(config_arg, overrides)
   clean, killed = f"{root}/runs/clean", f"{root}/runs/killed"
   result = train_lib.train_and_evaluate(config, clean)
   assert result.status == "finished" and result.step == total
 
-  p = _cli("train", "--config", config_arg, "--workdir", killed, *overrides, cwd=tmp_path)
+  p = subprocess.Popen([sys.executable, "-m", "sad_jax.cli", "train", "--config", config_arg,
+                        "--workdir", killed, *overrides], cwd=tmp_path, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
   out = []
   deadline = time.time() + 240
   while time.time() < deadline:
     line = p.stdout.readline()
     assert line, "".join(out)
     out.append(line)
-    if line.startswith("step 3/"):
+    if line.startswith("step 3/"):  # after the step-2 checkpoint
       break
   p.send_signal(signal.SIGTERM)
   text = "".join(out) + p.communicate(timeout=240)[0]
   assert p.returncode == 0 and "SIGTERM: saved step" in text, text
-  assert os.listdir(tmp_path) == []
-  from sad_jax.checkpoint import latest_complete
-
   stopped = latest_complete(f"{killed}/checkpoints")
-  assert stopped is not None and 3 <= stopped < total
+  assert stopped is not None and 3 <= stopped < total, text
   resumed = train_lib.train_and_evaluate(config, killed)
   assert resumed.step == total
   final = _params(f"{clean}/final")
-  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(_params(f"{killed}/final"))):
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(_params(f"{killed}/final")),
+                  strict=True):
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
   # metrics.jsonl and TensorBoard events in the bucket (TensorBoard's reader, CRCs checked)
   rows = metrics_lib.read_jsonl(clean)
   train_rows = [r for r in rows if r["split"] == "train" and "loss" in r]
   assert [r["step"] for r in train_rows] == list(range(1, total + 1))
-  assert sorted({r["step"] for r in metrics_lib.read_jsonl(killed) if "loss" in r
-                 and r["split"] == "train"}) == list(range(1, total + 1))
+  killed_rows = [r for r in metrics_lib.read_jsonl(killed) if r["split"] == "train"
+                 and "loss" in r]
+  # every step logged (those between the checkpoint and the SIGTERM twice), same values
+  assert {r["step"]: r["loss"] for r in killed_rows} == {r["step"]: r["loss"]
+                                                          for r in train_rows}
   from tensorboard.backend.event_processing import event_accumulator
 
   events = fileio.glob(f"{clean}/tb/train", "events.out.tfevents.*")
@@ -217,31 +320,35 @@ def _train_resume_export_eval(root, ds, store, dtok, tmp_path):
   ea.Reload()
   assert [s.step for s in ea.Scalars("reason/loss")] == [r["step"] for r in train_rows]
 
-  # export to an HF folder in the bucket; it reads back (safetensors staged) as the same model
+  # export (CLI) to an HF folder in the bucket; it reads back (safetensors staged) as the
+  # same model
   hf_dir = f"{root}/hf"
-  summary = export_lib.export(clean, hf_dir, dtype="float32")
-  assert summary["out_dir"] == hf_dir and summary["dataset"] == ds
+  capsys.readouterr()
+  assert cli.main(["export", clean, hf_dir, "--dtype", "float32"]) == 0
+  assert f"to {hf_dir}" in capsys.readouterr().out
   fileio.require_complete(hf_dir, what="exported model")
   _, hf_params = checkpoint_io.load_model(hf_dir)
-  assert np.array_equal(np.asarray(hf_params["embed"]["embedding"])[:dtok.vocab_size],
-                        final["embed"]["embedding"][:dtok.vocab_size])
+  assert np.array_equal(np.asarray(hf_params["embed"])[:dtok.vocab_size],
+                        final["embed"][:dtok.vocab_size])
 
-  # eval: the run's model, tokenizer and template from the bucket; transcripts back into it
-  from sad_jax.agent import evaluate
+  # eval (CLI): the exported model, its tokenizer and template from the bucket; transcripts
+  # and the result back into it
+  transcripts, result_json = f"{root}/eval/transcripts.jsonl", f"{root}/eval/result.json"
+  assert cli.main(["eval", "--checkpoint", hf_dir, "--env", "math:basic_arithmetic",
+                   "--episodes", "2", "--max-steps", "1", "--max-new-tokens", "4",
+                   "--batch", "2", "--transcripts", transcripts, "--json", result_json,
+                   "--quiet"]) == 0
+  assert json.loads(fileio.read_text(result_json))["episodes"] == 2
+  assert len(schema.read_jsonl(transcripts)) == 2
+  assert os.listdir(tmp_path) == []
 
-  policy = evaluate.load_policy(clean, max_new_tokens=8, max_prompt_tokens=512)
-  transcripts = f"{root}/eval/transcripts.jsonl"
-  r = evaluate.evaluate(policy, env_spec="math:basic_arithmetic", episodes=2, max_steps=1,
-                        batch=2, transcripts=transcripts, progress=False)
-  assert r.episodes == 2 and len(schema.read_jsonl(transcripts)) == 2
 
-
-def test_bad_gcs_inputs_are_located_errors(gcs, tmp_path, spm_path):
+def test_bad_gcs_inputs_are_located_errors(gcs, spm_path, capsys):
   root = _fresh(gcs, "bad")
   # a missing dataset, through the CLI: exit 2, the gs:// path named
-  p = _cli("inspect", f"{root}/nothing", cwd=tmp_path)
-  text = p.communicate(timeout=120)[0]
-  assert p.returncode == 2 and f"{root}/nothing" in text and "no such file" in text, text
+  assert cli.main(["inspect", f"{root}/nothing"]) == 2
+  err = capsys.readouterr().err
+  assert f"{root}/nothing" in err and "no such file" in err, err
   with pytest.raises(DataError, match="not a prepared dataset") as e:
     pipeline.open_split(f"{root}/nothing", "train")
   assert e.value.path == f"{root}/nothing"
@@ -256,7 +363,7 @@ def test_bad_gcs_inputs_are_located_errors(gcs, tmp_path, spm_path):
   # a dataset whose upload stopped before its marker: refused, named
   ds = f"{root}/ds"
   src = f"{root}/in/t.jsonl"
-  schema.write_jsonl(src, helpers.synthetic_trajectories(12, seed=3))
+  schema.write_jsonl(src, helpers.synthetic_trajectories(6, seed=3))
   prepare.prepare(_config([src], spm_path), ds, progress=False)
   fileio.remove(f"{ds}/_complete.json")
   with pytest.raises(DataError, match="incomplete prepared dataset") as e:
