@@ -120,7 +120,8 @@ def _cmd_teacher_precompute(args, overrides) -> int:
         teacher_name=c.teacher_name or os.path.basename(os.path.normpath(c.teacher)),
         out_dir=c.out, k=c.k, temperature=c.temperature, span_kinds=tuple(c.span_kinds),
         shard_size=c.shard_size, batch_size=c.batch_size, logp_dtype=c.logp_dtype, mesh=mesh,
-        progress=not args.quiet, dtype=jnp.dtype(c.compute_dtype))
+        progress=not args.quiet, dtype=jnp.dtype(c.compute_dtype),
+        sampling=c.get("sampling", "topk"), seed=c.get("seed", 0))
   except DataError as e:
     if e.field in ("vocab_size", "k"):  # the teacher's vocabulary: name the teacher
       raise e.located(path=c.teacher) from None
@@ -128,7 +129,8 @@ def _cmd_teacher_precompute(args, overrides) -> int:
   n = sum(len(s["ids"]) for s in m.shards)
   size = sum(s["bytes"] for s in m.shards)
   print(f"store {c.out}: {n} trajectories in {len(m.shards)} shards, {size / 2**20:.1f} MiB, "
-        f"k={m.k}, τ={m.temperature}, kinds={','.join(m.span_kinds)}")
+        f"{'draws' if m.sampled else 'k'}={m.k}, τ={m.temperature}, "
+        f"kinds={','.join(m.span_kinds)}")
   return 0
 
 

@@ -130,6 +130,8 @@ def train_and_evaluate(config, workdir: str) -> Result:
                       "(or --config.teacher.online)", field="config.teacher_store")
     k = config.teacher.k
     store = pipeline.open_teacher(config.teacher_store, train_split, k=k)
+    check_sampled_store(obj, store.manifest, k=k,
+                        path=os.path.join(config.teacher_store, "manifest.json"))
     check_teacher_kinds(obj, store.manifest.span_kinds, train_split,
                         what="the teacher store covers", field="span_kinds",
                         path=os.path.join(config.teacher_store, "manifest.json"))
@@ -445,6 +447,31 @@ def check_teacher_kinds(obj, covered, split, *, what: str, field: str,
         f"teacher but {what} only {name(have) or 'nothing'}: {name(missing)} tokens would "
         f"have no teacher (recompute the top-k with span_kinds including "
         f"{name(missing)})", path=path, field=field)
+
+
+def check_sampled_store(obj, manifest, *, k: int, path: str | None = None) -> None:
+  """A sampled store's p̂ = count/N is an unbiased estimate of the whole teacher
+  distribution: only fkl with the ignore rule (Σ p̂ (log p̂ − log q) against the full
+  student, gradient q − p̂) uses it as one. tail_bucket would treat it as a top-k with the
+  rest of the vocabulary in its tail, rkl/jsd renormalise the student over the drawn ids
+  (biased), and fewer than its N slots would drop draws."""
+  if not manifest.sampled:
+    return
+  what = f"the teacher store is sampled ({manifest.k} draws per position)"
+  if obj.settings.tail != "ignore":
+    raise DataError(f"{what}: its p̂ = count/N is a whole distribution, not a top-k with a "
+                    f"tail; set --config.objective.tail=ignore (not {obj.settings.tail!r})",
+                    path=path, field="config.objective.tail")
+  if (any(g.loss == "divergence" for g in obj.groups)
+      and obj.settings.divergence != "fkl"):
+    raise DataError(f"{what}: only fkl is unbiased on sampled teacher tokens; set "
+                    f"--config.objective.divergence=fkl (not {obj.settings.divergence!r}) "
+                    "or precompute a top-k store", path=path,
+                    field="config.objective.divergence")
+  if k != manifest.k:
+    raise DataError(f"{what}: training must read all its {manifest.k} slots (fewer would "
+                    f"drop draws); set --config.teacher.k={manifest.k} (not {k})", path=path,
+                    field="config.teacher.k")
 
 
 def objective_for(config, model_cfg):

@@ -1,4 +1,5 @@
-"""`sad-jax teacher precompute`: run the teacher once over a prepared dataset, keep top-k.
+"""`sad-jax teacher precompute`: run the teacher once over a prepared dataset, keep top-k
+(or, with sampling="sampled", k draws from its distribution per position: store.py).
 
 Shards are the unit of work and of resumption: shard i of a split holds that split's
 examples [i·S, (i+1)·S) in dataset order, computed in fixed batches, so a shard's bytes
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import json
 from collections.abc import Sequence
 
@@ -65,6 +67,78 @@ def teacher_topk(params, ids_bt, select_bp=None, *, cfg: ModelConfig, k: int,
   return unchunk(idx), unchunk(vals)
 
 
+def example_hash(example_id: str) -> int:
+  """A uint32 of the example id: with the seed and the position it keys a sampled
+  position's draws, so they depend on nothing else (batching, shards, hosts)."""
+  return int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:4], "little")
+
+
+def position_keys(seed, hash_b, positions_bp):
+  """Threefry keys [B, P] (named explicitly: the same draws whatever the default PRNG)."""
+  base = jax.random.key(seed, impl="threefry2x32")
+  per_example = jax.vmap(lambda h: jax.random.fold_in(base, h))(hash_b.astype(jnp.uint32))
+  return jax.vmap(lambda key, pos: jax.vmap(lambda t: jax.random.fold_in(key, t))(pos))(
+      per_example, positions_bp)
+
+
+def draw(logits_pv, keys_p, *, draws: int, temperature: float):
+  """int32 [P, draws]: draws from softmax(z / τ) per row, by inverse CDF (a V-long
+  cumulative sum per row, not the [draws, V] Gumbel noise of jax.random.categorical)."""
+  probs = jax.nn.softmax(logits_pv.astype(jnp.float32) / temperature, axis=-1)
+  cdf_pv = jnp.cumsum(probs, axis=-1)
+  u_pn = jax.vmap(lambda key: jax.random.uniform(key, (draws,)))(keys_p)
+  u_pn = u_pn * cdf_pv[:, -1:]  # the sum as rounded, so no draw falls past the end
+  # side=right: a zero-probability id (equal cdf to its left neighbour) is never drawn
+  idx = jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right"))(cdf_pv, u_pn)
+  return jnp.minimum(idx, logits_pv.shape[-1] - 1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draws", "temperature", "chunk", "dtype"))
+def teacher_sample(params, ids_bt, select_bp, hash_b, seed, *, cfg: ModelConfig, draws: int,
+                   temperature: float, chunk: int = 256, dtype=jnp.float32):
+  """int32 [B, P, draws]: draws from the teacher's next-token distribution at τ at the
+  input positions `select_bp`, keyed by (seed, hash_b[b], select_bp[b, p]) alone."""
+  model = Transformer(cfg, dtype=dtype, scan=is_stacked(params))
+  h, _ = model.apply({"params": params}, ids_bt, method=Transformer.hidden)
+  h = jnp.take_along_axis(h, select_bp[..., None], axis=1)
+  keys_bp = position_keys(seed, hash_b, select_bp)
+  b, t, d = h.shape
+  c = min(chunk, t)
+  pad = -t % c
+  h = jnp.pad(h, [(0, 0), (0, pad), (0, 0)])
+  keys_bp = jnp.pad(keys_bp, [(0, 0), (0, pad)], mode="edge")
+  hc = jnp.moveaxis(h.reshape(b, -1, c, d), 1, 0)
+  kc = jnp.moveaxis(keys_bp.reshape(b, -1, c), 1, 0)
+
+  def one(args):
+    x, keys = args
+    z = model.apply({"params": params}, x, method=Transformer.logits)[..., :cfg.vocab_size]
+    out = draw(z.reshape(b * c, -1), keys.reshape(b * c), draws=draws,
+               temperature=temperature)
+    return out.reshape(b, c, draws)
+
+  out = jax.lax.map(one, (hc, kc))
+  return jnp.moveaxis(out, 0, 1).reshape(b, -1, draws)[:, :t]
+
+
+def draws_to_slots(draws_pn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int32 [P, N], counts int32 [P, N]) of N draws per row: the distinct ids and their
+  counts, most frequent first (ties: smaller id), then padding slots (id 0, count 0)."""
+  p, n = draws_pn.shape
+  s = np.sort(draws_pn, axis=-1)
+  start = np.ones((p, n), bool)
+  start[:, 1:] = s[:, 1:] != s[:, :-1]
+  col = np.broadcast_to(np.arange(n), (p, n))
+  # a run's count: the distance from its start to the next start (or the end)
+  first_at_or_after = np.minimum.accumulate(np.where(start, col, n)[:, ::-1], axis=-1)[:, ::-1]
+  next_start = np.concatenate([first_at_or_after[:, 1:], np.full((p, 1), n)], axis=-1)
+  count = np.where(start, next_start - col, 0)
+  order = np.lexsort((s, -count), axis=-1)  # primary: count descending (padding, 0, last)
+  ids = np.take_along_axis(s, order, -1)
+  count = np.take_along_axis(count, order, -1)
+  return np.where(count > 0, ids, 0).astype(np.int32), count.astype(np.int32)
+
+
 def target_positions(kinds: np.ndarray, span_kinds: Sequence[int]) -> np.ndarray:
   """Input positions t whose next token t+1 is of a covered kind."""
   return np.flatnonzero(np.isin(kinds[1:], span_kinds)).astype(np.int32)
@@ -80,8 +154,13 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
                logp_dtype: str = "float16", mesh=None, progress: bool = True,
                stop_after_shards: int | None = None, chunk: int = 256,
                dtype=jnp.float32, process_index: int | None = None,
-               process_count: int | None = None) -> store_lib.Manifest:
+               process_count: int | None = None, sampling: str = "topk",
+               seed: int = 0) -> store_lib.Manifest:
   """Writes (or completes) a store at out_dir; returns its manifest.
+
+  sampling="topk" keeps the k most likely ids per position; "sampled" draws k times from
+  the teacher's distribution at τ (keys from `seed`, the example id and the position) and
+  keeps the distinct ids with log(count / k) (store.py).
 
   With several processes (hosts), shard i belongs to process i mod process_count, each
   running its shards on its own devices (`mesh` of local devices). Under jax.distributed
@@ -100,6 +179,13 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
 
   if logp_dtype not in store_lib.LOGP_DTYPES:
     raise DataError(f"logp_dtype must be one of {store_lib.LOGP_DTYPES}", field="logp_dtype")
+  if sampling not in store_lib.SAMPLINGS:
+    raise DataError(f"sampling must be one of {store_lib.SAMPLINGS}, got {sampling!r}",
+                    field="sampling")
+  sampled = sampling == "sampled"
+  if sampled and not 0 < k < 65536:
+    raise DataError(f"a sampled store takes 1 to 65535 draws per position (k), got {k}",
+                    field="k")
   builder, _, meta = prepare.load_prepared(dataset_dir)
   kinds = store_lib.span_kind_ids(span_kinds)
   student_vocab = int(meta["vocab_size"])
@@ -112,6 +198,8 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
               "span_kinds": list(span_kinds), "logp_dtype": logp_dtype,
               "dataset_fingerprint": meta["fingerprint"], "shard_size": shard_size,
               "batch_size": batch_size}
+  if sampled:  # top-k settings files stay as they were (resumable by older versions)
+    settings |= {"sampling": sampling, "seed": int(seed)}
   fileio.makedirs(out_dir)
   settings_path = fileio.join(out_dir, "precompute.json")
   if fileio.exists(settings_path):
@@ -134,7 +222,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
     plan += [(split, i, range(i * shard_size, min(n, (i + 1) * shard_size)))
              for i in range(-(-n // shard_size))]
   total = sum(len(r) for _, _, r in plan[process_index::process_count])  # this process's
-  bar = tqdm(total=total, desc="teacher top-k", unit="traj", disable=not progress)
+  bar = tqdm(total=total, desc=f"teacher {sampling}", unit="traj", disable=not progress)
   writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   pending: list[tuple[str, concurrent.futures.Future]] = []
   markers: list[dict] = []
@@ -167,20 +255,34 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
         tokens[j, :len(e["ids"])] = e["ids"]
         select[j, :len(targets[j])] = targets[j]
       with sharding.use_mesh(mesh):
-        top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), jnp.asarray(select),
-                                         cfg=cfg, k=k, temperature=float(temperature),
-                                         chunk=chunk, dtype=dtype)
-      top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
+        if sampled:
+          hashes = np.zeros((batch_size,), np.uint32)
+          hashes[:len(batch)] = [example_hash(tfds_builder.example_id(e)) for e in batch]
+          top_ids = np.asarray(teacher_sample(
+              params, jnp.asarray(tokens), jnp.asarray(select), jnp.asarray(hashes),
+              jnp.uint32(seed), cfg=cfg, draws=k, temperature=float(temperature),
+              chunk=chunk, dtype=dtype))
+        else:
+          top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), jnp.asarray(select),
+                                           cfg=cfg, k=k, temperature=float(temperature),
+                                           chunk=chunk, dtype=dtype)
+          top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
       for j, e in enumerate(batch):
         ident = tfds_builder.example_id(e)
         n = len(targets[j])
-        rec = store_lib.TopK(ident, targets[j], top_ids[j, :n], top_logp[j, :n])
+        if sampled:
+          slot_ids, counts = draws_to_slots(top_ids[j, :n])
+          rec = store_lib.TopK(ident, targets[j], slot_ids, counts)
+        else:
+          rec = store_lib.TopK(ident, targets[j], top_ids[j, :n], top_logp[j, :n])
         if (rec.ids >= student_vocab).any():
-          raise DataError(f"teacher top-k of example {ident} holds ids ≥ the student "
-                          f"vocabulary {student_vocab}: the vocabularies differ beyond "
-                          "padding", field="vocab_size")
-        records[order[lo + j]] = store_lib.encode_record(rec, vocab_size=student_vocab,
-                                                         logp_dtype=logp_dtype)
+          raise DataError(f"teacher {'draws' if sampled else 'top-k'} of example {ident} "
+                          f"holds ids ≥ the student vocabulary {student_vocab}: the "
+                          "vocabularies differ beyond padding", field="vocab_size")
+        records[order[lo + j]] = (
+            store_lib.encode_sampled(ident, rec.positions, rec.ids, counts,
+                                     vocab_size=student_vocab, draws=k) if sampled else
+            store_lib.encode_record(rec, vocab_size=student_vocab, logp_dtype=logp_dtype))
       bar.update(len(batch))
     ids = [tfds_builder.example_id(e) for e in examples]
     pending.append((split, writer.submit(store_lib.write_shard, out_dir, name, records, ids)))
@@ -211,7 +313,9 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       teacher=teacher_name, k=k, temperature=float(temperature), vocab_size=student_vocab,
       teacher_vocab_size=cfg.vocab_size, tokenizer_fingerprint=meta["tokenizer_fingerprint"],
       dataset_fingerprint=meta["fingerprint"], span_kinds=list(span_kinds),
-      logp_dtype=logp_dtype, shards=sorted(markers, key=lambda m: m["name"]))
+      logp_dtype=logp_dtype, shards=sorted(markers, key=lambda m: m["name"]),
+      **({"sampling": sampling, "seed": int(seed),
+          "format_version": store_lib.SAMPLED_FORMAT_VERSION} if sampled else {}))
   if len(markers) == len(plan) and (process_index == 0 or not synced):
     with atomic_write(fileio.join(out_dir, "manifest.json")) as f:
       f.write(manifest.to_json())

@@ -19,6 +19,16 @@ A record holds `positions` int32[n] — the input positions t whose next token (
 target of the covered span kinds — and the top-k ids [n, k] (uint16 when the vocabulary
 fits, else uint32) and log-probs [n, k] normalised over the teacher's full vocabulary at
 temperature τ (float16 by default; bfloat16; or int8 with a float32 scale per row).
+
+A sampled store (manifest `sampling: "sampled"`, format_version 2) holds instead, per
+position, the outcome of N = k draws from the teacher's full distribution at τ: its
+distinct ids and their counts, ragged (a record: positions, distinct-per-position, ids,
+counts — uint8 counts when N < 256), so the bytes grow with the distinct ids, not with N;
+the counts are exact (logp_dtype does not apply). Read, it is the same [n, k] TopK as a
+top-k store: the distinct ids with log(count / N), most frequent first, then k − distinct
+padding slots (id 0, log-prob PAD_LOGP, whose exp is exactly 0 in float32, so they weigh
+nothing in any sum or gradient). p̂ = count/N is an unbiased estimate of p; the loss must
+use it as a whole distribution (fkl, tail=ignore), which training enforces.
 """
 
 from __future__ import annotations
@@ -41,9 +51,15 @@ from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 from sad_jax.types import SpanKind
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # top-k stores (older readers keep reading them)
+SAMPLED_FORMAT_VERSION = 2  # sampled stores: older readers refuse them, not misuse them
 LOGP_DTYPES = ("float16", "bfloat16", "int8")
+SAMPLINGS = ("topk", "sampled")
+# log-prob of a sampled store's padding slots (float32 on read): exp() is exactly 0, so a
+# slot adds 0 to Σp, to the loss and to its gradient; finite, so no inf·0 = NaN anywhere
+PAD_LOGP = -1e4
 _MAGIC = b"SADT"
+_MAGIC_SAMPLED = b"SADS"
 _LOGP_CODE = {"float16": 0, "bfloat16": 1, "int8": 2}
 _CODE_LOGP = {v: k for k, v in _LOGP_CODE.items()}
 
@@ -90,7 +106,71 @@ def encode_record(rec: TopK, *, vocab_size: int, logp_dtype: str) -> bytes:
   return b"".join(parts)
 
 
+def _count_dtype(draws: int):
+  return np.uint8 if draws < 256 else np.uint16
+
+
+def encode_sampled(ident: str, positions: np.ndarray, ids_pn: np.ndarray, counts_pn: np.ndarray,
+                   *, vocab_size: int, draws: int) -> bytes:
+  """A sampled record from slot arrays [n, N] (counts 0 on padding slots, which come last)."""
+  n, k = ids_pn.shape
+  counts_pn = np.asarray(counts_pn)
+  live = counts_pn > 0
+  if draws > 65535 or not (counts_pn.sum(-1) == draws).all():
+    raise ValueError(f"counts must sum to draws={draws} (< 65536) per position")
+  idt, cdt = id_dtype(vocab_size), _count_dtype(draws)
+  raw = ident.encode()
+  return b"".join([
+      _MAGIC_SAMPLED, struct.pack("<IIIBB", len(raw), n, k, np.dtype(idt).itemsize,
+                                  np.dtype(cdt).itemsize), raw,
+      np.asarray(positions, "<i4").tobytes(), live.sum(-1).astype(cdt).tobytes(),
+      np.asarray(ids_pn)[live].astype(idt).tobytes(), counts_pn[live].astype(cdt).tobytes()])
+
+
+def sampled_logp(counts_pn: np.ndarray, draws: int) -> np.ndarray:
+  """float32 log(count / draws), PAD_LOGP where the count is 0."""
+  c = np.asarray(counts_pn)
+  return np.where(c > 0, np.log(np.maximum(c, 1) / draws), PAD_LOGP).astype(np.float32)
+
+
+def _decode_sampled(blob: bytes, where: str) -> TopK:
+  len_id, n, k, id_size, count_size = struct.unpack_from("<IIIBB", blob, 4)
+  off = 4 + struct.calcsize("<IIIBB")
+  ident = blob[off: off + len_id].decode()
+  off += len_id
+  positions = np.frombuffer(blob, "<i4", n, off)
+  off += 4 * n
+  cdt = {1: np.uint8, 2: np.dtype("<u2")}[count_size]
+  distinct = np.frombuffer(blob, cdt, n, off).astype(np.int64)
+  off += count_size * n
+  total = int(distinct.sum())
+  if (distinct > k).any() or (n and distinct.min() < 1):
+    raise ValueError("distinct ids per position outside [1, k]")
+  idt = {2: np.dtype("<u2"), 4: np.dtype("<u4")}[id_size]
+  flat_ids = np.frombuffer(blob, idt, total, off)
+  off += id_size * total
+  flat_counts = np.frombuffer(blob, cdt, total, off)
+  off += count_size * total
+  if off != len(blob):
+    raise DataError(f"teacher record has {len(blob) - off} trailing bytes", path=where)
+  live = np.arange(k) < distinct[:, None]  # row-major fill puts each row's ids first
+  ids = np.zeros((n, k), np.int32)
+  counts = np.zeros((n, k), np.int64)
+  ids[live], counts[live] = flat_ids, flat_counts
+  sums = counts.sum(-1)
+  if n and not (sums == sums[0]).all():
+    raise DataError("sampled record: draw counts differ between positions", path=where,
+                    field="counts")
+  return TopK(ident, positions.astype(np.int32), ids,
+              sampled_logp(counts, int(sums[0]) if n else 1))
+
+
 def decode_record(blob: bytes, *, where: str = "store") -> TopK:
+  if blob[:4] == _MAGIC_SAMPLED:
+    try:
+      return _decode_sampled(blob, where)
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+      raise DataError(f"truncated or corrupt sampled teacher record: {e}", path=where) from None
   if blob[:4] != _MAGIC:
     raise DataError("not a teacher top-k record (bad magic)", path=where)
   try:
@@ -139,9 +219,18 @@ class Manifest:
   logp_dtype: str = "float16"
   format_version: int = FORMAT_VERSION
   shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  sampling: str = "topk"           # "sampled": k draws per position (module docstring)
+  seed: int | None = None          # of a sampled store's draws
+
+  @property
+  def sampled(self) -> bool:
+    return self.sampling == "sampled"
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=1)
+    d = dataclasses.asdict(self)
+    if not self.sampled:  # a top-k store's manifest stays what format 1 wrote
+      del d["sampling"], d["seed"]
+    return json.dumps(d, indent=1)
 
   @classmethod
   def read(cls, folder: str) -> Manifest:
@@ -155,8 +244,9 @@ class Manifest:
       raise DataError(f"cannot read the manifest: {e}", path=path) from None
     if not isinstance(d, dict):
       raise DataError(f"manifest must be a JSON object, got {type(d).__name__}", path=path)
-    if d.get("format_version") != FORMAT_VERSION:
-      raise DataError(f"format_version {d.get('format_version')!r} is not {FORMAT_VERSION}",
+    versions = (FORMAT_VERSION, SAMPLED_FORMAT_VERSION)
+    if d.get("format_version") not in versions:
+      raise DataError(f"format_version {d.get('format_version')!r} is not one of {versions}",
                       path=path, field="format_version")
     try:
       m = cls(**d)
@@ -180,6 +270,14 @@ class Manifest:
         raise bad(name, f"must be positive, got {getattr(self, name)!r}")
     if self.logp_dtype not in LOGP_DTYPES:
       raise bad("logp_dtype", f"{self.logp_dtype!r} is not one of {LOGP_DTYPES}")
+    if self.sampling not in SAMPLINGS:
+      raise bad("sampling", f"{self.sampling!r} is not one of {SAMPLINGS}")
+    want = SAMPLED_FORMAT_VERSION if self.sampled else FORMAT_VERSION
+    if self.format_version != want:
+      raise bad("format_version", f"a {self.sampling} store has format_version {want}, not "
+                f"{self.format_version!r}")
+    if self.sampled and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+      raise bad("seed", f"a sampled store needs an integer seed, got {self.seed!r}")
     try:
       span_kind_ids(self.span_kinds)
     except DataError as e:

@@ -2,7 +2,9 @@
 
 verify: fingerprints against the dataset, coverage (every example, every target token
 of the covered kinds), shard checksums, sanity (log-probs ≤ 0, Σ exp ≤ 1 + ε, ids in
-the vocabulary), and a spot recompute of a few examples with the teacher.
+the vocabulary), and a spot recompute of a few examples with the teacher. A sampled
+store: every position's p̂ sums to 1, and the spot recompute redraws with the store's seed
+(the same draws but where rounding moves a draw across a boundary of the cumulative sum).
 
 import: per-token top-k log-probs from an OpenAI-compatible server's prompt log-probs
 (vLLM `prompt_logprobs`: per position a map token id → {logprob, rank, …}, None at
@@ -90,6 +92,11 @@ def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int
       if mass > 1 + EPS:
         raise DataError(f"example {ident}: top-k probabilities sum to {mass:.4f} > 1",
                         path=store_dir, field="logp")
+      if m.sampled:
+        low = float(np.exp(rec.logp.astype(np.float64)).sum(-1).min())
+        if abs(low - 1) > 1e-5 or abs(mass - 1) > 1e-5:
+          raise DataError(f"example {ident}: sampled p̂ sums to {low:.6f}…{mass:.6f}, not 1",
+                          path=store_dir, field="counts")
     n_examples += 1
     n_tokens += len(want)
     if len(checked) < spot and len(want):
@@ -102,7 +109,20 @@ def verify(store_dir: str, dataset_dir: str, *, cfg=None, params=None, spot: int
             "max_topk_mass": max_mass, "spot_max_abs_error": None}
   if cfg is not None and params is not None and checked:
     err = rel = 0.0
-    for _, ids, rec in checked:
+    for ident, ids, rec in checked:
+      if m.sampled:
+        draws = pc.teacher_sample(params, ids[None], rec.positions[None],
+                                  np.asarray([pc.example_hash(ident)], np.uint32),
+                                  np.uint32(m.seed), cfg=cfg, draws=m.k,
+                                  temperature=m.temperature)
+        fresh_ids, counts = pc.draws_to_slots(np.asarray(draws)[0])
+        same = (fresh_ids == rec.ids).all(-1) & np.allclose(
+            store_lib.sampled_logp(counts, m.k), rec.logp, rtol=0, atol=1e-6)
+        # the share of positions redrawn otherwise: rounding only, so near 0
+        rel = max(rel, float(1 - same.mean()))
+        err = max(err, float(np.abs(store_lib.sampled_logp(counts, m.k)
+                                    - rec.logp).max()))
+        continue
       _, top_logp = pc.teacher_topk(params, ids[None], cfg=cfg, k=m.k,
                                     temperature=m.temperature)
       # sorted values: ties may order equal log-probs differently
