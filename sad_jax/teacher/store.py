@@ -133,13 +133,18 @@ def sampled_logp(counts_pn: np.ndarray, draws: int) -> np.ndarray:
   return np.where(c > 0, np.log(np.maximum(c, 1) / draws), PAD_LOGP).astype(np.float32)
 
 
-def _decode_sampled(blob: bytes, where: str) -> TopK:
-  len_id, n, k, id_size, count_size = struct.unpack_from("<IIIBB", blob, 4)
+def _header(blob: bytes) -> tuple[str, np.ndarray, int, int, int, int, int]:
+  """(id, positions, n, k, id bytes, code, offset after the positions): the layout both
+  record kinds share after their magic."""
+  len_id, n, k, id_size, code = struct.unpack_from("<IIIBB", blob, 4)
   off = 4 + struct.calcsize("<IIIBB")
   ident = blob[off: off + len_id].decode()
   off += len_id
-  positions = np.frombuffer(blob, "<i4", n, off)
-  off += 4 * n
+  return ident, np.frombuffer(blob, "<i4", n, off), n, k, id_size, code, off + 4 * n
+
+
+def _decode_sampled(blob: bytes, where: str) -> TopK:
+  ident, positions, n, k, id_size, count_size, off = _header(blob)
   cdt = {1: np.uint8, 2: np.dtype("<u2")}[count_size]
   distinct = np.frombuffer(blob, cdt, n, off).astype(np.int64)
   off += count_size * n
@@ -174,12 +179,7 @@ def decode_record(blob: bytes, *, where: str = "store") -> TopK:
   if blob[:4] != _MAGIC:
     raise DataError("not a teacher top-k record (bad magic)", path=where)
   try:
-    len_id, n, k, id_size, code = struct.unpack_from("<IIIBB", blob, 4)
-    off = 4 + struct.calcsize("<IIIBB")
-    ident = blob[off: off + len_id].decode()
-    off += len_id
-    positions = np.frombuffer(blob, "<i4", n, off)
-    off += 4 * n
+    ident, positions, n, k, id_size, code, off = _header(blob)
     idt = {2: np.uint16, 4: np.uint32}[id_size]
     ids = np.frombuffer(blob, idt, n * k, off).reshape(n, k).astype(np.int32)
     off += id_size * n * k
