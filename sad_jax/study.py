@@ -252,13 +252,10 @@ def train(name: str, run: str, config, steps: int) -> bool:
   # value they now have) is the same plan: the code ran without them. Otherwise every new
   # config field would retrain a study's hours of finished cells.
   added = sorted(set(new) - set(cfg or {}))
-  if cfg is not None and not same and added and all(new.get(k) == v for k, v in cfg.items()) \
-      and trained(run, steps):
-    _say(f"  {name}: already trained ({run}, checked; config keys added since: "
-         f"{', '.join(added)})")
-    return False
-  if same and trained(run, steps):
-    _say(f"  {name}: already trained ({run}, checked)")
+  older = bool(cfg and added and all(new.get(k) == v for k, v in cfg.items()))
+  if (same or older) and trained(run, steps):
+    since = f"; config keys added since: {', '.join(added)}" if older else ""
+    _say(f"  {name}: already trained ({run}, checked{since})")
     return False
   if same is False:  # another plan's run: its checkpoints would refuse to resume
     _say(f"  {name}: the plan changed since {run} was trained; training again")
