@@ -1,7 +1,9 @@
 """`sad-jax plan` (sad_jax/plan.py): the per-device memory estimate against XLA's compiled
 memory analysis of the same train step, and the pod config's plan."""
 
+import math
 import os
+import re
 
 import jax
 import pytest
@@ -35,11 +37,40 @@ def test_plan_matches_the_compiled_step_on_a_mesh():
   assert 0.75 <= p.total / compiled <= 1.5, (p.table(), compiled)
 
 
+DTYPE_BYTES = {"f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "i8": 1, "ui8": 1, "i1": 1,
+               "i64": 8, "ui64": 8, "f64": 8}
+
+
+def lowered_argument_bytes(text: str, mesh: dict[str, int]) -> int:
+  """Per-device bytes of a lowered step's arguments, read from its StableHLO text: each
+  argument's global shape and sdy dimension shardings (a dimension split over axes holds
+  ceil(size / their product) per device)."""
+  main = text[text.index("func.func public @main("):]
+  main = main[:main.index(") -> (")]
+  args = re.findall(r"%arg\d+: tensor<([^>]*)> \{sdy\.sharding = #sdy\.sharding<@mesh, "
+                    r"\[(.*?)\]>", main)
+  assert len(args) == main.count("%arg") and args
+  total = 0
+  for shape, spec in args:
+    *dims, dtype = shape.split("x")
+    dim_axes = re.findall(r"\{([^}]*)\}", spec)
+    assert len(dim_axes) == len(dims), (shape, spec)
+    per_device = math.prod(
+        math.ceil(int(d) / math.prod(mesh[a.strip(' "')] for a in axes.split(",") if a.strip()))
+        for d, axes in zip(dims, dim_axes, strict=True))
+    total += per_device * DTYPE_BYTES[dtype]
+  return total
+
+
 def test_pod_plan_fits_a_chip():
   """The pod config on 256 chips: 0.5B parameters over fsdp 16 × tensor 2 (about 1/32 of
-  them per chip, float32), AdamW's two moments, and well under a v5p chip's 95 GiB."""
+  them per chip, float32), AdamW's two moments, and well under a v5p chip's 95 GiB. Its
+  resident part is the train step lowered on the 256-device AbstractMesh's argument bytes,
+  read from the StableHLO shardings (not from the NamedShardings the plan sums)."""
   config = configlib.load(f"{REPO}/configs/pod_qwen7b_to_qwen0p5b.py")
   p = plan.plan(config, devices=256)
+  lowered = train.lower_abstract(config, devices=256, platform="tpu")
+  assert lowered_argument_bytes(lowered.as_text(), p.mesh) == p.state
   assert p.mesh == {"data": 8, "fsdp": 16, "tensor": 2}
   n_params = 494_032_768  # Qwen2.5-0.5B, tied embeddings
   assert abs(p.params - 4 * n_params / 32) / p.params < 0.02

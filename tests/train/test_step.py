@@ -320,14 +320,16 @@ def test_a_stage_temperature_must_be_the_stores(train_data, tmp_path):
       in str(e.value)
 
 
-def test_lowered_train_step_constrains_every_block_boundary():
+@pytest.mark.parametrize("scan", [False, True])
+def test_lowered_train_step_constrains_every_block_boundary(scan):
   """The lowered (2,2,2) train step of a 2-layer student holds the block-boundary sharding
   constraints, counted by hand: per layer, the attention and MLP inputs as rows [B·T, D],
   q and the attention output [B,T,H,hd], k and v [B,T,KV,hd], the MLP hidden [B·T, F], and
   [B,T,D] after attention, after the MLP and after each residual add; per model, [B,T,D]
   after the embedding and after the final norm. The backward pass constrains each
-  cotangent too (×2). A dropped constraint, or a step traced outside the mesh context
-  (constrain is then a no-op), fails here."""
+  cotangent too (×2). Scanned layers emit one layer body, so its constraints appear once.
+  A dropped constraint, or a step traced outside the mesh context (constrain is then a
+  no-op), fails here."""
   import collections
   import re
 
@@ -335,11 +337,13 @@ def test_lowered_train_step_constrains_every_block_boundary():
   from tests.train.conftest import REPO, TINY
 
   config = configlib.load(f"{REPO}/configs/train_sad.py:runlocal",
-                          [*TINY, "--config.mesh.shape=(2,2,2)"])
+                          [*TINY, "--config.mesh.shape=(2,2,2)",
+                           f"--config.model.scan_layers={scan}"])
   text = train.lower_abstract(config, devices=8, platform="cpu", vocab=600).as_text()
   found = collections.Counter(re.findall(
       r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<(\w+)>", text))
-  b, t, d, f, h, kv, hd, layers = 4, 128, 32, 64, 4, 2, 8, 2  # runlocal batch 4, TINY sizes
+  b, t, d, f, h, kv, hd = 4, 128, 32, 64, 4, 2, 8  # runlocal batch 4, TINY sizes
+  layers = 1 if scan else 2  # layer bodies in the program
   rows, split = '[{"data", "fsdp"}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}, {}]'
   want = {
       (rows, f"{b * t}x{d}xf32"): 2 * layers * 2,
