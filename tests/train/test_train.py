@@ -517,8 +517,11 @@ def test_scanned_layers_train_like_unrolled_from_teacher_layers_and_export(train
     cfg, finals[scan] = checkpoint_io.load_model(os.path.join(run_dir, "final"))
     assert "layers_1" in finals[scan] and "layers" not in finals[scan]
   np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
+  # three Adam steps normalise each gradient entry by its own scale, so a tiny one's
+  # rounding (scan and unrolled sum in different orders) moves its update: 6 of 19,200
+  # entries differed by up to 4.7e-5 here (parameters ~0.1), the rest by < 3e-5
   for a, b in zip(jax.tree.leaves(finals[True]), jax.tree.leaves(finals[False]), strict=True):
-    np.testing.assert_allclose(a, b, atol=3e-5)
+    np.testing.assert_allclose(a, b, atol=1e-4)
   export.export(str(tmp_path / "scan_True"), str(tmp_path / "hf"), dtype="float32")
   ids = np.arange(3, 40)[None]
   hf_cfg, hf_params = hf.load(tmp_path / "hf")
