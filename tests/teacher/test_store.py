@@ -13,6 +13,7 @@ from sad_jax.data import prepare, schema
 from sad_jax.errors import DataError
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
+from sad_jax.models.generate import length_bucket
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as S
 from sad_jax.teacher import verify as V
@@ -156,7 +157,10 @@ def test_import_server_prompt_logprobs(dataset, teacher, tmp_path):
   for split in builder.info.splits:
     for ex in builder.as_data_source(split):
       ids = np.asarray(ex["ids"])
-      top_ids, top_lp = pc.teacher_topk(params, jnp.asarray(ids[None]), cfg=cfg, k=10,
+      # padded at the end to a length bucket (causal: the real positions are unchanged),
+      # so the teacher compiles once per bucket, not once per example length
+      padded = np.pad(ids, (0, length_bucket(len(ids)) - len(ids)))[None]
+      top_ids, top_lp = pc.teacher_topk(params, jnp.asarray(padded), cfg=cfg, k=10,
                                         temperature=1.0)
       entries = [None] + [{str(int(i)): {"logprob": float(v), "rank": r + 1}
                            for r, (i, v) in enumerate(zip(top_ids[0, t], top_lp[0, t]))}

@@ -1,0 +1,42 @@
+"""The scoring arithmetic of bench/smollm2_students.py (issue 20.4) on hand-computed cases:
+action spans, ratio-of-sums metrics and their paired bootstrap over trajectories."""
+
+import numpy as np
+import pytest
+
+from bench.smollm2_students import METRICS, action_spans, summarise
+from sad_jax.types import SpanKind
+
+
+def test_action_spans_are_the_contiguous_runs_of_action_labels():
+  a, r, o = SpanKind.ACTION, SpanKind.REASON, SpanKind.OBSERVATION
+  spans = action_spans(np.array([a, a, r, a, o, a, a]))
+  assert [s.tolist() for s in spans] == [[0, 1], [3], [5, 6]]
+  assert action_spans(np.array([r, o])) == []
+
+
+def test_summarise_is_a_ratio_of_sums_with_a_paired_bootstrap_over_trajectories():
+  # two trajectories with 2 and 4 reason tokens; A's KL sums 2 and 2 (per token 1 and 0.5),
+  # B's 1 and 1. A resample holds both trajectories (half the replicates), or one twice:
+  # A = 4/6 overall and 1.0 or 0.5 on the pure draws, so its interval is [0.5, 1.0];
+  # A − B = (w0 + w1) / (2 w0 + 4 w1): 1/3 overall, 0.5 and 0.25 on the pure draws.
+  counts = {"reason": np.array([2, 4]), "act": np.array([3, 1]), "spans": np.array([1, 1])}
+  zeros = np.zeros(2)
+  sums = {"counts": counts,
+          "A": {"kl": np.array([2.0, 2.0]), "nll": zeros, "act_ok": np.array([3.0, 0.0]),
+                "spans_ok": np.array([1.0, 0.0])},
+          "B": {"kl": np.array([1.0, 1.0]), "nll": zeros, "act_ok": np.array([3.0, 0.0]),
+                "spans_ok": np.array([1.0, 0.0])}}
+  out = summarise(sums, [("A", "B")], reps=4000)
+  kl = out["models"]["A"]["reason_kl"]
+  assert kl["mean"] == pytest.approx(4 / 6) and (kl["lo"], kl["hi"]) == (0.5, 1.0)
+  d = out["differences"]["A − B"]["reason_kl"]
+  assert d["mean"] == pytest.approx(1 / 3)
+  assert (d["lo"], d["hi"]) == (pytest.approx(0.25), pytest.approx(0.5))
+  # identical action results: the paired difference is exactly 0 in every replicate
+  for m in ("action_token_accuracy", "action_exact_match"):
+    assert out["differences"]["A − B"][m] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+  assert out["models"]["A"]["action_token_accuracy"]["mean"] == pytest.approx(3 / 4)
+  assert out["models"]["A"]["action_exact_match"]["mean"] == pytest.approx(1 / 2)
+  assert set(out["models"]["A"]) == set(METRICS)
+  assert out["counts"] == {"validation_trajectories": 2, "reason": 6, "act": 4, "spans": 2}
