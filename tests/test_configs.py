@@ -11,10 +11,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                  if not p.endswith("__init__.py"))
 ARGS = {"prepare_fireact.py": ["", "alpaca", "chat"],
-        **{f"train_{o}.py": ["", "runlocal"] for o in ("sad", "token_kd", "sft")}}
+        **{f"train_{o}.py": ["", "runlocal"] for o in ("sad", "token_kd", "sft")},
+        "distill_smollm2.py": ["", "sad", "token_kd", "sft"]}
 # Training configs and the device count their mesh is meant for (−1 resolves against it).
 TRAIN = {"train_sad.py": 8, "train_token_kd.py": 8, "train_sft.py": 8,
-         "train_base.py": 8, "pod_qwen7b_to_qwen0p5b.py": 256}
+         "train_base.py": 8, "distill_smollm2.py": 8, "pod_qwen7b_to_qwen0p5b.py": 256}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
