@@ -18,7 +18,7 @@ SPLITS_NOTE = ("Settings (each arm's training budget) were chosen on the dev fol
 PROCESSOR_NOTE = ("Exact figures depend on the processor: XLA's CPU kernels differ between "
                   "CPUs (e.g. AVX-512 against AVX2 reduction orders), so the same command "
                   "trains slightly different models elsewhere. Read the intervals, not the "
-                  "digits; a rerun on this machine gives the same numbers.")
+                  "digits; a rerun of the same code on this machine gives the same numbers.")
 
 
 def won_matrix(evals: list[dict]) -> np.ndarray:
