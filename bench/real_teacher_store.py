@@ -62,14 +62,14 @@ def converted_teacher() -> str:
   return out
 
 
-def prepared(teacher_dir: str, n: int, work: str) -> str:
+def prepared(teacher_dir: str, n: int, work: str, *, progress: bool = False) -> str:
   jsonl = os.path.join(work, "fireact.jsonl")
   schema.write_jsonl(jsonl, importers.import_files([FIREACT])[:n])
   c = prepare_base.get_config()
   c.inputs, c.tokenizer.path, c.template = (jsonl,), teacher_dir, "tokenizer"
   c.max_len, c.val_fraction = 1024, 0.25
   out = os.path.join(work, "ds")
-  prepare.prepare(c, out, progress=False)
+  prepare.prepare(c, out, progress=progress)
   return out
 
 

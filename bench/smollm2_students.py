@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.real_teacher_store import FIREACT, converted_teacher
-from configs import distill_smollm2, prepare_base
+from bench.real_teacher_store import FIREACT, converted_teacher, prepared
+from configs import distill_smollm2
 from sad_jax import configlib, metrics, train
-from sad_jax.data import importers, prepare, schema
+from sad_jax.data import prepare
 from sad_jax.errors import DataError
 from sad_jax.models import checkpoint_io, hf
 from sad_jax.models import transformer as T
@@ -60,13 +60,7 @@ def stage_data(work: str, teacher_dir: str, n: int) -> str:
     return out
   except DataError:
     pass
-  jsonl = os.path.join(work, "fireact.jsonl")
-  schema.write_jsonl(jsonl, importers.import_files([FIREACT])[:n])
-  c = prepare_base.get_config()
-  c.inputs, c.tokenizer.path, c.template = (jsonl,), teacher_dir, "tokenizer"
-  c.max_len, c.val_fraction = 1024, 0.25
-  prepare.prepare(c, out, progress=True)
-  return out
+  return prepared(teacher_dir, n, work, progress=True)  # the store bench's data, in work/ds
 
 
 def stage_store(work: str, ds: str, cfg, teacher, k: int) -> tuple[str, float]:
