@@ -8,7 +8,9 @@
    error of the top-k KL (both tail rules) against the exact full-vocabulary KL between
    the teacher and that student, on validation reason tokens.
 3. Precompute throughput (trajectories/s) against a pure forward of the same teacher over
-   the same fixed batches (target ≥ 90%).
+   the same fixed batches (target ≥ 90%): the trained teacher, one of the demo teacher's
+   size (d=192, 4 layers) and one at shape S (d=256, 4 layers), the last two untrained
+   (only their cost matters here).
 4. Reader throughput (random access + gather into [B, T, k], trajectories/s) against what
    a training step at shape S consumes (target ≥ 20×).
 `--json` writes every figure (and the arguments) to a file.
@@ -168,8 +170,13 @@ def main():
       ids[j, :len(e["ids"])] = e["ids"]
     groups.append(ids)
   cfg_big = cfg.replace(hidden_size=256, intermediate_size=704, num_layers=4, head_dim=64)
+  # the demo's (and the coin study's) teacher: configs/study_coin.py TEACHER
+  cfg_demo = cfg.replace(hidden_size=192, intermediate_size=512, num_layers=4, num_heads=2,
+                         num_kv_heads=1, head_dim=96)
   rates, rate_times = {}, {}
   for label, c, p in (("trained d=128 x2", cfg, teacher),
+                      ("demo teacher d=192 x4", cfg_demo,
+                       T.init_params(cfg_demo, jax.random.PRNGKey(3))),
                       ("shape S d=256 x4", cfg_big, T.init_params(cfg_big, jax.random.PRNGKey(2)))):
     fwd = jax.jit(lambda p, ids, c=c: jax.nn.log_softmax(T.Transformer(c).apply({"params": p},
                                                                                  ids)))

@@ -32,6 +32,7 @@ Its backward only scales those gradients by the incoming cotangent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -232,21 +233,15 @@ def logits_loss(logits_btv, *, labels_bt, label_kinds_bt, teacher: TeacherTopK |
 # ----------------------------------------------------------------------------- chunked head
 
 
-def _chunked(x, n_chunks: int):
-  """[B, T, …] → [n_chunks, B, T/n_chunks, …] (the scan axis first)."""
-  b, t = x.shape[:2]
-  return jnp.moveaxis(x.reshape(b, n_chunks, t // n_chunks, *x.shape[2:]), 1, 0)
-
-
-def _unchunked(x):
-  n, b, c = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
-
-
 def _head_forward_and_grads(h_btd, w_dv, b_v, scale_g, row_scale_bt, labels_bt,
-                            label_kinds_bt, teacher, groups, settings):
-  """One scan over chunks: Σ_t (scale[g(t)] + row_scale[t])·loss_t, per-group sums, and
-  the gradients for h, w and b."""
+                            label_kinds_bt, teacher, groups, settings, live_chunks=None):
+  """One loop over sequence chunks: Σ_t (scale[g(t)] + row_scale[t])·loss_t, per-group
+  sums, and the gradients for h, w and b.
+
+  live_chunks (traced int32, optional): run the first live_chunks chunks only; the caller
+  guarantees that the others hold no loss target (their dh stays 0). The loop then has a
+  dynamic trip count: one compiled body whatever the number of targets.
+  """
   t = h_btd.shape[1]
   c = min(settings.chunk_size, t)
   pad = -t % c
@@ -257,12 +252,8 @@ def _head_forward_and_grads(h_btd, w_dv, b_v, scale_g, row_scale_bt, labels_bt,
     label_kinds_bt = pad_bt(label_kinds_bt, int(SpanKind.PAD))
     if teacher is not None:
       teacher = jax.tree.map(pad_bt, teacher)
-  n_chunks = (t + pad) // c
-  xs = {"h": _chunked(h_btd, n_chunks), "labels": _chunked(labels_bt, n_chunks),
-        "kinds": _chunked(label_kinds_bt, n_chunks), "row": _chunked(row_scale_bt, n_chunks)}
-  if teacher is not None:
-    xs["teacher"] = jax.tree.map(lambda a: _chunked(a, n_chunks), teacher)
   n_groups = len(groups)
+  d, v = w_dv.shape
 
   def chunk_loss(z, x):
     loss_bt, group_bt, correct_bt = token_losses(
@@ -273,69 +264,127 @@ def _head_forward_and_grads(h_btd, w_dv, b_v, scale_g, row_scale_bt, labels_bt,
     weighted = jnp.sum(sums * scale_g) + jnp.sum(member_loss * x["row"])
     return weighted, (sums, correct)
 
-  def body(carry, x):
-    dw, db = carry
-    z = jnp.einsum("bcd,dv->bcv", x["h"], w_dv, preferred_element_type=jnp.float32)
+  def body(i, carry):
+    dw, db, dh, weighted, sums, correct = carry
+    chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c, axis=1)
+    x = {"labels": chunk(labels_bt), "kinds": chunk(label_kinds_bt),
+         "row": chunk(row_scale_bt)}
+    if teacher is not None:
+      x["teacher"] = jax.tree.map(chunk, teacher)
+    h = chunk(h_btd)
+    z = jnp.einsum("bcd,dv->bcv", h, w_dv, preferred_element_type=jnp.float32)
     if b_v is not None:
       z = z + b_v
-    (weighted, (sums, correct)), dz = jax.value_and_grad(chunk_loss, has_aux=True)(z, x)
-    dh = jnp.einsum("bcv,dv->bcd", dz.astype(w_dv.dtype), w_dv,
-                    preferred_element_type=jnp.float32).astype(h_btd.dtype)
+    (weighted_i, (sums_i, correct_i)), dz = jax.value_and_grad(chunk_loss, has_aux=True)(z, x)
+    dh_i = jnp.einsum("bcv,dv->bcd", dz.astype(w_dv.dtype), w_dv,
+                      preferred_element_type=jnp.float32).astype(h_btd.dtype)
     # as one [B·C, D]ᵀ[B·C, V] GEMM: XLA's CPU dot with two contracting dims ran at half speed
-    d, v = w_dv.shape
-    dw = dw + jnp.matmul(x["h"].reshape(-1, d).T, dz.astype(x["h"].dtype).reshape(-1, v),
+    dw = dw + jnp.matmul(h.reshape(-1, d).T, dz.astype(h.dtype).reshape(-1, v),
                          preferred_element_type=jnp.float32)
     if b_v is not None:
       db = db + jnp.sum(dz, axis=(0, 1))
-    return (dw, db), (dh, weighted, sums, correct)
+    dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, i * c, axis=1)
+    return dw, db, dh, weighted + weighted_i, sums + sums_i, correct + correct_i
 
+  zeros_g = jnp.zeros((n_groups,), jnp.float32)
   init = (jnp.zeros(w_dv.shape, jnp.float32),
-          None if b_v is None else jnp.zeros(b_v.shape, jnp.float32))
-  (dw, db), (dh, weighted, sums, correct) = jax.lax.scan(body, init, xs)
-  sums, correct = jnp.sum(sums, axis=0), jnp.sum(correct, axis=0)
-  grads = (_unchunked(dh)[:, :t], dw.astype(w_dv.dtype),
-           None if db is None else db.astype(b_v.dtype))
-  return jnp.sum(weighted), sums, correct, grads
+          None if b_v is None else jnp.zeros(b_v.shape, jnp.float32),
+          jnp.zeros_like(h_btd), jnp.float32(0.0), zeros_g, zeros_g)
+  n_chunks = h_btd.shape[1] // c
+  dw, db, dh, weighted, sums, correct = jax.lax.fori_loop(
+      0, n_chunks if live_chunks is None else jnp.minimum(live_chunks, n_chunks), body, init)
+  grads = (dh[:, :t], dw.astype(w_dv.dtype), None if db is None else db.astype(b_v.dtype))
+  return weighted, sums, correct, grads
 
 
-def chunked_head_loss(h_btd, w_dv, b_v=None, *, scale_g, labels_bt, label_kinds_bt,
-                      teacher: TeacherTopK | None, groups: Sequence[Group],
-                      settings: LossSettings, row_scale_bt=None) -> dict[str, jax.Array]:
-  """Σ_t (scale_g[group of t] + row_scale_bt[t]) · loss_t over group members, computed
-  over sequence chunks.
+def _fused(run, h, w, bias, *rest):
+  """run(h, w, bias, *rest) → (total, sums, correct, (dh, dw, db)) as a differentiable
+  function of h, w and bias whose backward only scales the gradients `run` computed in
+  its forward pass by the incoming cotangent. Everything the loss reads is an explicit
+  argument (no closed-over tracers); only h, w and bias get cotangents."""
 
-  Differentiable in h_btd, w_dv and b_v only (the scales are constants: see
-  objectives.py for learnable weights). Returns {"total", "sums", "correct"}; "sums"
-  (per-group loss sums) and "correct" (per-group argmax hits) carry no gradient.
-  """
-  groups = tuple(groups)
-  scale_g = jax.lax.stop_gradient(jnp.asarray(scale_g, jnp.float32))
-  row_scale_bt = jax.lax.stop_gradient(
-      jnp.zeros(labels_bt.shape, jnp.float32) if row_scale_bt is None
-      else jnp.asarray(row_scale_bt, jnp.float32))
-
-  # Everything the loss reads is an explicit argument (no closed-over tracers);
-  # only h, w and bias get cotangents.
   @jax.custom_vjp
-  def fused(h, w, bias, scale, row, labels, kinds, teach):
-    total, sums, correct, _ = _head_forward_and_grads(
-        h, w, bias, scale, row, labels, kinds, teach, groups, settings)
-    return total, sums, correct
+  def fused(h, w, bias, *rest):
+    return run(h, w, bias, *rest)[:3]
 
-  def fwd(h, w, bias, scale, row, labels, kinds, teach):
-    total, sums, correct, grads = _head_forward_and_grads(
-        h, w, bias, scale, row, labels, kinds, teach, groups, settings)
+  def fwd(h, w, bias, *rest):
+    total, sums, correct, grads = run(h, w, bias, *rest)
     return (total, sums, correct), grads
 
   def bwd(grads, cotangents):
     g = cotangents[0]  # the per-group sums and counts are for logging: no gradient
     dh, dw, db = grads
     return (g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw,
-            None if db is None else g.astype(db.dtype) * db, None, None, None, None, None)
+            None if db is None else g.astype(db.dtype) * db) + (None,) * len(rest)
 
   fused.defvjp(fwd, bwd)
-  total, sums, correct = fused(h_btd, w_dv, b_v, scale_g, row_scale_bt, labels_bt,
-                               label_kinds_bt, teacher)
+  return fused(h, w, bias, *rest)
+
+
+def loss_positions(*, label_kinds_bt, teacher_mask_bt, groups: Sequence[Group]) -> jax.Array:
+  """bool[B, T]: targets in some loss group, the only positions whose logits matter."""
+  out = jnp.zeros(label_kinds_bt.shape, bool)
+  for g in groups:
+    member = jnp.isin(label_kinds_bt, jnp.asarray(g.kinds))
+    if g.needs_teacher:
+      member &= teacher_mask_bt
+    out |= member
+  return out
+
+
+def _compacted(h, w, bias, scale, row, labels, kinds, teach, *, groups, settings):
+  """_head_forward_and_grads at the loss positions only.
+
+  Each row's loss targets are moved, in order, to the front of the row (one permutation
+  per row, a batched gather: rows stay on their devices); the chunk loop then stops after
+  the chunks that hold the fullest row's targets, so the head's matmuls, softmax and
+  their backward run over about ⌈max-row targets / chunk⌉·chunk positions instead of T.
+  Positions outside every group have no loss and a zero dh, so nothing else changes;
+  only dh is moved back.
+  """
+  member_bt = loss_positions(label_kinds_bt=kinds, groups=groups,
+                             teacher_mask_bt=None if teach is None else teach.mask_bt)
+  order_bt = jnp.argsort(~member_bt, axis=1, stable=True)   # targets first, in order
+  back_bt = jnp.argsort(order_bt, axis=1)                   # the inverse permutation
+  take = jax.vmap(lambda a, i: a[i])
+  move = lambda a: take(a, order_bt)
+  c = min(settings.chunk_size, h.shape[1])
+  need = jnp.max(jnp.sum(member_bt, axis=1, dtype=jnp.int32))
+  total, sums, correct, (dh, dw, db) = _head_forward_and_grads(
+      move(h), w, bias, scale, move(row), move(labels), move(kinds),
+      None if teach is None else jax.tree.map(move, teach), groups, settings,
+      live_chunks=(need + c - 1) // c)
+  return total, sums, correct, (take(dh, back_bt), dw, db)
+
+
+def _constant_scales(scale_g, row_scale_bt, labels_bt):
+  """The loss scales as float32 constants (row scales default to 0)."""
+  row = (jnp.zeros(labels_bt.shape, jnp.float32) if row_scale_bt is None
+         else jnp.asarray(row_scale_bt, jnp.float32))
+  return (jax.lax.stop_gradient(jnp.asarray(scale_g, jnp.float32)),
+          jax.lax.stop_gradient(row))
+
+
+def chunked_head_loss(h_btd, w_dv, b_v=None, *, scale_g, labels_bt, label_kinds_bt,
+                      teacher: TeacherTopK | None, groups: Sequence[Group],
+                      settings: LossSettings, row_scale_bt=None,
+                      compact: bool = False) -> dict[str, jax.Array]:
+  """Σ_t (scale_g[group of t] + row_scale_bt[t]) · loss_t over group members, computed
+  over sequence chunks; with `compact`, at the loss positions only (same values and
+  gradients: see _compacted).
+
+  Differentiable in h_btd, w_dv and b_v only (the scales are constants: see
+  objectives.py for learnable weights). Returns {"total", "sums", "correct"}; "sums"
+  (per-group loss sums) and "correct" (per-group argmax hits) carry no gradient.
+  """
+  groups = tuple(groups)
+  scale_g, row_scale_bt = _constant_scales(scale_g, row_scale_bt, labels_bt)
+  if compact:
+    run = functools.partial(_compacted, groups=groups, settings=settings)
+  else:
+    run = lambda *args: _head_forward_and_grads(*args, groups, settings)
+  total, sums, correct = _fused(run, h_btd, w_dv, b_v, scale_g, row_scale_bt, labels_bt,
+                                label_kinds_bt, teacher)
   return {"total": total, "sums": jax.lax.stop_gradient(sums),
           "correct": jax.lax.stop_gradient(correct)}
 

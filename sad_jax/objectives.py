@@ -20,6 +20,7 @@ separately (one trunk forward, two trunk backwards) and, only when they conflict
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ class Objective:
   curriculum_gamma: float = 0.0
   pcgrad: bool = False
   chunked: bool = True
+  compact_head: bool = True   # the chunked head at the loss positions only
 
   @property
   def group_names(self) -> tuple[str, ...]:
@@ -83,7 +85,8 @@ def build(config) -> Objective:
   obj = Objective(name=config.name, groups=groups_for(config.name), settings=settings,
                   learnable_weights=config.learnable_weights, weight_floor=config.weight_floor,
                   curriculum_gamma=config.curriculum_gamma, pcgrad=config.pcgrad,
-                  chunked=config.get("chunked", True))
+                  chunked=config.get("chunked", True),
+                  compact_head=config.get("compact_head", True))
   if obj.pcgrad and len(obj.groups) != 2:
     raise ValueError(f"pcgrad needs two loss groups; objective {obj.name!r} has "
                      f"{len(obj.groups)}")
@@ -163,7 +166,8 @@ def objective_loss(obj: Objective, *, h_btd, w_dv, b_v=None, labels_bt, label_ki
     if only_group is not None:
       mine = jnp.isin(label_kinds_bt, jnp.asarray(obj.groups[only_group].kinds))
       row_scale = jnp.where(mine, row_scale, 0.0)
-  head = losses.chunked_head_loss if obj.chunked else losses.naive_head_loss
+  head = (functools.partial(losses.chunked_head_loss, compact=obj.compact_head)
+          if obj.chunked else losses.naive_head_loss)
   out = head(h_btd, w_dv, b_v, scale_g=scale_g, row_scale_bt=row_scale, labels_bt=labels_bt,
              label_kinds_bt=label_kinds_bt, teacher=teacher, groups=obj.groups,
              settings=obj.settings)

@@ -42,7 +42,8 @@ RESUMABLE_CHANGES = ("train.", "checkpoint.", "metrics.", "distributed.", "data.
                      "model.attention")  # a kernel computes the same attention (e.g. GPU → TPU)
 # Settings added after checkpoints were written, with the value that behaves as those did:
 # a checkpoint without the key resumes when the run sets that value.
-ADDED_SETTINGS = {"data.pack_lookahead": 1, "model.scan_layers": False}
+ADDED_SETTINGS = {"data.pack_lookahead": 1, "model.scan_layers": False,
+                  "objective.compact_head": False}
 
 
 class TrainingDiverged(SadJaxError):

@@ -270,6 +270,121 @@ def test_filler_teacher_values_give_no_nan():
     assert np.isfinite(v) and all(np.isfinite(x).all() for x in g)
 
 
+# ----------------------------------------------------------------------------- compact head
+
+
+def edge_case(seed, T, need):
+  """A random case whose fullest row has exactly `need` loss targets (sad groups)."""
+  c = random_case(seed, T=T)
+  rng = np.random.default_rng(seed)
+  mask = np.array(c["teacher"].mask_bt)
+  kinds = np.full((2, T), int(K.OBSERVATION), np.int32)
+  for b, n in enumerate((need, need // 2)):
+    pos = rng.choice(T, n, replace=False)
+    kinds[b, pos] = rng.choice([K.REASON, K.ACTION, K.ANSWER], n)
+    # a reason target without its teacher is in no group: give those the teacher
+    mask[b, pos] |= kinds[b, pos] == K.REASON
+  # context targets elsewhere: system, task, padding
+  rest = kinds == K.OBSERVATION
+  kinds[rest] = rng.choice([K.OBSERVATION, K.SYSTEM, K.TASK, K.PAD], rest.sum())
+  c["kinds"] = kinds
+  c["teacher"] = L.TeacherTopK(c["teacher"].ids_btk, c["teacher"].logp_btk, jnp.asarray(mask))
+  return c
+
+
+def ref_total(c, settings, scale, row):
+  """Σ_t (scale[g(t)] + row[t])·loss_t in float64 from the definitions (sad groups)."""
+  z = np.einsum("btd,dv->btv", c["h"].astype(np.float64), c["w"]) + c["b"]
+  ids, logp, mask = (np.asarray(x) for x in (c["teacher"].ids_btk, c["teacher"].logp_btk,
+                                              c["teacher"].mask_bt))
+  total = 0.0
+  for b, t in np.ndindex(*c["labels"].shape):
+    kind = c["kinds"][b, t]
+    if kind == K.REASON and mask[b, t]:
+      g, loss = 0, ref_divergence(z[b, t], ids[b, t], logp[b, t], kind=settings.divergence,
+                                  tail=settings.tail, tau=settings.temperature)
+    elif kind in (K.ACTION, K.ANSWER):
+      g, loss = 1, -np_log_softmax(z[b, t])[c["labels"][b, t]]
+    else:
+      continue
+    total += (float(scale[g]) + (0.0 if row is None else float(row[b, t]))) * loss
+  return total
+
+
+# (seed, T, chunk, need): the fullest row's targets filling its chunks exactly, one over
+# (one more chunk), none at all, every position (a padded last chunk)
+COMPACT_CASES = [
+    (0, 40, 8, 16, "fkl", "tail_bucket"),
+    (1, 40, 8, 17, "rkl", "ignore"),
+    (2, 40, 8, 0, "jsd", "tail_bucket"),
+    (3, 37, 8, 37, "fkl", "ignore"),
+]
+
+
+def compact_fn(c, s, scale, row):
+  return head_fn(lambda *a, **k: L.chunked_head_loss(*a, compact=True, **k), c, s, scale, row)
+
+
+def value_and_grads(f, args):
+  return jax.jit(jax.value_and_grad(lambda *a: f(*a)["total"], argnums=(0, 1, 2)))(*args)
+
+
+@pytest.mark.parametrize("seed, T, chunk, need, kind, tail", COMPACT_CASES)
+def test_compact_head_equals_naive_and_float64(seed, T, chunk, need, kind, tail):
+  c = edge_case(seed, T, need)
+  s = L.LossSettings(divergence=kind, tail=tail, chunk_size=chunk, temperature=1.5)
+  scale = jnp.array([0.7, 1.3])
+  row_bt = jnp.asarray(c["rng"].random(c["labels"].shape), jnp.float32)
+  args = (jnp.asarray(c["h"]), jnp.asarray(c["w"]), jnp.asarray(c["b"]))
+  member = np.asarray(L.loss_positions(label_kinds_bt=c["kinds"], groups=SAD,
+                                       teacher_mask_bt=c["teacher"].mask_bt))
+  assert member.sum(1).max() == need
+  fc, fn = compact_fn(c, s, scale, row_bt), head_fn(L.naive_head_loss, c, s, scale, row_bt)
+  oc, on = jax.jit(fc)(*args), jax.jit(fn)(*args)
+  np.testing.assert_allclose(oc["sums"], on["sums"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(oc["correct"], on["correct"])
+  (vc, gc), (vn, gn) = value_and_grads(fc, args), value_and_grads(fn, args)
+  np.testing.assert_allclose(vc, vn, rtol=1e-5, atol=1e-5)
+  if kind == "fkl":
+    np.testing.assert_allclose(float(vc), ref_total(c, s, scale, row_bt), rtol=1e-5, atol=1e-6)
+  for x, y in zip(gc, gn):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  # the hidden-state gradient is exactly 0 off the loss positions, and not 0 on them
+  dh = np.asarray(gc[0])
+  assert np.abs(dh[~member]).max() == 0.0
+  if need:
+    assert (np.abs(dh[member]).max(-1) > 0).all()
+
+
+def test_compact_head_never_computes_the_other_positions():
+  """Hidden states that are NaN off the loss positions: the full chunked head's gradient
+  turns NaN (it computes the head there and multiplies its NaN softmax by 0), the compact
+  head's stays finite and equals the result with those states zeroed, because its chunk
+  loop stops after the targets (both rows here hold exactly 2 chunks of them)."""
+  c = edge_case(8, 48, 16)
+  kinds = c["kinds"]
+  member = np.array(L.loss_positions(label_kinds_bt=kinds, groups=SAD,
+                                      teacher_mask_bt=c["teacher"].mask_bt))
+  # give row 1 as many targets as row 0 (16 = 2 chunks of 8)
+  extra = np.flatnonzero(~member[1])[:16 - member[1].sum()]
+  kinds[1, extra] = int(K.ACTION)
+  member[1, extra] = True
+  assert (member.sum(1) == 16).all()
+  s = L.LossSettings(chunk_size=8)
+  scale = jnp.array([1.0, 1.0])
+  h_nan = np.where(member[..., None], c["h"], np.nan).astype(np.float32)
+  h_zero = np.where(member[..., None], c["h"], 0.0).astype(np.float32)
+  w, b = jnp.asarray(c["w"]), jnp.asarray(c["b"])
+  v, g = value_and_grads(compact_fn(c, s, scale, None), (jnp.asarray(h_nan), w, b))
+  v0, g0 = value_and_grads(head_fn(L.naive_head_loss, c, s, scale), (jnp.asarray(h_zero), w, b))
+  np.testing.assert_allclose(v, v0, rtol=1e-5)
+  for x, y in zip(g, g0):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  _, g_full = value_and_grads(head_fn(L.chunked_head_loss, c, s, scale),
+                              (jnp.asarray(h_nan), w, b))
+  assert not np.isfinite(np.asarray(g_full[1])).all()
+
+
 # ----------------------------------------------------------------------------- targets, counts
 
 

@@ -215,6 +215,35 @@ def test_pcgrad_value_and_grad_matches_manual():
   assert "pcgrad/cosine" in m_p
 
 
+@pytest.mark.parametrize("name, kw", [
+    ("sad", dict(pcgrad=True, learnable_weights=True, curriculum_gamma=0.5)),
+    ("token_kd", dict(divergence="jsd", curriculum_gamma=0.3)),
+    ("sft", dict(label_smoothing=0.1, action_teacher_weight=0.3, tail="ignore")),
+])
+def test_compact_head_equals_the_full_head(name, kw):
+  """Loss, metrics and every gradient (model and span weights) of the compact head equal
+  those of the full-logits head, for each objective incl. pcgrad and learnable weights."""
+  c, params, features = toy(9, B=3, T=40)
+  ex_w = jnp.asarray([0.2, 1.0, 0.6])
+  span = jnp.asarray([0.3, -0.2]) if kw.get("learnable_weights") else None
+  out = {}
+  for compact, chunked in ((True, True), (False, False)):
+    obj = O.build(config(name, chunk_size=8, compact_head=compact, chunked=chunked, **kw))
+    fixed = jnp.asarray([0.8, 1.2][:len(obj.groups)])
+    out[compact] = jax.jit(lambda p, s, obj=obj, fixed=fixed: O.value_and_grad(
+        obj, features, p, fixed_weights_g=fixed, span_params_g=s, example_weight_b=ex_w,
+        **batch_kw(c)))(params, span)
+  (loss_c, m_c), (g_c, s_c) = out[True]
+  (loss_n, m_n), (g_n, s_n) = out[False]
+  np.testing.assert_allclose(loss_c, loss_n, rtol=1e-5)
+  for k in m_n:
+    np.testing.assert_allclose(m_c[k], m_n[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for k in params:
+    np.testing.assert_allclose(g_c[k], g_n[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  if span is not None:
+    np.testing.assert_allclose(s_c, s_n, rtol=1e-5, atol=1e-6)
+
+
 def test_shape_errors_before_compute():
   obj = O.build(config("sad"))
   c, params, features = toy(7)

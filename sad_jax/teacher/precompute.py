@@ -228,6 +228,51 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
   markers: list[dict] = []
   computed: list[str] = []  # the shards this call computed (not found complete)
   cap = int(meta["max_len"])
+  def dispatch(batch):
+    """Host arrays of one batch and its teacher call, dispatched without waiting."""
+    length = _bucket(max(len(e["ids"]) for e in batch), cap)
+    tokens = np.zeros((batch_size, length), np.int32)  # fixed batch: one compile per bucket
+    targets = [target_positions(np.asarray(e["kinds"]), kinds) for e in batch]
+    select = np.zeros((batch_size, _bucket(max(len(p) for p in targets), cap)), np.int32)
+    for j, e in enumerate(batch):
+      tokens[j, :len(e["ids"])] = e["ids"]
+      select[j, :len(targets[j])] = targets[j]
+    with sharding.use_mesh(mesh):
+      if sampled:
+        hashes = np.zeros((batch_size,), np.uint32)
+        hashes[:len(batch)] = [example_hash(tfds_builder.example_id(e)) for e in batch]
+        out = (teacher_sample(params, jnp.asarray(tokens), jnp.asarray(select),
+                              jnp.asarray(hashes), jnp.uint32(seed), cfg=cfg, draws=k,
+                              temperature=float(temperature), chunk=chunk, dtype=dtype),)
+      else:
+        out = teacher_topk(params, jnp.asarray(tokens), jnp.asarray(select), cfg=cfg, k=k,
+                           temperature=float(temperature), chunk=chunk, dtype=dtype)
+    return batch, targets, out
+
+  def encode(batch, targets, out) -> list[bytes]:
+    """The batch's records, from its teacher outputs (waits for them)."""
+    top_ids = np.asarray(out[0])
+    top_logp = None if sampled else np.asarray(out[1])
+    encoded = []
+    for j, e in enumerate(batch):
+      ident = tfds_builder.example_id(e)
+      n = len(targets[j])
+      if sampled:
+        slot_ids, counts = draws_to_slots(top_ids[j, :n])
+        rec = store_lib.TopK(ident, targets[j], slot_ids, counts)
+      else:
+        rec = store_lib.TopK(ident, targets[j], top_ids[j, :n], top_logp[j, :n])
+      if (rec.ids >= student_vocab).any():
+        raise DataError(f"teacher {'draws' if sampled else 'top-k'} of example {ident} "
+                        f"holds ids ≥ the student vocabulary {student_vocab}: the "
+                        "vocabularies differ beyond padding", field="vocab_size")
+      encoded.append(
+          store_lib.encode_sampled(ident, rec.positions, rec.ids, counts,
+                                   vocab_size=student_vocab, draws=k) if sampled else
+          store_lib.encode_record(rec, vocab_size=student_vocab, logp_dtype=logp_dtype))
+    bar.update(len(batch))
+    return encoded
+
   for n_shard, (split, index, rows) in enumerate(plan):
     name = store_lib.shard_name(split, index)
     marker = store_lib.read_marker(out_dir, name)
@@ -245,45 +290,17 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
     # batches of similar lengths (less padding); the shard keeps the dataset's order
     order = sorted(range(len(examples)), key=lambda j: len(examples[j]["ids"]))
     records: list[bytes | None] = [None] * len(examples)
-    for lo in range(0, len(order), batch_size):
-      batch = [examples[j] for j in order[lo: lo + batch_size]]
-      length = _bucket(max(len(e["ids"]) for e in batch), cap)
-      tokens = np.zeros((batch_size, length), np.int32)  # fixed batch: one compile per bucket
-      targets = [target_positions(np.asarray(e["kinds"]), kinds) for e in batch]
-      select = np.zeros((batch_size, _bucket(max(len(p) for p in targets), cap)), np.int32)
-      for j, e in enumerate(batch):
-        tokens[j, :len(e["ids"])] = e["ids"]
-        select[j, :len(targets[j])] = targets[j]
-      with sharding.use_mesh(mesh):
-        if sampled:
-          hashes = np.zeros((batch_size,), np.uint32)
-          hashes[:len(batch)] = [example_hash(tfds_builder.example_id(e)) for e in batch]
-          top_ids = np.asarray(teacher_sample(
-              params, jnp.asarray(tokens), jnp.asarray(select), jnp.asarray(hashes),
-              jnp.uint32(seed), cfg=cfg, draws=k, temperature=float(temperature),
-              chunk=chunk, dtype=dtype))
-        else:
-          top_ids, top_logp = teacher_topk(params, jnp.asarray(tokens), jnp.asarray(select),
-                                           cfg=cfg, k=k, temperature=float(temperature),
-                                           chunk=chunk, dtype=dtype)
-          top_ids, top_logp = np.asarray(top_ids), np.asarray(top_logp)
-      for j, e in enumerate(batch):
-        ident = tfds_builder.example_id(e)
-        n = len(targets[j])
-        if sampled:
-          slot_ids, counts = draws_to_slots(top_ids[j, :n])
-          rec = store_lib.TopK(ident, targets[j], slot_ids, counts)
-        else:
-          rec = store_lib.TopK(ident, targets[j], top_ids[j, :n], top_logp[j, :n])
-        if (rec.ids >= student_vocab).any():
-          raise DataError(f"teacher {'draws' if sampled else 'top-k'} of example {ident} "
-                          f"holds ids ≥ the student vocabulary {student_vocab}: the "
-                          "vocabularies differ beyond padding", field="vocab_size")
-        records[order[lo + j]] = (
-            store_lib.encode_sampled(ident, rec.positions, rec.ids, counts,
-                                     vocab_size=student_vocab, draws=k) if sampled else
-            store_lib.encode_record(rec, vocab_size=student_vocab, logp_dtype=logp_dtype))
-      bar.update(len(batch))
+
+    # Software pipeline: batch i+1 is dispatched (the teacher runs asynchronously) before
+    # batch i's records are encoded on the host, so host work overlaps the forward.
+    groups = [order[lo: lo + batch_size] for lo in range(0, len(order), batch_size)]
+    in_flight = None
+    for group in [*groups, None]:
+      nxt = None if group is None else (group, dispatch([examples[j] for j in group]))
+      if in_flight is not None:
+        for j, record in zip(in_flight[0], encode(*in_flight[1]), strict=True):
+          records[j] = record
+      in_flight = nxt
     ids = [tfds_builder.example_id(e) for e in examples]
     pending.append((split, writer.submit(store_lib.write_shard, out_dir, name, records, ids)))
     computed.append(name)

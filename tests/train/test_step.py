@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sad_jax import curriculum, sharding, train
+from sad_jax import curriculum, losses, objectives, sharding, train
 from sad_jax import step as step_lib
 from sad_jax.data import pipeline
 from sad_jax.models import checkpoint_io
@@ -134,12 +134,23 @@ def assert_specs(shape, state, hist):
     ("sad", ("--config.objective.learnable_weights=true", "--config.objective.pcgrad=true")),
 ])
 def test_sharded_steps_equal_one_device(train_data, objective, extra):
+  """The reference is the full head on one device; the meshes run the compact head (loss
+  positions only, chunks of 16: each micro-batch's loop stops early, checked below)."""
   layout, host = batches(train_data, accum=2, rows=8)
   ref_params, ref_hist, _ = run(train_data, (1, 1, 1), host, layout, objective=objective,
-                                extra=extra)
+                                extra=(*extra, "--config.objective.compact_head=false"))
+  for b in host:
+    for mb in range(layout.accum):
+      t = losses.shift_targets(b["ids"][mb], b["kinds"][mb], b["segment_ids"][mb])
+      need = np.asarray(losses.loss_positions(
+          label_kinds_bt=t["label_kinds_bt"], teacher_mask_bt=b["teacher_mask"][mb][:, :-1],
+          groups=objectives.groups_for(objective))).sum(1).max()
+      assert 0 < need <= layout.length - 1 - 16, need
+  compact = (*extra, "--config.objective.chunk_size=16")
   meshes = [(2, 2, 2), (1, 2, 4), (8, 1, 1)] if not extra else [(2, 2, 2)]
   for shape in meshes:
-    params, hist, state = run(train_data, shape, host, layout, objective=objective, extra=extra)
+    params, hist, state = run(train_data, shape, host, layout, objective=objective,
+                              extra=compact)
     assert_specs(shape, state, hist)
     for i, (h, r) in enumerate(zip(hist, ref_hist)):
       assert bool(h["ok"]) and h["lr"] > 0

@@ -206,6 +206,12 @@ def test_a_checkpoint_older_than_a_setting_resumes_at_its_old_behaviour():
   train._check_resumable(meta, {"data.seq_len": 64, "data.pack_lookahead": 1}, {}, "ckpt")
   with pytest.raises(DataError, match="data.pack_lookahead"):
     train._check_resumable(meta, {"data.seq_len": 64, "data.pack_lookahead": 8}, {}, "ckpt")
+  # written before the compact head: it computed the head at every position
+  train._check_resumable(meta, {"data.seq_len": 64, "objective.compact_head": False}, {},
+                         "ckpt")
+  with pytest.raises(DataError, match="objective.compact_head"):
+    train._check_resumable(meta, {"data.seq_len": 64, "objective.compact_head": True}, {},
+                           "ckpt")
 
 
 def test_cli_errors_name_the_field(train_data, tmp_path):
