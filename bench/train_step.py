@@ -1,41 +1,56 @@
 """Train-step throughput, peak memory and MFU of the project's full train step, side by side
 with a PyTorch peer (bench/peer_torch.py: transformers' LlamaForCausalLM + the same span
-losses in plain PyTorch + torch.optim.AdamW).
+losses in plain PyTorch + torch.optim.AdamW), on several span mixes.
 
-  python bench/train_step.py [--shapes S,M] [--repeats 3] [--steps 3] [--dtype float32]
-                             [--remat none|attention|block]
-                             [--peer] [--threads N] [--json OUT.json]
+  python bench/train_step.py [--shapes S,M] [--mix synthetic,demo,fireact] [--repeats 3]
+                             [--steps 3] [--dtype float32] [--remat none|attention|block]
+                             [--peer] [--peer-variants previous,best] [--threads N]
+                             [--json OUT.json]
 
-Each framework runs in its own worker process (so that memory is measured alike and the
-two never share the cores), with the same shape, dtype and thread count (XLA's CPU client
-uses one thread per core; torch.set_num_threads(N)). Workers alternate per shape (JAX,
-then the peer). Each reports tokens/s (best and median of --repeats timed repeats of
---steps steps), MFU against its own framework's n×n×n matmul peak measured in the same
-worker, and peak memory: the highest resident set size sampled every 2 ms during the timed
-steps, less the resident size before the model was built (same method for both). For the
-JAX step, XLA's compiled memory analysis is reported as well.
+Each framework (and each peer variant) runs in its own worker process (so that memory is
+measured alike and no two share the cores), with the same shape, dtype, thread count
+(XLA's CPU client uses one thread per core; torch.set_num_threads(N)) and the very same
+packed batch. Workers alternate per shape and mix (JAX, then each peer variant). Each
+reports tokens/s (best and median of --repeats timed repeats of --steps steps), MFU against
+its own framework's n×n×n matmul peak measured in the same worker, the FLOPs the step
+executes per token, and peak memory: the highest resident set size sampled every 2 ms
+during the timed steps, less the resident size before the model was built (same method
+for all). For the JAX step, XLA's compiled memory analysis is reported as well.
 
 The step is `step.train_step` exactly as the trainer jits it (forward, span losses with the
 teacher top-k, backward, AdamW, one device), on packed rows of random tokens whose span
-kinds are mixed (40% reason, 20% action, 40% observation; k=16 teacher top-k).
+kinds, trajectory lengths and row layout come from --mix (bench/span_mixes.py: synthetic
+40/20/40 reason/action/observation, or the demo's or FireAct's prepared trajectories
+packed by the trainer's packing; k=16 teacher top-k on the reason tokens). Each mix's
+token shares (reason, action, answer, observation, other, padding) and loss-target share
+are printed and saved. The peer's variants (issue 23.3): `previous`, the step as first
+written, and `best`, the fastest honest variant (bench/peer_torch.py says what differs).
 MFU = model FLOPs per token (metrics.model_flops_per_token: 6·matmul params + attention)
-× tokens/s ÷ the matmul peak measured in the same run (best n×n×n matmul, n ∈ {1024, 2048}).
+× tokens/s ÷ the matmul peak measured in the same worker (best n×n×n matmul, n ∈ {1024,
+2048}). Executed FLOPs per token: for both, an analytic count of the matmuls the step
+runs (sad_jax: the head only over the chunks the compact loop runs, blockwise attention,
+executed_flops_per_token; the peer: the full head at every position, causal attention over
+the whole row, peer_torch.executed_flops_per_token); "executed fraction" = executed
+FLOP/s ÷ the same peak.
 Peak memory is XLA's compiled memory analysis of the step (arguments + outputs + temporaries
 − donated aliases), a deterministic figure.
 
 Shapes (issue 6):
   S: vocab 8192, d_model 256, 4 layers, 4 heads (2 kv), ffn 704, seq 512, batch 4
   M: vocab 32000, d_model 512, 8 layers, 8 heads (4 kv), ffn 1408, seq 1024, batch 2
+  XS: a smoke size for the tests (vocab 512, d_model 64, 2 layers, seq 256, batch 2)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -46,16 +61,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sad_jax import metrics, objectives, sharding, train
+from bench import span_mixes
+from sad_jax import losses, metrics, objectives, sharding, train
 from sad_jax import step as step_lib
-from sad_jax.data import pipeline
 from sad_jax.models import transformer
 from sad_jax.models.config import ModelConfig
-from sad_jax.types import SpanKind
 
 SHAPES = {
     "S": dict(vocab=8192, d=256, layers=4, heads=4, kv=2, ffn=704, seq=512, batch=4),
     "M": dict(vocab=32000, d=512, layers=8, heads=8, kv=4, ffn=1408, seq=1024, batch=2),
+    "XS": dict(vocab=512, d=64, layers=2, heads=2, kv=1, ffn=128, seq=256, batch=2),
 }
 K = 16
 # matmul sizes for the measured peak: an accelerator needs larger ones to reach its peak
@@ -73,23 +88,8 @@ def model_config(s) -> ModelConfig:
 
 
 def host_batch(s, seed=0) -> dict:
-  rng = np.random.default_rng(seed)
-  layout = pipeline.Layout(accum=1, rows=s["batch"], length=s["seq"] + 1, k=K)
-  b = pipeline.empty_batch(layout, teacher=True)
-  shape = b["ids"].shape
-  b["ids"][:] = rng.integers(0, s["vocab"], shape)
-  b["kinds"][:] = rng.choice([SpanKind.REASON, SpanKind.ACTION, SpanKind.OBSERVATION],
-                             size=shape, p=[0.4, 0.2, 0.4])
-  # two trajectories per row
-  half = shape[-1] // 2
-  b["segment_ids"][..., :half], b["segment_ids"][..., half:] = 1, 2
-  b["positions"][..., :half] = np.arange(half)
-  b["positions"][..., half:] = np.arange(shape[-1] - half)
-  b["weight"][:] = 1.0
-  b["teacher_ids"][:] = rng.integers(0, s["vocab"], shape + (K,))
-  b["teacher_logp"][:] = np.log(rng.dirichlet(np.ones(K), size=shape) * 0.9)
-  b["teacher_mask"][:] = b["kinds"] == SpanKind.REASON
-  return b
+  """The synthetic mix's packed batch of shape `s` (compile_time.py's too)."""
+  return span_mixes.synthetic_batch(s, k=K, seed=seed)
 
 
 def optim_config():
@@ -98,21 +98,23 @@ def optim_config():
   return c
 
 
-def objective_config():
+def objective_config(compact_head: bool = True):
+  """configs/train_base.py's objective (chunk 128, the head at the loss positions only)."""
   return ml_collections.ConfigDict(dict(
       name="sad", divergence="fkl", jsd_beta=0.5, temperature=1.0, tail="tail_bucket",
-      label_smoothing=0.0, chunk_size=256, learnable_weights=False, weight_floor=0.05,
-      curriculum_gamma=0.1, pcgrad=False))
+      label_smoothing=0.0, chunk_size=128, compact_head=compact_head, learnable_weights=False,
+      weight_floor=0.05, curriculum_gamma=0.1, pcgrad=False))
 
 
-def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False):
+def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False,
+               batch: dict | None = None, compact_head: bool = True):
   """The jitted train step of shape `s` on one device and what calling it needs:
   (step, model config, mesh, rules, init fn, state shardings, host batch, its shardings).
-  Also compile_time.py's."""
+  `batch`: the host batch (default: the synthetic mix). Also compile_time.py's."""
   cfg = model_config(s)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
-  obj = objectives.build(objective_config())
+  obj = objectives.build(objective_config(compact_head))
   tx = step_lib.make_optimizer(optim_config(), 1000)
   schedule = step_lib.lr_schedule(optim_config(), 1000)
 
@@ -121,7 +123,7 @@ def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False):
     return step_lib.init_state(p, objectives.init_span_params(obj), tx, 0)
 
   state_sh = train.state_shardings(jax.eval_shape(init), mesh, rules, tx)
-  batch = host_batch(s)
+  batch = host_batch(s) if batch is None else batch
   batch_sh = train.batch_sharding_for(s["batch"], mesh, rules)
   data_sh = jax.tree.map(lambda _: batch_sh, batch)
   step = train.jit_train_step(model_cfg=cfg, obj=obj, tx=tx, schedule=schedule,
@@ -130,11 +132,43 @@ def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False):
   return step, cfg, mesh, rules, init, state_sh, batch, data_sh
 
 
+def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
+                            chunk: int) -> float:
+  """Matmul FLOPs sad_jax's step executes per token, counted like the peer's
+  (peer_torch.executed_flops_per_token): projections and MLP at every position (6 per
+  weight), the head only over the chunks the compact loop runs (per micro-batch, the
+  fullest row's loss targets rounded up to the chunk; every position without
+  compact_head), and the blockwise attention: query block i of 256 visits keys [0, 256·(i+1)),
+  4·Dh FLOPs per key forward and 8·Dh backward (no recompute). XLA's cost analysis is not
+  used: it counts a while loop's body once, whatever its trip count (the head's chunk loop)."""
+  d, h, kv, f, t, v = s["d"], s["heads"], s["kv"], s["ffn"], s["seq"], s["vocab"]
+  dh = d // h
+  per_layer = d * (h + 2 * kv) * dh + h * dh * d + 3 * d * f
+  trunk = 6.0 * s["layers"] * per_layer
+  block = transformer.ATTN_BLOCK if t % transformer.ATTN_BLOCK == 0 else t
+  n = t // block
+  keys = block * (n + 1) / 2  # mean keys per query
+  attention = s["layers"] * h * (4 + 8) * dh * keys
+  head_positions = t
+  if compact_head:
+    rows = []
+    for mb in range(batch["ids"].shape[0]):
+      tg = losses.shift_targets(batch["ids"][mb], batch["kinds"][mb], batch["segment_ids"][mb])
+      member = np.asarray(losses.loss_positions(
+          label_kinds_bt=tg["label_kinds_bt"], teacher_mask_bt=batch["teacher_mask"][mb][:, 1:],
+          groups=objectives.groups_for("sad")))
+      c = min(chunk, t)
+      rows.append(min(t, -(-int(member.sum(1).max()) // c) * c))
+    head_positions = float(np.mean(rows))
+  return trunk + attention + 6.0 * d * v * head_positions / t
+
+
 def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
-                remat: str = "none") -> dict:
+                remat: str = "none", batch: dict | None = None,
+                compact_head: bool = True) -> dict:
   s = SHAPES[name]
-  step, cfg, mesh, rules, init, state_sh, batch, data_sh = build_step(s, dtype=dtype,
-                                                                      remat=remat)
+  step, cfg, mesh, rules, init, state_sh, batch, data_sh = build_step(
+      s, dtype=dtype, remat=remat, batch=batch, compact_head=compact_head)
   weights = jnp.ones(2, jnp.float32)
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=state_sh)()
@@ -145,20 +179,25 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
     mem = compiled.memory_analysis()
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    executed = executed_flops_per_token(s, batch, compact_head=compact_head,
+                                        chunk=objective_config().chunk_size)
     box = {"state": state}
 
     def one_step():
       box["state"], m = compiled(box["state"], dev_batch, weights, None)
       return m
 
-    times, rss = timed(one_step, repeats=repeats, steps=steps, sync=jax.block_until_ready)
-    m = one_step()
+    first = []
+    times, rss = timed(one_step, repeats=repeats, steps=steps, sync=jax.block_until_ready,
+                       first=first)
   tokens = s["batch"] * s["seq"]
-  flops = metrics.model_flops_per_token(cfg, s["seq"]) * tokens
   return {"shape": name, "dtype": dtype, "remat": remat, "times": times, "rss_peak": rss,
-          "model_gflop_per_step": flops / 1e9, "peak_memory_mib": peak_bytes / 2**20,
+          "model_gflop_per_step": metrics.model_flops_per_token(cfg, s["seq"]) * tokens / 1e9,
+          "executed_flops_per_token": executed,
+          "executed_flops_source": "analytic (bench/train_step.executed_flops_per_token)",
+          "peak_memory_mib": peak_bytes / 2**20,
           "temp_memory_mib": mem.temp_size_in_bytes / 2**20, "compile_s": compile_s,
-          "loss": float(m["loss"])}
+          "loss": float(first[0]["loss"])}
 
 
 class RssPeak:
@@ -200,9 +239,15 @@ def trim_heap() -> None:
     pass
 
 
-def timed(step_fn, *, repeats: int, steps: int, sync) -> tuple[list[float], int]:
-  """Per-step seconds of each repeat and the peak RSS during them (after one warm-up)."""
-  sync(step_fn())
+def timed(step_fn, *, repeats: int, steps: int, sync,
+          first: list | None = None) -> tuple[list[float], int]:
+  """Per-step seconds of each repeat and the peak RSS during them (after one warm-up step,
+  whose output and seconds are appended to `first`)."""
+  t0 = time.perf_counter()
+  out = step_fn()
+  sync(out)
+  if first is not None:
+    first += [out, time.perf_counter() - t0]
   trim_heap()
   times = []
   with RssPeak() as rss:
@@ -216,53 +261,104 @@ def timed(step_fn, *, repeats: int, steps: int, sync) -> tuple[list[float], int]
 
 
 def summary(name: str, framework: str, s: dict, times: list[float], peak: float,
-            flops_per_token: float) -> dict:
+            flops_per_token: float, executed_per_token: float | None = None) -> dict:
+  """Tokens/s and MFU (model FLOPs) of the best and median repeat; with the FLOPs a step
+  executes, its share of the peak too ("executed_fraction")."""
   tokens = s["batch"] * s["seq"]
   best, med = min(times), statistics.median(times)
-  return {"shape": name, "framework": framework, "tokens_per_step": tokens,
-          "step_s_best": best, "step_s_median": med, "tokens_per_s_best": tokens / best,
-          "tokens_per_s_median": tokens / med, "matmul_peak_gflops": peak / 1e9,
-          "mfu_best": flops_per_token * tokens / best / peak,
-          "mfu_median": flops_per_token * tokens / med / peak}
+  r = {"shape": name, "framework": framework, "tokens_per_step": tokens,
+       "step_s_best": best, "step_s_median": med, "tokens_per_s_best": tokens / best,
+       "tokens_per_s_median": tokens / med, "matmul_peak_gflops": peak / 1e9,
+       "model_flops_per_token": flops_per_token,
+       "mfu_best": flops_per_token * tokens / best / peak,
+       "mfu_median": flops_per_token * tokens / med / peak}
+  if executed_per_token:
+    r["executed_fraction_best"] = executed_per_token * tokens / best / peak
+  return r
 
 
 def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
-           remat: str = "none") -> dict:
+           remat: str = "none", batch_path: str | None = None,
+           variant: str = "previous") -> dict:
   s = SHAPES[name]
   cfg = model_config(s)
   flops = metrics.model_flops_per_token(cfg, s["seq"])
-  if framework == "jax":
+  host = host_batch(s) if batch_path is None else dict(np.load(batch_path))
+  if framework in ("jax", "jax_full_head"):
     peak = max(metrics.measure_matmul_peak(dtype, n=n) for n in PEAK_SIZES[platform_kind()])
     trim_heap()
     base = RssPeak.now()
-    r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak, remat=remat)
-    r.update(summary(name, "jax", s, r.pop("times"), peak, flops))
+    r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak, remat=remat,
+                    batch=host, compact_head=framework == "jax")
+    r.update(summary(name, "jax", s, r.pop("times"), peak, flops,
+                     r["executed_flops_per_token"]))
     r["peak_rss_mib"] = (r.pop("rss_peak") - base) / 2**20
     return r
   import torch
 
   from bench import peer_torch
 
+  v = peer_torch.VARIANTS[variant]
   peak = max(peer_torch.matmul_peak(dtype, n=n) for n in (1024, 2048))
   trim_heap()
   base = RssPeak.now()
-  model, opt = peer_torch.build(s, dtype)
-  batch = peer_torch.to_torch_batch(host_batch(s))
-  step = peer_torch.make_step(model, opt, int(SpanKind.REASON), int(SpanKind.ACTION))
+  model, opt = peer_torch.build(s, dtype, variant=v)
+  batch = peer_torch.to_torch_batch(host)
+  # the previous step's loss at this variant's inputs, before any update: the variant's
+  # own first loss must equal it (its loss is written differently, not changed)
+  check = peer_torch.reference_loss(model, batch, v, span_mixes.REASON_KINDS,
+                                    span_mixes.ACTION_KINDS)
+  step = peer_torch.make_step(model, opt, span_mixes.REASON_KINDS, span_mixes.ACTION_KINDS, v)
   losses = []
+  first = []
   times, rss = timed(lambda: losses.append(step(batch)), repeats=repeats, steps=steps,
-                     sync=lambda _: None)
-  r = summary(name, "torch", s, times, peak, flops)
-  r |= {"dtype": dtype, "peak_rss_mib": (rss - base) / 2**20, "loss": losses[0],
+                     sync=lambda _: None, first=first)
+  executed = peer_torch.executed_flops_per_token(s)
+  r = summary(name, "torch", s, times, peak, flops, executed)
+  r |= {"dtype": dtype, "variant": variant, "settings": dataclasses.asdict(v),
+        "peak_rss_mib": (rss - base) / 2**20, "loss": losses[0],
+        "loss_rel_diff_to_previous_formula": abs(losses[0] - check) / abs(check),
+        "first_step_s": first[1], "executed_flops_per_token": executed,
+        "executed_flops_source": "analytic (bench/peer_torch.executed_flops_per_token)",
         "threads": torch.get_num_threads(), "version": torch.__version__}
   return r
 
 
+def run_worker(args, fw: str, name: str, cores: list[int], batch_path: str,
+               variant: str | None = None) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--shapes", name,
+         "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
+         "--threads", str(args.threads), "--remat", args.remat, "--batch", batch_path]
+  if variant:
+    cmd += ["--peer-variants", variant]
+  p = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True,
+                     preexec_fn=lambda: os.sched_setaffinity(0, cores))
+  lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+  if p.returncode or not lines:
+    sys.exit(f"{fw} {variant or ''} worker for {name} failed:\n{p.stdout}\n"
+             f"{p.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def describe(label: str, r: dict) -> str:
+  ex = r.get("executed_flops_per_token")
+  return (f"  {label:15s} {r['tokens_per_s_best']:7.0f} tokens/s best "
+          f"({r['tokens_per_s_median']:.0f} median), MFU {100 * r['mfu_best']:.1f}% of its "
+          f"{r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak, executed "
+          + (f"{ex / 1e6:.1f} MFLOP/token" if ex else "n/a")
+          + f", peak memory {r['peak_rss_mib']:.0f} MiB (RSS)"
+          + (f", XLA analysis {r['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in r else "")
+          + f", first loss {r['loss']:.6f}")
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--shapes", default="S,M")
+  ap.add_argument("--mix", default="synthetic",
+                  help=f"comma-separated span mixes, of {','.join(span_mixes.MIXES)}")
+  ap.add_argument("--mix-dir", default=None,
+                  help="where the mixes' prepared datasets are cached (default "
+                       "$SAD_JAX_CACHE/bench_mixes)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -270,10 +366,16 @@ def main() -> None:
                   help="sad_jax's model.remat for the step (attention: recompute the "
                        "attention scores in the backward instead of keeping them)")
   ap.add_argument("--peer", action="store_true", help="also time the PyTorch peer")
+  ap.add_argument("--full-head", action="store_true",
+                  help="also time sad_jax's step with the LM head at every position "
+                       "(objective.compact_head=false): the compact head's gain in this run")
+  ap.add_argument("--peer-variants", default="previous,best",
+                  help="the peer's variants to time with --peer (bench/peer_torch.VARIANTS)")
   ap.add_argument("--threads", type=int, default=os.cpu_count(),
                   help="threads for both frameworks (XLA: one per core)")
   ap.add_argument("--json", default=None, help="write all results here")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--batch", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
     if args.worker == "torch":
@@ -281,48 +383,73 @@ def main() -> None:
 
       torch.set_num_threads(args.threads)
     r = worker(args.worker, args.shapes, repeats=args.repeats, steps=args.steps,
-               dtype=args.dtype, remat=args.remat)
+               dtype=args.dtype, remat=args.remat, batch_path=args.batch,
+               variant=args.peer_variants)
     print("RESULT " + json.dumps(r), flush=True)
     return
-  env = dict(os.environ)
-  # XLA's CPU client sizes its pool from the visible cores: pin both workers to the same set
+  mixes = args.mix.split(",")
+  variants = args.peer_variants.split(",") if args.peer else []
+  from bench import peer_torch  # names only: torch is imported by the workers
+
+  bad = [m for m in mixes if m not in span_mixes.MIXES] + [
+      v for v in variants if v not in peer_torch.VARIANTS]
+  if bad:
+    ap.error(f"unknown mix or peer variant: {', '.join(bad)}")
+  # XLA's CPU client sizes its pool from the visible cores: pin every worker to the same set
   cores = sorted(os.sched_getaffinity(0))[:args.threads]
   print(f"{metrics.cpu_model()}, {os.cpu_count()} cores; {args.threads} threads per framework; "
-        f"{args.dtype}; sad_jax remat={args.remat}")
+        f"{args.dtype}; sad_jax remat={args.remat}; mixes {', '.join(mixes)}"
+        + (f"; peers {', '.join(variants)}" if variants else ""), flush=True)
   results = []
-  for name in args.shapes.split(","):
-    row = {}
-    for fw in ("jax", "torch") if args.peer else ("jax",):
-      cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--shapes", name,
-             "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
-             "--threads", str(args.threads), "--remat", args.remat]
-      p = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                         preexec_fn=lambda: os.sched_setaffinity(0, cores))
-      lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-      if p.returncode or not lines:
-        sys.exit(f"{fw} worker for {name} failed:\n{p.stdout}\n{p.stderr[-3000:]}")
-      r = json.loads(lines[-1][len("RESULT "):])
-      row[fw] = r
-      print(f"{name} {fw:5s}: {r['tokens_per_s_best']:.0f} tokens/s best "
-            f"({r['tokens_per_s_median']:.0f} median), MFU {100 * r['mfu_best']:.1f}% of its "
-            f"{r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak, peak memory "
-            f"{r['peak_rss_mib']:.0f} MiB (RSS)"
-            + (f", XLA analysis {r['peak_memory_mib']:.0f} MiB" if fw == "jax" else ""),
-            flush=True)
-    if "torch" in row:
-      ratio = row["jax"]["tokens_per_s_best"] / row["torch"]["tokens_per_s_best"]
-      row["speedup_best"] = ratio
-      row["speedup_median"] = (row["jax"]["tokens_per_s_median"]
-                               / row["torch"]["tokens_per_s_median"])
-      row["memory_ratio"] = row["jax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"]
-      print(f"{name}: sad_jax / PyTorch peer = {ratio:.2f}× tokens/s (best), "
-            f"{row['speedup_median']:.2f}× (median); memory {row['memory_ratio']:.2f}×")
-    results.append({"shape": name, "config": SHAPES[name], **row})
+  with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
+    for name in args.shapes.split(","):
+      for mix in mixes:
+        s = SHAPES[name]
+        batch = span_mixes.host_batch(mix, s, k=K, work=args.mix_dir)
+        path = os.path.join(tmp, f"{name}_{mix}.npz")
+        np.savez(path, **batch)
+        sh = span_mixes.shares(batch)
+        print(f"{name} {mix}: tokens " + ", ".join(
+            f"{k} {100 * sh[k]:.1f}%" for k in span_mixes.SHARE_KINDS)
+              + f"; loss targets {100 * sh['targets']:.1f}% of positions; "
+              f"{sh['trajectories_per_row']:.1f} trajectories per row of "
+              f"{sh['mean_trajectory_tokens']:.0f} tokens on average", flush=True)
+        row = {"shape": name, "mix": mix, "config": s, "shares": sh}
+        row["jax"] = run_worker(args, "jax", name, cores, path)
+        print(describe("sad_jax", row["jax"]), flush=True)
+        if args.full_head:
+          row["jax_full_head"] = run_worker(args, "jax_full_head", name, cores, path)
+          row["compact_head_speedup"] = (row["jax"]["tokens_per_s_best"]
+                                         / row["jax_full_head"]["tokens_per_s_best"])
+          print(describe("full head", row["jax_full_head"])
+                + f"; compact head {row['compact_head_speedup']:.2f}× faster", flush=True)
+        row["peers"], row["ratios"] = {}, {}
+        for v in variants:
+          p = run_worker(args, "torch", name, cores, path, v)
+          row["peers"][v] = p
+          j = row["jax"]
+          row["ratios"][v] = {
+              "speedup_best": j["tokens_per_s_best"] / p["tokens_per_s_best"],
+              "speedup_median": j["tokens_per_s_median"] / p["tokens_per_s_median"],
+              "memory_ratio": j["peak_rss_mib"] / p["peak_rss_mib"]}
+          print(describe(f"peer {v}", p), flush=True)
+        for v, x in row["ratios"].items():
+          print(f"  sad_jax / peer {v}: {x['speedup_best']:.2f}× tokens/s (best), "
+                f"{x['speedup_median']:.2f}× (median); memory {x['memory_ratio']:.2f}×",
+                flush=True)
+        if "previous" in row["peers"] and len(row["peers"]) > 1:
+          prev = row["peers"]["previous"]["tokens_per_s_best"]
+          row["peer_vs_previous"] = {v: p["tokens_per_s_best"] / prev
+                                     for v, p in row["peers"].items() if v != "previous"}
+          print("  peer speed against the previous peer (best): " + ", ".join(
+              f"{v} {x:.2f}×" for v, x in row["peer_vs_previous"].items()), flush=True)
+        results.append(row)
   if args.json:
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": metrics.cpu_model(),
-           "cores": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
-           "remat": args.remat, "repeats": args.repeats, "steps": args.steps, "shapes": args.shapes,
-           "peer": args.peer, "results": results}
+    out = {"version": 2, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "cpu": metrics.cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
+           "dtype": args.dtype, "remat": args.remat, "repeats": args.repeats,
+           "steps": args.steps, "shapes": args.shapes, "mixes": mixes, "peer": args.peer,
+           "peer_variants": variants, "full_head": args.full_head, "results": results}
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
 
