@@ -91,8 +91,9 @@ def activation_bytes(cfg: ModelConfig, *, rows: int, seq_len: int, dtype_bytes: 
 
   b local rows of T tokens; a [b, T, D] tensor is "resid". Each layer keeps for its
   backward: its two norm inputs and outputs (4 resid), q/k/v and the attention output,
-  the attention probabilities (reference: float32 scores and compute-dtype probabilities
-  of every 256-query block against its causal keys; remat="attention" or a fused kernel:
+  the attention probabilities (reference: float32 unnormalised probabilities of every
+  256-query block against its causal keys, and as much again for the soft-cap's tanh
+  when the model caps its logits; remat="attention" or a fused kernel:
   none, the kernel keeps a float32 log-sum-exp per query and head), and the MLP's gate,
   up and product. remat="block" keeps only each layer's input (1 resid per layer) and
   one layer's set while that layer's backward runs. The chunked head loss holds the
@@ -115,7 +116,7 @@ def activation_bytes(cfg: ModelConfig, *, rows: int, seq_len: int, dtype_bytes: 
   else:
     n = t // ATTN_BLOCK if t % ATTN_BLOCK == 0 else 1
     blk = t // n
-    probs = b * h * blk * blk * (n * (n + 1) // 2) * (4 + dtype_bytes)
+    probs = b * h * blk * blk * (n * (n + 1) // 2) * (8 if cfg.attn_softcap else 4)
   layer = (4 * resid + b * t * (2 * h + 2 * kv) * hd * dtype_bytes + probs
            + 3 * b * t * f * dtype_bytes)
   layers = cfg.num_layers * resid + layer if remat == "block" else cfg.num_layers * layer

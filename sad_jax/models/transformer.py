@@ -18,6 +18,7 @@ and `unstack_layers` convert; `is_stacked(params)` tells which a tree is.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -94,24 +95,92 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
   return allowed
 
 
+def _rows(x):
+  """[B, KV, Tq, G, ·] → [B, KV, Tq·G, ·]: a query block's rows of one KV head."""
+  return x.reshape(*x.shape[:2], -1, x.shape[-1])
+
+
+def _keys_major(x_bkds):
+  """[B, KV, hd, S] → [B, S, KV, hd]. A key (or value) gradient contracts the query rows;
+  XLA's CPU backend (jax 0.10) ran that GEMM about twice as fast in the [hd, Tq]·[Tq, S]
+  form as in the [S, Tq]·[Tq, hd] one autodiff emits; the barrier keeps XLA from folding
+  this transpose back into the dot."""
+  return jax.lax.optimization_barrier(x_bkds).transpose(0, 3, 1, 2)
+
+
+def _attend_block(q, k, v, mask_bts, softcap, dtype):
+  """Softmax attention of one query block, and what its backward needs: q [B, KV, Tq, G,
+  hd] (scaled), k/v [B, S, KV, hd], mask_bts bool[B, Tq, S]."""
+  b, kv, tq, g = q.shape[:4]
+  s = k.shape[1]
+  logits = jnp.einsum("bkrd,bskd->bkrs", _rows(q), k,
+                      preferred_element_type=jnp.float32).reshape(b, kv, tq, g, s)
+  capped = None
+  if softcap:
+    capped = jnp.tanh(logits / softcap)
+    logits = softcap * capped
+  logits = jnp.where(mask_bts[:, None, :, None, :], logits, _NEG)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  # unnormalised: the row sums divide the [Tq, hd] output, not the [Tq, S] probabilities
+  p = jnp.exp(logits - m)
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bkrs,bskd->bkrd", _rows(p.astype(dtype)), v,
+                   preferred_element_type=jnp.float32).reshape(q.shape) / total
+  # a row with no allowed key (padding) averages every value; its logits get no gradient
+  return out.astype(dtype), (p, total, m > _NEG / 2, capped)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, mask_bts, softcap, dtype):
+  return _attend_block(q, k, v, mask_bts, softcap, dtype)[0]
+
+
+def _attend_fwd(q, k, v, mask_bts, softcap, dtype):
+  out, res = _attend_block(q, k, v, mask_bts, softcap, dtype)
+  return out, (q, k, v, out, *res)
+
+
+def _attend_bwd(softcap, dtype, res, d_out):
+  # the softmax backward as dS = P ∘ (dP − rowsum(dO ∘ O)) (from [Tq, hd] arrays, no pass
+  # over [Tq, S] for it), with P unnormalised and dO divided by the row sums instead
+  del dtype
+  q, k, v, out, p, total, has_key, capped = res
+  f32 = jnp.float32
+  d_out = d_out.astype(f32) / total
+  d_v = _keys_major(jnp.einsum("bkrd,bkrs->bkds", _rows(d_out), _rows(p)))
+  d_out = jnp.where(has_key, d_out, 0.0)
+  delta = jnp.sum(d_out * out.astype(f32), axis=-1, keepdims=True)
+  d_logits = p * (jnp.einsum("bkrd,bskd->bkrs", _rows(d_out), v,
+                             preferred_element_type=f32).reshape(p.shape) - delta)
+  if softcap:
+    d_logits = d_logits * (1.0 - capped * capped)
+  d_q = jnp.einsum("bkrs,bskd->bkrd", _rows(d_logits), k,
+                   preferred_element_type=f32).reshape(q.shape)
+  d_k = _keys_major(jnp.einsum("bkrd,bkrs->bkds", _rows(q), _rows(d_logits),
+                               preferred_element_type=f32))
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def reference_attention(q, k, v, positions, segment_ids, k_pos, k_seg, *, cfg: ModelConfig,
                         window, dtype, recompute: bool = False, blockwise: bool = True):
   """The pure-JAX attention: q [B, T, H, hd] over k/v [B, S, KV, hd], masked by
   `attention_mask` (causal by position, within a segment, within the window); blockwise
-  over 256-query blocks for training rows (S == T, causal in index order)."""
+  over 256-query blocks for training rows (S == T, causal in index order). Each block's
+  softmax and its backward are written out (`_attend`) to keep the element-wise passes
+  over [Tq, S] few."""
   b, t, h, hd = q.shape
   kv = k.shape[2]
-  qg = q.reshape(b, t, kv, h // kv, hd)
+  # queries heads first ([B, KV, T, G, hd]), scaled here rather than as [T, S] logits: the
+  # logits then come out of their GEMM as [Tq·G, S] rows, the layout the softmax reads
+  # (from [B, T, KV, G, hd] XLA wrote them transposed and copied them back)
+  qh = (q.astype(jnp.float32) * cfg.scale).astype(q.dtype)
+  qh = qh.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 1, 3, 4)
 
-  def attend(q_blk, q_pos, q_seg, k_blk, v_blk, kp, ks):
-    logits = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk,
-                        preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_softcap:
-      logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
-    mask = attention_mask(q_pos, kp, q_seg, ks, window)
-    logits = jnp.where(mask[:, None, None], logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v_blk)
+  def attend(q_blk, k_blk, v_blk, mask_bts):
+    return _attend(q_blk, k_blk, v_blk, mask_bts, cfg.attn_softcap, jnp.dtype(dtype))
 
   if recompute:
     # the backward otherwise keeps every block's [T, S] probabilities alive, the largest
@@ -126,12 +195,13 @@ def reference_attention(q, k, v, positions, segment_ids, k_pos, k_seg, *, cfg: M
     outs = []
     for i in range(n_blk):
       lo, hi = i * ATTN_BLOCK, (i + 1) * ATTN_BLOCK
-      outs.append(attend(qg[:, lo:hi], positions[:, lo:hi], segment_ids[:, lo:hi],
-                         k[:, :hi], v[:, :hi], k_pos[:, :hi], k_seg[:, :hi]))
-    out = jnp.concatenate(outs, axis=1).reshape(b, t, h, hd)
+      mask = attention_mask(positions[:, lo:hi], k_pos[:, :hi], segment_ids[:, lo:hi],
+                            k_seg[:, :hi], window)
+      outs.append(attend(qh[:, :, lo:hi], k[:, :hi], v[:, :hi], mask))
+    out = jnp.concatenate(outs, axis=2)
   else:
-    out = attend(qg, positions, segment_ids, k, v, k_pos, k_seg).reshape(b, t, h, hd)
-  return out
+    out = attend(qh, k, v, attention_mask(positions, k_pos, segment_ids, k_seg, window))
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
 
 
 class Attention(nn.Module):
@@ -158,9 +228,9 @@ class Attention(nn.Module):
       return y
 
     inv = rope_inv_freq(cfg)
-    q = apply_rope(proj("q", h), positions, inv)
-    k = apply_rope(proj("k", kv), positions, inv)
-    v = proj("v", kv)
+    q, k, v = proj("q", h), proj("k", kv), proj("v", kv)
+    with jax.named_scope("rope"):  # the scopes name the parts in a profile (bench/)
+      q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -183,14 +253,15 @@ class Attention(nn.Module):
         k, v, k_pos, k_seg = k[:, :t], v[:, :t], positions, segment_ids
     if self.layer >= 0:  # a scanned body (layer -1) gets its layer's window as an input
       window = cfg.window(self.layer)
-    if cache is None and cfg.attention != "reference":
-      # a fused kernel (models/attention.py): it keeps no [T, S] probabilities, so
-      # remat="attention" has nothing to recompute here
-      out = attention.attend(q, k, v, segment_ids, cfg=cfg, window=window)
-    else:
-      out = reference_attention(q, k, v, positions, segment_ids, k_pos, k_seg, cfg=cfg,
-                                window=window, dtype=dt, recompute=self.recompute,
-                                blockwise=cache is None or prefill)
+    with jax.named_scope("core"):
+      if cache is None and cfg.attention != "reference":
+        # a fused kernel (models/attention.py): it keeps no [T, S] probabilities, so
+        # remat="attention" has nothing to recompute here
+        out = attention.attend(q, k, v, segment_ids, cfg=cfg, window=window)
+      else:
+        out = reference_attention(q, k, v, positions, segment_ids, k_pos, k_seg, cfg=cfg,
+                                  window=window, dtype=dt, recompute=self.recompute,
+                                  blockwise=cache is None or prefill)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     wo = self.param("o", _init(), (h, hd, d), jnp.float32)
     y = out.reshape(b * t, h * hd) @ wo.astype(dt).reshape(h * hd, d)

@@ -1,4 +1,6 @@
-"""Attention kernels (model.attention, models/attention.py) against the reference attention.
+"""The reference attention (transformer.reference_attention) against a float64 reference
+and against its previous implementation, and the attention kernels (model.attention,
+models/attention.py) against the reference attention.
 
 Splash runs here only in Pallas interpret mode (`splash_interpret`, CPU): forward and
 gradients on packed rows with padding, GQA, a sliding window, Gemma 2's soft-cap and
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.attention_profile import previous_attention
 from sad_jax import sharding
 from sad_jax.models import attention
 from sad_jax.models import transformer as T
@@ -43,6 +46,96 @@ def attention_value_and_grad(fn, q, k, v, weight):
   gradients."""
   return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * weight),
                                     argnums=(0, 1, 2)))(q, k, v)
+
+
+def float64_attention(q, k, v, pos, seg, *, scale, window, softcap):
+  """Softmax attention in float64 over the whole row (no query blocks), each query head
+  reading its KV head through jnp.repeat; fully masked (padding) rows get a finite
+  uniform average."""
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  allowed = ((pos[:, None, :] <= pos[:, :, None]) & (seg[:, :, None] == seg[:, None, :])
+             & (seg[:, None, :] > 0))
+  if window is not None:
+    allowed &= (pos[:, :, None] - pos[:, None, :]) < window
+  probs = jax.nn.softmax(jnp.where(allowed[:, None], logits, -1e300), axis=-1)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+REFERENCE_CASES = {
+    "gqa": dict(cfg=LLAMA.replace(head_dim=16), window=None),
+    "window": dict(cfg=LLAMA.replace(head_dim=16), window=24),
+    "softcap_query_scale": dict(cfg=GEMMA2.replace(head_dim=16, attn_softcap=2.0), window=None),
+    "recompute_window": dict(cfg=LLAMA.replace(head_dim=16), window=24, recompute=True),
+    "one_block": dict(cfg=LLAMA.replace(head_dim=16), window=None, blockwise=False),
+}
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=list(REFERENCE_CASES))
+def test_reference_attention_equals_float64(case, monkeypatch):
+  """Four query blocks of 16 (or one) over packed rows of 1–3 trajectories with padding:
+  outputs of real tokens, and the q/k/v gradients of a loss that weights only real tokens,
+  equal a float64 softmax attention over whole rows."""
+  c = REFERENCE_CASES[case]
+  cfg, window = c["cfg"], c["window"]
+  monkeypatch.setattr(T, "ATTN_BLOCK", 16)
+  b, t = 2, 64
+  seg, pos = packed_rows(b, t, seed=11)
+  q, k, v = qkv(b, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seed=12)
+  real = (seg > 0)[..., None, None]
+  weight = jnp.asarray(np.random.default_rng(13).normal(size=q.shape), jnp.float32) * real
+  got_out = T.reference_attention(q, k, v, pos, seg, pos, seg, cfg=cfg, window=window,
+                                  dtype=jnp.float32, recompute=c.get("recompute", False),
+                                  blockwise=c.get("blockwise", True))
+  got_loss, got_grads = attention_value_and_grad(
+      lambda q, k, v: T.reference_attention(
+          q, k, v, pos, seg, pos, seg, cfg=cfg, window=window, dtype=jnp.float32,
+          recompute=c.get("recompute", False), blockwise=c.get("blockwise", True)),
+      q, k, v, weight)
+  with jax.enable_x64(True):
+    f64 = lambda x: jnp.asarray(np.asarray(x), jnp.float64)
+    ref = lambda q, k, v: float64_attention(q, k, v, jnp.asarray(pos), jnp.asarray(seg),
+                                            scale=cfg.scale, window=window,
+                                            softcap=cfg.attn_softcap)
+    want_out = np.asarray(ref(f64(q), f64(k), f64(v)))
+    want_loss, want_grads = jax.value_and_grad(
+        lambda q, k, v: jnp.sum(ref(q, k, v) * f64(weight)), argnums=(0, 1, 2))(
+            f64(q), f64(k), f64(v))
+    want_loss, want_grads = float(want_loss), [np.asarray(g) for g in want_grads]
+  np.testing.assert_allclose(np.asarray(got_out)[seg > 0], want_out[seg > 0], atol=2e-6)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["gqa", "window", "softcap_query_scale", "recompute_window"])
+def test_reference_attention_equals_its_previous_implementation(case, monkeypatch):
+  """Against the implementation before issue 23.2 (bench/attention_profile.py keeps it), on
+  every row, padding included: padding queries (no allowed key) average all of their
+  block's values as before, and a loss weighting them too gets the same gradients (none to
+  their logits, as jnp.where gave)."""
+  c = REFERENCE_CASES[case]
+  cfg, window = c["cfg"], c["window"]
+  monkeypatch.setattr(T, "ATTN_BLOCK", 16)
+  b, t = 2, 64
+  seg, pos = packed_rows(b, t, seed=21)
+  assert (seg == 0).any()
+  q, k, v = qkv(b, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seed=22)
+  weight = jnp.asarray(np.random.default_rng(23).normal(size=q.shape), jnp.float32)
+  results = {}
+  for name, fn in (("current", T.reference_attention), ("previous", previous_attention)):
+    attend = lambda q, k, v, fn=fn: fn(q, k, v, pos, seg, pos, seg, cfg=cfg, window=window,
+                                       dtype=jnp.float32, recompute=c.get("recompute", False))
+    results[name] = (jax.jit(attend)(q, k, v), *attention_value_and_grad(attend, q, k, v, weight))
+  (got_out, got_loss, got_grads), (want_out, want_loss, want_grads) = (
+      results["current"], results["previous"])
+  np.testing.assert_allclose(got_out, want_out, atol=2e-6)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
 
 
 def test_splash_equals_reference_on_packed_gqa_rows_sharded():
