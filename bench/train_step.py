@@ -62,10 +62,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import span_mixes
-from sad_jax import losses, metrics, objectives, sharding, train
+from sad_jax import metrics, objectives, sharding, train
 from sad_jax import step as step_lib
 from sad_jax.models import transformer
 from sad_jax.models.config import ModelConfig
+from sad_jax.types import SpanKind
 
 SHAPES = {
     "S": dict(vocab=8192, d=256, layers=4, heads=4, kv=2, ffn=704, seq=512, batch=4),
@@ -151,15 +152,15 @@ def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
   attention = s["layers"] * h * (4 + 8) * dh * keys
   head_positions = t
   if compact_head:
-    rows = []
-    for mb in range(batch["ids"].shape[0]):
-      tg = losses.shift_targets(batch["ids"][mb], batch["kinds"][mb], batch["segment_ids"][mb])
-      member = np.asarray(losses.loss_positions(
-          label_kinds_bt=tg["label_kinds_bt"], teacher_mask_bt=batch["teacher_mask"][mb][:, 1:],
-          groups=objectives.groups_for("sad")))
-      c = min(chunk, t)
-      rows.append(min(t, -(-int(member.sum(1).max()) // c) * c))
-    head_positions = float(np.mean(rows))
+    # the sad objective's loss positions (losses.loss_positions), in NumPy: a target of a
+    # reason (with its teacher), action or answer token inside the same trajectory
+    kinds, seg = batch["kinds"][:, :, 1:], batch["segment_ids"]
+    same = (seg[:, :, 1:] == seg[:, :, :-1]) & (seg[:, :, 1:] > 0)
+    reason = (kinds == int(SpanKind.REASON)) & batch["teacher_mask"][:, :, 1:].astype(bool)
+    action = np.isin(kinds, [int(SpanKind.ACTION), int(SpanKind.ANSWER)])
+    need = ((reason | action) & same).sum(-1).max(-1)       # per micro-batch
+    c = min(chunk, t)
+    head_positions = float(np.mean(np.minimum(t, -(-need // c) * c)))
   return trunk + attention + 6.0 * d * v * head_positions / t
 
 

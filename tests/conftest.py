@@ -29,9 +29,6 @@ FIREACT = REPO.parent / "shared" / "data" / "fireact"
 
 def pytest_collection_modifyitems(config, items):
   del config
-  # slow tests first (a stable sort: every xdist worker collects the same order), so that
-  # no long test starts last while the other worker idles
-  items.sort(key=lambda item: "slow" not in item.keywords)
   if FIREACT.is_dir():
     return
   skip = pytest.mark.skip(reason=f"FireAct data not found at {FIREACT} (../shared is absent)")

@@ -203,7 +203,7 @@ def test_train_step_reports_a_real_mix_and_the_best_peer(tmp_path):
     assert x["ratios"]["best"]["speedup_best"] == pytest.approx(
         x["jax"]["tokens_per_s_best"] / x["peers"]["best"]["tokens_per_s_best"])
   rendered = _render(r)
-  assert "fireact" in rendered and "peer best" in rendered
+  assert "FireAct" in rendered and "peer best" in rendered
 
 
 def _render(result: dict) -> str:
