@@ -223,7 +223,7 @@ def test_compact_head_equals_the_full_head(name, kw):
   """Loss, metrics and every gradient (model and span weights) of the compact head equal
   those of the full-logits head: sad with pcgrad, learnable weights and the curriculum
   term, and the cross-entropy path with smoothing and teacher soft targets (token_kd's
-  divergence group is sad's reason path over more kinds, in tests/train and test_losses)."""
+  group takes the divergence path of sad's reason group, over more kinds)."""
   c, params, features = toy(9, B=3, T=40)
   ex_w = jnp.asarray([0.2, 1.0, 0.6])
   span = jnp.asarray([0.3, -0.2]) if kw.get("learnable_weights") else None
