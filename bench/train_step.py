@@ -62,11 +62,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import span_mixes
-from sad_jax import metrics, objectives, sharding, train
+from sad_jax import losses, metrics, objectives, sharding, train
 from sad_jax import step as step_lib
 from sad_jax.models import transformer
 from sad_jax.models.config import ModelConfig
-from sad_jax.types import SpanKind
 
 SHAPES = {
     "S": dict(vocab=8192, d=256, layers=4, heads=4, kv=2, ffn=704, seq=512, batch=4),
@@ -133,6 +132,17 @@ def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False,
   return step, cfg, mesh, rules, init, state_sh, batch, data_sh
 
 
+@jax.jit
+def _fullest_row(ids_bt, kinds_bt, segment_ids_bt, teacher_mask_bt):
+  """The most loss targets of the sad objective in one row of a micro-batch (jitted: the
+  same functions eagerly dispatch an op at a time)."""
+  tg = losses.shift_targets(ids_bt, kinds_bt, segment_ids_bt)
+  member = losses.loss_positions(label_kinds_bt=tg["label_kinds_bt"],
+                                 teacher_mask_bt=teacher_mask_bt[:, 1:].astype(bool),
+                                 groups=objectives.groups_for("sad"))
+  return jnp.max(jnp.sum(member, axis=1))
+
+
 def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
                             chunk: int) -> float:
   """Matmul FLOPs sad_jax's step executes per token, counted like the peer's
@@ -152,15 +162,10 @@ def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
   attention = s["layers"] * h * (4 + 8) * dh * keys
   head_positions = t
   if compact_head:
-    # the sad objective's loss positions (losses.loss_positions), in NumPy: a target of a
-    # reason (with its teacher), action or answer token inside the same trajectory
-    kinds, seg = batch["kinds"][:, :, 1:], batch["segment_ids"]
-    same = (seg[:, :, 1:] == seg[:, :, :-1]) & (seg[:, :, 1:] > 0)
-    reason = (kinds == int(SpanKind.REASON)) & batch["teacher_mask"][:, :, 1:].astype(bool)
-    action = np.isin(kinds, [int(SpanKind.ACTION), int(SpanKind.ANSWER)])
-    need = ((reason | action) & same).sum(-1).max(-1)       # per micro-batch
     c = min(chunk, t)
-    head_positions = float(np.mean(np.minimum(t, -(-need // c) * c)))
+    need = [int(_fullest_row(batch["ids"][mb], batch["kinds"][mb], batch["segment_ids"][mb],
+                             batch["teacher_mask"][mb])) for mb in range(batch["ids"].shape[0])]
+    head_positions = float(np.mean([min(t, -(-n // c) * c) for n in need]))
   return trunk + attention + 6.0 * d * v * head_positions / t
 
 

@@ -178,9 +178,8 @@ def token_losses(logits_btv, *, labels_bt, label_kinds_bt, teacher: TeacherTopK 
   group_bt = jnp.full(labels_bt.shape, -1, jnp.int32)
   loss_bt = jnp.zeros(labels_bt.shape, jnp.float32)
   for gi, g in enumerate(groups):
-    member = jnp.isin(label_kinds_bt, jnp.asarray(g.kinds))
-    if g.needs_teacher:
-      member &= teacher.mask_bt
+    member = group_member(g, label_kinds_bt=label_kinds_bt,
+                          teacher_mask_bt=None if teacher is None else teacher.mask_bt)
     if g.loss == "divergence":
       per_tok = tau ** 2 * divergence_per_token(
           log_q_tau, teacher.ids_btk, teacher.logp_btk, kind=settings.divergence,
@@ -199,13 +198,19 @@ def token_losses(logits_btv, *, labels_bt, label_kinds_bt, teacher: TeacherTopK 
   return loss_bt, group_bt, correct_bt
 
 
+def group_member(g: Group, *, label_kinds_bt, teacher_mask_bt) -> jax.Array:
+  """bool[B, T]: targets of group g (of its kinds, and with the teacher where it needs one)."""
+  member = jnp.isin(label_kinds_bt, jnp.asarray(g.kinds))
+  if g.needs_teacher:
+    member &= teacher_mask_bt
+  return member
+
+
 def group_counts(*, label_kinds_bt, teacher_mask_bt, groups: Sequence[Group]) -> jax.Array:
   """float32[G]: tokens per group (the denominators; sum these over micro-batches)."""
   out = []
   for g in groups:
-    member = jnp.isin(label_kinds_bt, jnp.asarray(g.kinds))
-    if g.needs_teacher:
-      member &= teacher_mask_bt
+    member = group_member(g, label_kinds_bt=label_kinds_bt, teacher_mask_bt=teacher_mask_bt)
     out.append(jnp.sum(member, dtype=jnp.float32))
   return jnp.stack(out)
 
@@ -325,10 +330,7 @@ def loss_positions(*, label_kinds_bt, teacher_mask_bt, groups: Sequence[Group]) 
   """bool[B, T]: targets in some loss group, the only positions whose logits matter."""
   out = jnp.zeros(label_kinds_bt.shape, bool)
   for g in groups:
-    member = jnp.isin(label_kinds_bt, jnp.asarray(g.kinds))
-    if g.needs_teacher:
-      member &= teacher_mask_bt
-    out |= member
+    out |= group_member(g, label_kinds_bt=label_kinds_bt, teacher_mask_bt=teacher_mask_bt)
   return out
 
 
