@@ -261,32 +261,28 @@ def part_of(op_name: str, matmul: bool = False) -> str:
   return "unattributed"
 
 
-def profile_steps(s: dict, impls: list[str], rounds: int) -> dict[str, dict]:
-  """Per-part op time of the step with each attention in `impls`: one trace of `rounds`
-  rounds, each running every variant's step once in turn (after one untimed step each).
-  An op's time is its least over the rounds, which drops most of what other work on the
-  machine added (an op preempted in one round rarely is in all)."""
+def traced_op_ns(runs: dict[str, Callable[[], object]], ops: dict[str, dict],
+                 rounds: int) -> dict[str, dict]:
+  """Per variant: each executed op's least time over `rounds` traced rounds (ns), each
+  round's op times and wall seconds, and the best wall and CPU seconds of its step. One
+  jax.profiler trace; each round runs every variant's `run` once in turn, after one untimed
+  run each. The least over the rounds drops most of what other work on the machine added
+  (an op preempted in one round rarely is in all). `ops`: per variant, hlo_ops of its
+  compiled module."""
   from jax.profiler import ProfileData
 
-  from sad_jax import sharding
-
-  built = {impl: build_compiled(s, IMPLS[impl]) for impl in impls}
-  ops = {impl: hlo_ops(b[0].as_text()) for impl, b in built.items()}
-  runs = {impl: step_runner(b, 1) for impl, b in built.items()}
-  mesh, rules = next(iter(built.values()))[4:]
   walls, cpus = collections.defaultdict(list), collections.defaultdict(list)
-  with sharding.use_mesh(mesh, rules):
-    for run in runs.values():
-      jax.block_until_ready(run())
-    folder = tempfile.mkdtemp(prefix="attention_profile_")
-    with jax.profiler.trace(folder):
-      for i in range(rounds):
-        for impl, run in runs.items():
-          t0, c0 = time.perf_counter(), time.process_time()
-          with jax.profiler.TraceAnnotation(f"profiled_step|{impl}|{i}"):
-            jax.block_until_ready(run())
-          walls[impl].append(time.perf_counter() - t0)
-          cpus[impl].append(time.process_time() - c0)
+  for run in runs.values():
+    jax.block_until_ready(run())
+  folder = tempfile.mkdtemp(prefix="step_profile_")
+  with jax.profiler.trace(folder):
+    for i in range(rounds):
+      for name, run in runs.items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        with jax.profiler.TraceAnnotation(f"profiled_step|{name}|{i}"):
+          jax.block_until_ready(run())
+        walls[name].append(time.perf_counter() - t0)
+        cpus[name].append(time.process_time() - c0)
   path = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
   events = [ev for plane in ProfileData.from_file(path).planes for line in plane.lines
             for ev in line.events]
@@ -295,24 +291,42 @@ def profile_steps(s: dict, impls: list[str], rounds: int) -> dict[str, dict]:
                   if ev.name.startswith("profiled_step|"))
   per_round = [collections.Counter() for _ in spans]  # op → ns in that round
   for ev in events:
-    for counter, (lo, hi, impl) in zip(per_round, spans, strict=True):
+    for counter, (lo, hi, name) in zip(per_round, spans, strict=True):
       if lo <= ev.start_ns <= hi:
-        opcode = ops[impl].get(ev.name, (None,))[0]
+        opcode = ops[name].get(ev.name, (None,))[0]
         # control flow (a while loop's thunk spans its body's ops) would count them twice
         if opcode is not None and opcode not in ("while", "call", "conditional"):
           counter[ev.name] += ev.duration_ns
         break
   out = {}
+  for name in runs:
+    mine = [c for c, r in zip(per_round, spans, strict=True) if r[2] == name]
+    out[name] = {"op_ns": {op: min(c[op] for c in mine) for op in set().union(*mine)},
+                 "rounds": mine, "walls": walls[name],
+                 "wall_s": min(walls[name]), "cpu_s": min(cpus[name])}
+  return out
+
+
+def profile_steps(s: dict, impls: list[str], rounds: int) -> dict[str, dict]:
+  """Per-part op time of the step with each attention in `impls` (traced_op_ns)."""
+  from sad_jax import sharding
+
+  built = {impl: build_compiled(s, IMPLS[impl]) for impl in impls}
+  ops = {impl: hlo_ops(b[0].as_text()) for impl, b in built.items()}
+  runs = {impl: step_runner(b, 1) for impl, b in built.items()}
+  mesh, rules = next(iter(built.values()))[4:]
+  with sharding.use_mesh(mesh, rules):
+    traced = traced_op_ns(runs, ops, rounds)
+  out = {}
   for impl in impls:
-    mine = [c for c, r in zip(per_round, spans, strict=True) if r[2] == impl]
     op_ns = collections.Counter()
-    for op in set().union(*mine):
-      op_ns[part_of(*ops[impl][op][1:])] += min(c[op] for c in mine)
+    for op, ns in traced[impl]["op_ns"].items():
+      op_ns[part_of(*ops[impl][op][1:])] += ns
     total = sum(op_ns.values())
-    wall = min(walls[impl])
+    wall = traced[impl]["wall_s"]
     parts = {p: {"op_s": op_ns[p] / 1e9, "share": op_ns[p] / total if total else 0.0,
                  "wall_s": wall * op_ns[p] / total if total else 0.0} for p in PARTS}
-    out[impl] = {"wall_s_per_step": wall, "cpu_s_per_step": min(cpus[impl]),
+    out[impl] = {"wall_s_per_step": wall, "cpu_s_per_step": traced[impl]["cpu_s"],
                  "op_s_per_step": total / 1e9, "parts": parts}
   return out
 

@@ -209,9 +209,16 @@ def model_inputs(batch, variant: Variant) -> dict:
 
 
 def make_step(model, opt, reason_kinds, action_kinds,
-              variant: Variant = VARIANTS["previous"]) -> Callable[[dict], float]:
-  """step(batch) → the loss before the update (a float)."""
+              variant: Variant = VARIANTS["previous"],
+              ranges: bool = False) -> Callable[[dict], float]:
+  """step(batch) → the loss before the update (a float). `ranges`: mark the forward,
+  backward and optimizer phases for torch.profiler (bench/step_kinds.py)."""
+  import contextlib
+
   import torch
+
+  def phase(name: str):
+    return torch.profiler.record_function(name) if ranges else contextlib.nullcontext()
 
   loss_fn = LOSSES[variant.loss]
   reason_kinds, action_kinds = tuple(map(int, reason_kinds)), tuple(map(int, action_kinds))
@@ -225,10 +232,13 @@ def make_step(model, opt, reason_kinds, action_kinds,
 
   def step(batch):
     opt.zero_grad(set_to_none=True)
-    loss = forward(batch)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=variant.clip_foreach)
-    opt.step()
+    with phase("forward"):
+      loss = forward(batch)
+    with phase("backward"):
+      loss.backward()
+    with phase("optimizer"):
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=variant.clip_foreach)
+      opt.step()
     return float(loss.detach())
 
   return step
@@ -245,18 +255,23 @@ def reference_loss(model, batch, variant: Variant, reason_kinds, action_kinds) -
                            tuple(map(int, action_kinds))))
 
 
-def executed_flops_per_token(shape: dict) -> float:
-  """Matmul FLOPs the step executes per token, counted analytically: the projections, MLP
-  and the untied head at every position, forward and backward (6 per weight), plus SDPA's
-  causal attention over the whole row: on its `is_causal` path (no mask) the CPU flash
-  kernel visits the keys up to each query, (T + 1) / 2 on average, with 4·Dh FLOPs per
-  key in the forward (QKᵀ, PV) and 10·Dh in the backward (the scores recomputed, then dV,
-  dP, dQ, dK). The kernel works in query blocks, so it does somewhat more than the
-  triangle; softmax, norms, the loss's elementwise work and the optimizer are not counted
-  (nor in sad_jax's figure, train_step.executed_flops_per_token)."""
+def executed_flops_parts(shape: dict) -> dict[str, float]:
+  """Matmul FLOPs the step executes per token, counted analytically: "matmuls", the
+  projections, MLP and the untied head at every position, forward and backward (6 per
+  weight); "attention", SDPA's causal attention over the whole row: on its `is_causal` path
+  (no mask) the CPU flash kernel visits the keys up to each query, (T + 1) / 2 on average,
+  with 4·Dh FLOPs per key in the forward (QKᵀ, PV) and 10·Dh in the backward (the scores
+  recomputed, then dV, dP, dQ, dK). The kernel works in query blocks, so it does somewhat
+  more than the triangle; softmax, norms, the loss's elementwise work and the optimizer are
+  not counted (nor in sad_jax's figure, train_step.executed_flops_parts)."""
   d, h, kv, f, t = shape["d"], shape["heads"], shape["kv"], shape["ffn"], shape["seq"]
   dh = d // h
   per_layer = d * (h + 2 * kv) * dh + h * dh * d + 3 * d * f
   weights = shape["layers"] * per_layer + d * shape["vocab"]
-  attention = shape["layers"] * h * (4 + 10) * dh * (t + 1) / 2
-  return 6.0 * weights + attention
+  return {"matmuls": 6.0 * weights,
+          "attention": shape["layers"] * h * (4 + 10) * dh * (t + 1) / 2}
+
+
+def executed_flops_per_token(shape: dict) -> float:
+  """All of executed_flops_parts."""
+  return sum(executed_flops_parts(shape).values())

@@ -46,9 +46,9 @@ SCRIPTS = {
                       ["--steps", "12", "--repeats", "1"]),
     "train_step": ("Train step (issues 6 and 23)",
                    ["--shapes", "S,M", "--mix", "synthetic,demo,fireact", "--repeats", "3",
-                    "--steps", "2", "--peer", "--full-head"],
+                    "--steps", "2", "--peer", "--full-head", "--profile", "3"],
                    ["--shapes", "S", "--mix", "synthetic", "--repeats", "1", "--steps", "1",
-                    "--peer"]),
+                    "--peer", "--profile", "1"]),
     "compile_time": ("Compile time vs depth, scanned layers (issue 21.3)",
                      ["--depths", "2,4,8,16", "--repeats", "2"],
                      ["--depths", "2,4", "--repeats", "1", "--step-repeats", "1"]),
@@ -489,7 +489,71 @@ def render_train(r: dict) -> str:
       """Run-to-run spread on these machines reaches 20–35%: the frameworks are compared within
       one run, alternating per shape and mix.""",
   ] + peer_gap_notes(rows_in))
-  return "\n\n".join(p for p in [intro, mix_table, main, ratios, notes] if p)
+  return "\n\n".join(p for p in [intro, mix_table, main, ratios, notes,
+                                  render_kinds(rows_in, r)] if p)
+
+
+def render_kinds(rows: list[dict], r: dict) -> str:
+  """The --profile tables: where each framework's step time goes, by kind of work, and
+  what the measured profile says about the ratio (issue 23.5)."""
+  from bench import step_kinds
+
+  out = []
+  for x in rows:
+    t = step_kinds.kinds_rows(x)
+    if not t:
+      continue
+    out.append(f"**{x['shape']}, {MIX_NAMES.get(x['mix'], x['mix'])}**\n\n"
+               + table(t[0], t[1:], "l" + "r" * (len(t[0]) - 1)))
+    gap = kinds_gap_note(x)
+    if gap:
+      out.append(para(gap))
+  if not out:
+    return ""
+  head = para(f"""Where the time goes (`--profile {r.get('profile', '')}`, bench/step_kinds.py):
+      after the timing, each worker traced more steps, and the table gives the traced step
+      with the least wall time. sad_jax: every XLA op of the step, by its HLO name stack and
+      whether it is a matmul; the peer: torch.profiler's own time of each op, the optimizer
+      phase marked. "between ops" is the wall time no op accounts for (Python, dispatch,
+      thread hand-offs). GFLOP/s: the executed FLOPs of the kind (the analytic count above)
+      over its time. A traced step runs somewhat slower than an untraced one.""")
+  return "\n\n".join([head, *out])
+
+
+def kinds_gap_note(x: dict) -> str:
+  """The ratio of the two steps decomposed by kind of work, from the profile's numbers."""
+  from bench import step_kinds
+
+  v = strongest(x)
+  j = x["jax"]
+  if v is None or "profile" not in j or "profile" not in x["peers"][v]:
+    return ""
+  t = x["peers"][v]
+  jk, tk = j["profile"]["kinds_s"], t["profile"]["kinds_s"]
+  mm = step_kinds.KINDS[0]
+  tokens = j["tokens_per_step"]
+  rate = {n: f["executed_flops_parts"]["matmuls"] * tokens / k[mm] / 1e9
+          for n, f, k in (("j", j, jk), ("t", t, tk)) if k[mm] > 0}
+  diffs = sorted(((tk[k] - jk[k], k) for k in step_kinds.KINDS), reverse=True)
+  saved = ", ".join(f"{k} {d:+.2f} s" for d, k in diffs)
+  flops = (j["executed_flops_parts"]["matmuls"] / t["executed_flops_parts"]["matmuls"])
+  text = (f"""Peer {v} − sad_jax, seconds per traced step by kind: {saved} (wall
+      {t['profile']['wall_s']:.2f} vs {j['profile']['wall_s']:.2f} s). sad_jax's matmuls
+      execute {flops:.2f}× the peer's FLOPs (the compact head)""")
+  if len(rate) == 2:
+    text += (f""" at {rate['j']:.0f} GFLOP/s against the peer's {rate['t']:.0f} (XLA's
+        matmul peak in this run {j['matmul_peak_gflops']:.0f}, torch's
+        {t['matmul_peak_gflops']:.0f} GFLOP/s)""")
+  core = j["profile"].get("attention_core_matmuls_s")
+  if core is not None:
+    text += (f""". Of sad_jax's attention core, {core:.2f} s went to its matmuls and
+        {jk[step_kinds.KINDS[1]] - core:.2f} s to the softmax, masking and layout around
+        them (the peer's SDPA kernel does both in one fused loop)""")
+  if "remat_attention_peak_memory_mib" in j:
+    text += (f""". XLA's memory analysis of sad_jax's step: {j['peak_memory_mib']:.0f} MiB
+        as run, {j['remat_attention_peak_memory_mib']:.0f} MiB with `model.remat=attention`
+        (the attention probabilities recomputed in the backward, not kept)""")
+  return text + "."
 
 
 def render_compile(r: dict) -> str:

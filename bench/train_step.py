@@ -4,8 +4,8 @@ losses in plain PyTorch + torch.optim.AdamW), on several span mixes.
 
   python bench/train_step.py [--shapes S,M] [--mix synthetic,demo,fireact] [--repeats 3]
                              [--steps 3] [--dtype float32] [--remat none|attention|block]
-                             [--peer] [--peer-variants previous,best] [--threads N]
-                             [--json OUT.json]
+                             [--peer] [--peer-variants previous,best] [--full-head]
+                             [--profile ROUNDS] [--threads N] [--json OUT.json]
 
 Each framework (and each peer variant) runs in its own worker process (so that memory is
 measured alike and no two share the cores), with the same shape, dtype, thread count
@@ -29,11 +29,14 @@ MFU = model FLOPs per token (metrics.model_flops_per_token: 6·matmul params + a
 × tokens/s ÷ the matmul peak measured in the same worker (best n×n×n matmul, n ∈ {1024,
 2048}). Executed FLOPs per token: for both, an analytic count of the matmuls the step
 runs (sad_jax: the head only over the chunks the compact loop runs, blockwise attention,
-executed_flops_per_token; the peer: the full head at every position, causal attention over
-the whole row, peer_torch.executed_flops_per_token); "executed fraction" = executed
-FLOP/s ÷ the same peak.
-Peak memory is XLA's compiled memory analysis of the step (arguments + outputs + temporaries
-− donated aliases), a deterministic figure.
+executed_flops_parts; the peer: the full head at every position, causal attention over
+the whole row, peer_torch.executed_flops_parts); "executed fraction" = executed
+FLOP/s ÷ the same peak. XLA's compiled memory analysis of the step (arguments + outputs +
+temporaries − donated aliases) is reported next to RSS, a deterministic figure.
+--profile ROUNDS: after the timing, each worker (not the full-head one) traces ROUNDS more
+steps and reports where its time went by kind of work (bench/step_kinds.py: matmuls,
+attention core, element-wise, optimizer, between ops), with the GFLOP/s its matmuls and
+attention reached.
 
 Shapes (issue 6):
   S: vocab 8192, d_model 256, 4 layers, 4 heads (2 kv), ffn 704, seq 512, batch 4
@@ -61,7 +64,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import span_mixes
+from bench import span_mixes, step_kinds
 from sad_jax import losses, metrics, objectives, sharding, train
 from sad_jax import step as step_lib
 from sad_jax.models import transformer
@@ -143,15 +146,16 @@ def _fullest_row(ids_bt, kinds_bt, segment_ids_bt, teacher_mask_bt):
   return jnp.max(jnp.sum(member, axis=1))
 
 
-def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
-                            chunk: int) -> float:
+def executed_flops_parts(s: dict, batch: dict, *, compact_head: bool,
+                         chunk: int) -> dict[str, float]:
   """Matmul FLOPs sad_jax's step executes per token, counted like the peer's
-  (peer_torch.executed_flops_per_token): projections and MLP at every position (6 per
-  weight), the head only over the chunks the compact loop runs (per micro-batch, the
-  fullest row's loss targets rounded up to the chunk; every position without
-  compact_head), and the blockwise attention: query block i of 256 visits keys [0, 256·(i+1)),
-  4·Dh FLOPs per key forward and 8·Dh backward (no recompute). XLA's cost analysis is not
-  used: it counts a while loop's body once, whatever its trip count (the head's chunk loop)."""
+  (peer_torch.executed_flops_parts): "matmuls", the projections and MLP at every position
+  (6 per weight) and the head only over the chunks the compact loop runs (per micro-batch,
+  the fullest row's loss targets rounded up to the chunk; every position without
+  compact_head); "attention", the blockwise attention: query block i of 256 visits keys
+  [0, 256·(i+1)), 4·Dh FLOPs per key forward and 8·Dh backward (no recompute). XLA's cost
+  analysis is not used: it counts a while loop's body once, whatever its trip count (the
+  head's chunk loop)."""
   d, h, kv, f, t, v = s["d"], s["heads"], s["kv"], s["ffn"], s["seq"], s["vocab"]
   dh = d // h
   per_layer = d * (h + 2 * kv) * dh + h * dh * d + 3 * d * f
@@ -166,18 +170,27 @@ def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
     need = [int(_fullest_row(batch["ids"][mb], batch["kinds"][mb], batch["segment_ids"][mb],
                              batch["teacher_mask"][mb])) for mb in range(batch["ids"].shape[0])]
     head_positions = float(np.mean([min(t, -(-n // c) * c) for n in need]))
-  return trunk + attention + 6.0 * d * v * head_positions / t
+  return {"matmuls": trunk + 6.0 * d * v * head_positions / t, "attention": attention}
+
+
+def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
+                            chunk: int) -> float:
+  """All of executed_flops_parts."""
+  return sum(executed_flops_parts(s, batch, compact_head=compact_head, chunk=chunk).values())
 
 
 def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
                 remat: str = "none", batch: dict | None = None,
-                compact_head: bool = True) -> dict:
+                compact_head: bool = True, profile_rounds: int = 0) -> dict:
   s = SHAPES[name]
   step, cfg, mesh, rules, init, state_sh, batch, data_sh = build_step(
       s, dtype=dtype, remat=remat, batch=batch, compact_head=compact_head)
   weights = jnp.ones(2, jnp.float32)
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=state_sh)()
+    # the state is donated to the step: its shapes, for lowering other variants later
+    state_shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     dev_batch = jax.device_put(batch, data_sh)
     t0 = time.perf_counter()
     compiled = step.lower(state, dev_batch, weights, None).compile()
@@ -185,8 +198,8 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
     mem = compiled.memory_analysis()
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    executed = executed_flops_per_token(s, batch, compact_head=compact_head,
-                                        chunk=objective_config().chunk_size)
+    parts = executed_flops_parts(s, batch, compact_head=compact_head,
+                                 chunk=objective_config().chunk_size)
     box = {"state": state}
 
     def one_step():
@@ -196,14 +209,25 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
     first = []
     times, rss = timed(one_step, repeats=repeats, steps=steps, sync=jax.block_until_ready,
                        first=first)
+    kinds = step_kinds.jax_kinds(compiled, one_step, profile_rounds) if profile_rounds else None
+    remat_mib = None
+    if profile_rounds and remat == "none":
+      # what keeping the attention probabilities for the backward costs in memory: the same
+      # step compiled with them recomputed (compiled only, not run)
+      alt = build_step(s, dtype=dtype, remat="attention", batch=batch,
+                       compact_head=compact_head)[0]
+      m = alt.lower(state_shapes, dev_batch, weights, None).compile().memory_analysis()
+      remat_mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes) / 2**20
   tokens = s["batch"] * s["seq"]
   return {"shape": name, "dtype": dtype, "remat": remat, "times": times, "rss_peak": rss,
           "model_gflop_per_step": metrics.model_flops_per_token(cfg, s["seq"]) * tokens / 1e9,
-          "executed_flops_per_token": executed,
-          "executed_flops_source": "analytic (bench/train_step.executed_flops_per_token)",
+          "executed_flops_per_token": sum(parts.values()), "executed_flops_parts": parts,
+          "executed_flops_source": "analytic (bench/train_step.executed_flops_parts)",
           "peak_memory_mib": peak_bytes / 2**20,
           "temp_memory_mib": mem.temp_size_in_bytes / 2**20, "compile_s": compile_s,
-          "loss": float(first[0]["loss"])}
+          "loss": float(first[0]["loss"]), **({"profile": kinds} if kinds else {}),
+          **({"remat_attention_peak_memory_mib": remat_mib} if remat_mib else {})}
 
 
 class RssPeak:
@@ -285,7 +309,7 @@ def summary(name: str, framework: str, s: dict, times: list[float], peak: float,
 
 def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
            remat: str = "none", batch_path: str | None = None,
-           variant: str = "previous") -> dict:
+           variant: str = "previous", profile_rounds: int = 0) -> dict:
   s = SHAPES[name]
   cfg = model_config(s)
   flops = metrics.model_flops_per_token(cfg, s["seq"])
@@ -295,7 +319,8 @@ def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
     trim_heap()
     base = RssPeak.now()
     r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak, remat=remat,
-                    batch=host, compact_head=framework == "jax")
+                    batch=host, compact_head=framework == "jax",
+                    profile_rounds=profile_rounds if framework == "jax" else 0)
     r.update(summary(name, "jax", s, r.pop("times"), peak, flops,
                      r["executed_flops_per_token"]))
     r["peak_rss_mib"] = (r.pop("rss_peak") - base) / 2**20
@@ -319,14 +344,20 @@ def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
   first = []
   times, rss = timed(lambda: losses.append(step(batch)), repeats=repeats, steps=steps,
                      sync=lambda _: None, first=first)
-  executed = peer_torch.executed_flops_per_token(s)
+  parts = peer_torch.executed_flops_parts(s)
+  executed = sum(parts.values())
   r = summary(name, "torch", s, times, peak, flops, executed)
   r |= {"dtype": dtype, "variant": variant, "settings": dataclasses.asdict(v),
         "peak_rss_mib": (rss - base) / 2**20, "loss": losses[0],
         "loss_rel_diff_to_previous_formula": abs(losses[0] - check) / abs(check),
         "first_step_s": first[1], "executed_flops_per_token": executed,
-        "executed_flops_source": "analytic (bench/peer_torch.executed_flops_per_token)",
+        "executed_flops_parts": parts,
+        "executed_flops_source": "analytic (bench/peer_torch.executed_flops_parts)",
         "threads": torch.get_num_threads(), "version": torch.__version__}
+  if profile_rounds:  # after the timing, which it must not disturb
+    ranged = peer_torch.make_step(model, opt, span_mixes.REASON_KINDS, span_mixes.ACTION_KINDS,
+                                  v, ranges=True)
+    r["profile"] = step_kinds.torch_kinds(ranged, batch, profile_rounds)
   return r
 
 
@@ -334,7 +365,8 @@ def run_worker(args, fw: str, name: str, cores: list[int], batch_path: str,
                variant: str | None = None) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--shapes", name,
          "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
-         "--threads", str(args.threads), "--remat", args.remat, "--batch", batch_path]
+         "--threads", str(args.threads), "--remat", args.remat, "--batch", batch_path,
+         "--profile", str(args.profile if fw != "jax_full_head" else 0)]
   if variant:
     cmd += ["--peer-variants", variant]
   p = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True,
@@ -379,6 +411,9 @@ def main() -> None:
                   help="the peer's variants to time with --peer (bench/peer_torch.VARIANTS)")
   ap.add_argument("--threads", type=int, default=os.cpu_count(),
                   help="threads for both frameworks (XLA: one per core)")
+  ap.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
+                  help="after timing, trace ROUNDS more steps of sad_jax and of each peer "
+                       "and report where the time goes by kind of work (bench/step_kinds.py)")
   ap.add_argument("--json", default=None, help="write all results here")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--batch", default=None, help=argparse.SUPPRESS)
@@ -390,7 +425,7 @@ def main() -> None:
       torch.set_num_threads(args.threads)
     r = worker(args.worker, args.shapes, repeats=args.repeats, steps=args.steps,
                dtype=args.dtype, remat=args.remat, batch_path=args.batch,
-               variant=args.peer_variants)
+               variant=args.peer_variants, profile_rounds=args.profile)
     print("RESULT " + json.dumps(r), flush=True)
     return
   mixes = args.mix.split(",")
@@ -443,6 +478,11 @@ def main() -> None:
           print(f"  sad_jax / peer {v}: {x['speedup_best']:.2f}× tokens/s (best), "
                 f"{x['speedup_median']:.2f}× (median); memory {x['memory_ratio']:.2f}×",
                 flush=True)
+        kinds = step_kinds.kinds_rows(row)
+        if kinds:
+          print("  where the step's time goes (the least-wall traced step):")
+          for cells in kinds:
+            print("    " + " | ".join(f"{c:<34s}" for c in cells), flush=True)
         if "previous" in row["peers"] and len(row["peers"]) > 1:
           prev = row["peers"]["previous"]["tokens_per_s_best"]
           row["peer_vs_previous"] = {v: p["tokens_per_s_best"] / prev
@@ -455,7 +495,8 @@ def main() -> None:
            "cpu": metrics.cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
            "dtype": args.dtype, "remat": args.remat, "repeats": args.repeats,
            "steps": args.steps, "shapes": args.shapes, "mixes": mixes, "peer": args.peer,
-           "peer_variants": variants, "full_head": args.full_head, "results": results}
+           "peer_variants": variants, "full_head": args.full_head, "profile": args.profile,
+           "results": results}
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
 

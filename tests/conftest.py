@@ -29,6 +29,10 @@ FIREACT = REPO.parent / "shared" / "data" / "fireact"
 
 def pytest_collection_modifyitems(config, items):
   del config
+  # A stable sort (every xdist worker collects the same order). Only the `early` tests move:
+  # sorting every slow test first once put the SmolLM2 tests (~11 GB) beside other heavy
+  # in-process tests, and a worker was OOM-killed.
+  items.sort(key=lambda item: "early" not in item.keywords)
   if FIREACT.is_dir():
     return
   skip = pytest.mark.skip(reason=f"FireAct data not found at {FIREACT} (../shared is absent)")

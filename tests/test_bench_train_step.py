@@ -187,7 +187,7 @@ def test_train_step_reports_a_real_mix_and_the_best_peer(tmp_path):
   env = dict(os.environ, SAD_JAX_CACHE=str(tmp_path / "cache"))
   p = subprocess.run([sys.executable, "bench/train_step.py", "--shapes", "XS", "--mix",
                       "fireact", "--peer", "--peer-variants", "best", "--repeats", "1",
-                      "--steps", "1", "--threads", "1",
+                      "--steps", "1", "--threads", "1", "--profile", "1",
                       "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=900)
   assert p.returncode == 0, p.stdout + p.stderr[-3000:]
@@ -202,8 +202,15 @@ def test_train_step_reports_a_real_mix_and_the_best_peer(tmp_path):
     assert x["peers"]["best"]["loss_rel_diff_to_previous_formula"] < 1e-5
     assert x["ratios"]["best"]["speedup_best"] == pytest.approx(
         x["jax"]["tokens_per_s_best"] / x["peers"]["best"]["tokens_per_s_best"])
+    for f in (x["jax"], x["peers"]["best"]):  # every kind of work found in both traces
+      prof = f["profile"]
+      *work, between = prof["kinds_s"].values()
+      assert all(sec > 0 for sec in work) and between >= 0, prof
+      assert sum(prof["kinds_s"].values()) - prof["overlap_s"] == pytest.approx(
+          prof["wall_s"])
   rendered = _render(r)
   assert "FireAct" in rendered and "peer best" in rendered
+  assert "Where the time goes" in rendered and "seconds per traced step by kind" in rendered
 
 
 def _render(result: dict) -> str:

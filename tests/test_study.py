@@ -109,6 +109,7 @@ def tiny_config(tmp_env_games: int = 2):
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, monkeypatch,
                                                                    capsys):
   """The demo's path (`sad-jax demo --quick` through cli.main) on a shrunken plan: expert

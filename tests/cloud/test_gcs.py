@@ -225,6 +225,7 @@ def _params(folder: str):
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_path,
                                                              monkeypatch, capsys):
   """Every path a gs:// one: prepare (CLI) → teacher precompute (interrupted, resumed) →

@@ -249,6 +249,7 @@ def test_two_hosts_split_the_shards(dataset, teacher, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_two_processes_under_jax_distributed_equal_one(dataset, teacher, tmp_path, capsys):
   """Two real processes (jax.distributed on a loopback port, 4 CPU devices and a (2,1,2)
   mesh each) write a store byte-identical to one process on the same mesh, each

@@ -23,6 +23,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_two_processes_equal_one(train_data, tmp_path):
   """(2,2,2) over two processes of 4 devices: 8-row micro-batches split over the batch
   axes (data × fsdp = 4), so process 0 holds rows 0–3 and process 1 rows 4–7 and each

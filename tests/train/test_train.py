@@ -109,6 +109,7 @@ def _kill_during_checkpoint_write(p, work: str, deadline: float) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_sigkill_at_five_random_points_then_resume_is_bit_identical(train_data, tmp_path):
   """Five SIGKILLs at random points (a random step plus a random delay, and at least one
   while an async checkpoint is being written), one SIGTERM, then a run to the end: the final
@@ -447,6 +448,7 @@ def test_token_kd_through_the_trainer_distils_every_generated_token(train_data, 
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_kill_sigint_sigterm_resume_on_a_222_mesh_is_bit_identical(train_data, tmp_path):
   """On (2,2,2) (parameters and Adam moments split over fsdp and tensor, 4-row batches over
   data × fsdp): a SIGKILL after step 3 leaves exactly the step-2 checkpoint (synchronous
