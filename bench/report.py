@@ -517,12 +517,14 @@ def render_kinds(rows: list[dict], r: dict) -> str:
       1,429 MiB, so the activations the remat policies drop do not set the peak. The
       optimizer update compiled alone needs 215 MiB of temporaries (the gradients). XLA's
       buffer assignment (`XLA_FLAGS=--xla_dump_to=DIR`, the step's
-      memory-usage-report.txt) holds six vocabulary-sized float32 buffers (375 MiB: four
-      [512, 32000] and two [32000, 512]; two of them are the embedding's and the head's
-      gradients, the other four were not traced to their ops) and 40 slices of MLP size
-      ([2048, 1408], 440 MiB). The peer keeps one gradient per matrix
-      and frees activations as its backward goes. Tracing those four buffers to their ops is the
-      next step; it is not done."""))
+      buffer-assignment.txt) puts six vocabulary-sized float32 buffers in the temporaries
+      (375 MiB): copies XLA made of four donated inputs (the embedding, the head, and the
+      head's two Adam moments: `copy(state_params__embed__)` and the like; XLA inserts
+      such copies where it does not schedule every read of a donated input before the
+      write of its aliased output) and the two matrices' gradients divided by the clipping
+      factor, each materialised as its own buffer. torch's fused AdamW updates its tensors
+      in place. Ordering the step so that XLA needs no copies, and folding the clipping
+      factor into the moment updates, is the next step; it is not done."""))
   head = para(f"""Where the time goes (`--profile {r.get('profile', '')}`, bench/step_kinds.py):
       after the timing, each worker traced more steps, and the table gives the traced step
       with the least wall time. sad_jax: every XLA op of the step, by its HLO name stack and
