@@ -35,7 +35,8 @@ def batches(train_data, *, accum=1, rows=4, n=2, k=8, teacher=True, length=129):
 
 
 def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=(),
-        online=None, teacher_params=None, steps=None, scan=False, remat="none"):
+        online=None, teacher_params=None, steps=None, scan=False, remat="none",
+        weights_per_step=None):
   config, _ = train_config(train_data, objective, extra=["--config.optim.warmup_steps=0",
                                                           *extra])
   n = int(np.prod(mesh_shape))
@@ -65,9 +66,10 @@ def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=state_sh)()
     history = []
-    for b in host_batches[:steps]:
+    for i, b in enumerate(host_batches[:steps]):
       batch = jax.device_put(b, data_sh)
-      state, m = step(state, batch, weights, teacher_params)
+      w = weights if weights_per_step is None else jnp.asarray(weights_per_step[i])
+      state, m = step(state, batch, w, teacher_params)
       # the first moment after this step: (1 − b1)·(clipped gradient) at step 0, then its
       # running mean: the step's per-leaf gradients, as the optimizer saw them
       m["mu"] = jax.tree.map(np.asarray, jax.device_get(optax.tree.get(state.opt_state, "mu")))
@@ -126,6 +128,26 @@ def assert_specs(shape, state, hist):
     for path, leaf, param in zip(leaf_paths(tree), jax.tree.leaves(tree),
                                  jax.tree.leaves(state.params)):
       assert leaf.sharding.spec == param.sharding.spec, (shape, moment, path)
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_leaves_the_sharded_state_bit_identical(train_data):
+  """A step whose loss is not finite (NaN span weights) updates nothing: on a (2,2,2) mesh,
+  NaN-step-then-step on one batch ends bit-identical to the step alone (parameters, both
+  Adam moments, step counter), and reports ok=False for the skipped step."""
+  layout, hb = batches(train_data, n=1)
+  ones = np.ones(2, np.float32)
+  skipped, hist, st = run(train_data, (2, 2, 2), [hb[0], hb[0]], layout,
+                          weights_per_step=[np.full(2, np.nan, np.float32), ones])
+  alone, hist1, st1 = run(train_data, (2, 2, 2), hb, layout, weights_per_step=[ones])
+  assert [bool(h["ok"]) for h in hist] == [False, True] and bool(hist1[0]["ok"])
+  assert int(st.step) == int(st1.step) == 1
+  for a, b in zip(jax.tree.leaves(jax.device_get((skipped, st.opt_state))),
+                  jax.tree.leaves(jax.device_get((alone, st1.opt_state))), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # the skipped step left the first moment at zero; the finite one moved it
+  assert not any(np.any(m) for m in jax.tree.leaves(hist[0]["mu"]))
+  assert any(np.any(m) for m in jax.tree.leaves(hist[1]["mu"]))
 
 
 @pytest.mark.slow
