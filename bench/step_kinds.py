@@ -31,10 +31,8 @@ TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten:
 TORCH_WRAPPERS = ("aten::linear", "aten::matmul")
 
 
-def jax_kind(op_name: str, matmul: bool) -> str:
-  from bench import attention_profile
-
-  part = attention_profile.part_of(op_name, matmul)
+def jax_kind(part: str, matmul: bool) -> str:
+  """The kind of an XLA op from its step part (bench/attention_profile.part_of)."""
   if part.startswith("attention core"):
     return KINDS[1]
   if part == "optimizer":
@@ -61,8 +59,10 @@ def jax_kinds(compiled, run: Callable[[], object], rounds: int) -> dict:
   best = min(range(len(t["walls"])), key=t["walls"].__getitem__)
   kinds, core_matmuls = collections.Counter(), 0.0
   for op, ns in t["rounds"][best].items():
-    kinds[jax_kind(*ops[op][1:])] += ns / 1e9
-    if attention_profile.part_of(*ops[op][1:]) == "attention core: matmuls":
+    op_name, matmul = ops[op][1:]
+    part = attention_profile.part_of(op_name, matmul)
+    kinds[jax_kind(part, matmul)] += ns / 1e9
+    if part == "attention core: matmuls":
       core_matmuls += ns / 1e9
   return _with_between(kinds, t["walls"][best]) | {"attention_core_matmuls_s": core_matmuls}
 

@@ -179,6 +179,14 @@ def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
   return sum(executed_flops_parts(s, batch, compact_head=compact_head, chunk=chunk).values())
 
 
+def peak_mib(compiled) -> float:
+  """XLA's memory analysis of a compiled step: arguments + outputs + temporaries − donated
+  aliases, in MiB."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes) / 2**20
+
+
 def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
                 remat: str = "none", batch: dict | None = None,
                 compact_head: bool = True, profile_rounds: int = 0) -> dict:
@@ -196,8 +204,6 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
     compiled = step.lower(state, dev_batch, weights, None).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
     parts = executed_flops_parts(s, batch, compact_head=compact_head,
                                  chunk=objective_config().chunk_size)
     box = {"state": state}
@@ -216,15 +222,13 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
       # step compiled with them recomputed (compiled only, not run)
       alt = build_step(s, dtype=dtype, remat="attention", batch=batch,
                        compact_head=compact_head)[0]
-      m = alt.lower(state_shapes, dev_batch, weights, None).compile().memory_analysis()
-      remat_mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes) / 2**20
+      remat_mib = peak_mib(alt.lower(state_shapes, dev_batch, weights, None).compile())
   tokens = s["batch"] * s["seq"]
   return {"shape": name, "dtype": dtype, "remat": remat, "times": times, "rss_peak": rss,
           "model_gflop_per_step": metrics.model_flops_per_token(cfg, s["seq"]) * tokens / 1e9,
           "executed_flops_per_token": sum(parts.values()), "executed_flops_parts": parts,
           "executed_flops_source": "analytic (bench/train_step.executed_flops_parts)",
-          "peak_memory_mib": peak_bytes / 2**20,
+          "peak_memory_mib": peak_mib(compiled),
           "temp_memory_mib": mem.temp_size_in_bytes / 2**20, "compile_s": compile_s,
           "loss": float(first[0]["loss"]), **({"profile": kinds} if kinds else {}),
           **({"remat_attention_peak_memory_mib": remat_mib} if remat_mib else {})}
