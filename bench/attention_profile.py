@@ -1,20 +1,22 @@
-"""Where the train step's time goes, per part, and the attention change of issue 23.2
-measured against the previous attention in the same run.
+"""Where the train step's time goes, per part, and the attention changes of issue 23.2
+measured against each other in the same run: the previous reference attention, the
+current one (`model.attention=reference`) and the segment-aware flash attention
+(`model.attention=flash`, models/flash.py, the trainer's default).
 
   python bench/attention_profile.py [--shapes S,M] [--parts core,step,profile]
                                     [--repeats 5] [--steps 1] [--rounds 3]
-                                    [--profile previous,current] [--json OUT]
+                                    [--profile previous,current,flash] [--json OUT]
 
 Shapes are bench/train_step.py's (S and M); float32, remat none, one device.
 
   core     the attention core alone: jitted value_and_grad of `reference_attention` (q, k, v
            at the step's shapes; packed rows of two trajectories; positions and segment ids
            passed as arguments, not constants), the previous implementation (a copy below,
-           `previous_attention`) and the current one alternated, best and median of
-           --repeats; also their largest loss and gradient differences.
-  step     the full train step (bench/train_step.build_step) compiled twice, once with the
-           previous attention swapped in, the two alternated: --repeats of --steps steps;
-           also XLA's temporary memory of each.
+           `previous_attention`), the current one and flash alternated, best and median of
+           --repeats; also the largest loss and gradient differences of previous and current.
+  step     the full train step (bench/train_step.build_step) compiled with each of the three
+           attentions swapped in, alternated: --repeats of --steps steps; also XLA's
+           temporary memory of each.
   profile  one jax.profiler trace of --rounds rounds, each round running the step once with
            each attention named by --profile (default: the current one). Every XLA op
            executed (a thunk of the CPU runtime: a fusion, a dot, a copy) is attributed to a
@@ -52,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sad_jax.models import transformer
+from sad_jax.models import flash, transformer
 from sad_jax.models.config import ModelConfig
 
 PARTS = ("embedding", "attention core: matmuls", "attention core: element-wise, layout",
@@ -106,7 +108,18 @@ def attention_impl(fn: Callable) -> Iterator[None]:
     transformer.reference_attention = current
 
 
-IMPLS = {"previous": previous_attention, "current": transformer.reference_attention}
+def flash_attention(q, k, v, positions, segment_ids, k_pos, k_seg, *, cfg: ModelConfig,
+                    window, dtype, recompute: bool = False, blockwise: bool = True):
+  """models/flash.py's attention (model.attention=flash, the trainer's default) behind the
+  reference's signature, so that it swaps in like the others (training rows: k_pos and
+  k_seg are the rows' own)."""
+  del k_pos, k_seg, recompute, blockwise
+  return flash.flash_attention(q, k, v, positions, segment_ids, cfg=cfg, window=window,
+                               dtype=dtype)
+
+
+IMPLS = {"previous": previous_attention, "current": transformer.reference_attention,
+         "flash": flash_attention}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -134,8 +147,8 @@ def stats(ts: list[float]) -> dict:
   return {"best_s": min(ts), "median_s": float(np.median(ts)), "times_s": ts}
 
 
-def speedups(row: dict) -> dict:
-  return {f"{clock}_{k}": row["previous"][clock][f"{k}_s"] / row["current"][clock][f"{k}_s"]
+def speedups(row: dict, *, slow: str = "previous", fast: str = "current") -> dict:
+  return {f"{clock}_{k}": row[slow][clock][f"{k}_s"] / row[fast][clock][f"{k}_s"]
           for clock in ("wall", "cpu") for k in ("best", "median")}
 
 
@@ -169,7 +182,8 @@ def core_ab(name: str, s: dict, cfg: ModelConfig, repeats: int) -> dict:
                            strict=True)]
   row = {"shape": name, "what": "attention core fwd+bwd (one layer)",
          **alternate(fns, repeats), "max_rel_diff_loss_dq_dk_dv": diffs}
-  return {**row, "speedup": speedups(row)}
+  return {**row, "speedup": speedups(row),
+          "flash_speedup": speedups(row, slow="current", fast="flash")}
 
 
 def build_compiled(s: dict, attn: Callable):
@@ -178,9 +192,9 @@ def build_compiled(s: dict, attn: Callable):
   from bench import train_step
   from sad_jax import sharding
 
-  with attention_impl(attn):
+  with attention_impl(attn):  # swapped in where the model calls the reference
     step, _, mesh, rules, init, state_sh, batch, data_sh = train_step.build_step(
-        s, dtype="float32", remat="none")
+        s, dtype="float32", remat="none", attention="reference")
     with sharding.use_mesh(mesh, rules):
       state = jax.jit(init, out_shardings=state_sh)()
       dev_batch = jax.device_put(batch, data_sh)
@@ -210,7 +224,8 @@ def step_ab(name: str, s: dict, repeats: int, steps: int) -> dict:
   losses = {impl: float(run()["loss"]) for impl, run in runners.items()}
   row = {"shape": name, "what": "train step", **alternate(runners, repeats, steps),
          "first_loss": losses, "xla_temp_mib": temp}
-  return {**row, "speedup": speedups(row)}
+  return {**row, "speedup": speedups(row),
+          "flash_speedup": speedups(row, slow="current", fast="flash")}
 
 
 # ----------------------------------------------------------------------------- profile
@@ -336,10 +351,12 @@ def profile_steps(s: dict, impls: list[str], rounds: int) -> dict[str, dict]:
 
 def print_ab(row: dict) -> None:
   for clock in ("cpu", "wall"):
-    p, c, up = row["previous"][clock], row["current"][clock], row["speedup"]
+    p, c, f = (row[i][clock] for i in ("previous", "current", "flash"))
+    up, fl = row["speedup"], row["flash_speedup"]
     print(f"| {row['shape']} | {row['what']} | {clock} | {p['best_s']:.3f} ({p['median_s']:.3f})"
           f" | {c['best_s']:.3f} ({c['median_s']:.3f}) | {up[clock + '_best']:.2f}× "
-          f"({up[clock + '_median']:.2f}×) |")
+          f"({up[clock + '_median']:.2f}×) | {f['best_s']:.3f} ({f['median_s']:.3f}) | "
+          f"{fl[clock + '_best']:.2f}× ({fl[clock + '_median']:.2f}×) |")
 
 
 def print_profile(name: str, profiles: dict[str, dict]) -> None:
@@ -377,7 +394,8 @@ def main() -> None:
     cfg = train_step.model_config(s)
     if "core" in parts or "step" in parts:
       print("| shape | measure | clock | previous best (median) s | current best (median) s |"
-            " speed-up best (median) |\n| --- | --- | --- | ---: | ---: | ---: |")
+            " speed-up best (median) | flash best (median) s | flash speed-up over current |"
+            "\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     if "core" in parts:
       row = core_ab(name, s, cfg, args.repeats)
       print_ab(row)

@@ -361,6 +361,13 @@ def strongest(x: dict) -> str | None:
   return max(x["peers"], key=lambda v: x["peers"][v]["tokens_per_s_best"], default=None)
 
 
+ATTENTION_NOTE = {
+    "flash": (": each 256-query block loops over 256-key blocks from the earliest segment "
+              "start among its queries, with an online softmax; the backward recomputes "
+              "QK^T, 10·Dh FLOPs per key against 8·Dh with the probabilities kept"),
+    "reference": ": each 256-query block over keys [0, its end)"}
+
+
 def render_train(r: dict) -> str:
   rows_in = train_rows(r)
   intro = para(f"""{r['dtype']}, {r['threads']} threads per framework, each framework (and each
@@ -380,9 +387,11 @@ def render_train(r: dict) -> str:
       {plural(r['steps'], 'step')}. MFU counts model FLOPs (6 × matmul parameters +
       12·L·T·H·Dh attention per token) against the best n×n×n matmul each framework reached
       in its own worker. Executed FLOPs per token: an analytic count of the matmuls each step
-      runs: for sad_jax the head over the chunks its compact loop runs and blockwise
-      attention, for the peer the head at every position and causal attention over the
-      whole row (XLA's cost analysis counts a loop body once, so it cannot give this).
+      runs: for sad_jax the head over the chunks its compact loop runs and the key blocks its
+      attention visits (`model.attention={r.get('attention', 'reference')}`{ATTENTION_NOTE.get(
+      r.get('attention', 'reference'), '')}), for the peer the head at every position and
+      causal attention over the whole row (XLA's cost analysis counts a loop body once, so
+      it cannot give this).
       Peak memory (RSS) is the highest resident set size sampled every 2 ms during the
       timed steps, less the resident size before the model was built.""")
   mix_rows = []
@@ -510,27 +519,13 @@ def render_kinds(rows: list[dict], r: dict) -> str:
       out.append(para(gap))
   if not out:
     return ""
-  out.append(para("""Memory (a one-off look, 2026-12-02, M, from the compiled step, no timing
-      involved): the step's peak in XLA's analysis is 2,148 MiB, of which
-      1,502 MiB temporaries. Recomputing the attention (`model.remat=attention`) leaves the
-      temporaries at 1,502 MiB and recomputing whole blocks (`block`) lowers them only to
-      1,429 MiB, so the activations the remat policies drop do not set the peak. The
-      optimizer update compiled alone needs 215 MiB of temporaries (the gradients). XLA's
-      buffer assignment (`XLA_FLAGS=--xla_dump_to=DIR`, the step's
-      buffer-assignment.txt) puts six vocabulary-sized float32 buffers in the temporaries
-      (375 MiB): copies XLA made of four donated inputs (the embedding, the head, and the
-      head's two Adam moments: `copy(state_params__embed__)` and the like; XLA inserts
-      such copies where it does not schedule every read of a donated input before the
-      write of its aliased output) and the two matrices' gradients divided by the clipping
-      factor, each materialised as its own buffer. torch's fused AdamW updates its tensors
-      in place. The same step compiled without clipping still makes the four copies (and
-      its temporaries are 1,562 MiB). The cause was the step's skip rule for a non-finite
-      step, `where(ok, new, old)` over the state, and the parameter norm of the old
-      parameters: both read old leaves after their new values were due. After this run the
-      update moved into `lax.cond(ok, …)` and the norm is taken after it: no input is
-      copied, the temporaries are 1,396 MiB (peak 2,042 MiB), and an A/B run at M on the
-      demo mix (one run, 2 repeats of 2 steps) measured sad_jax's RSS at 2,406 MiB, 1.16×
-      the best peer's (2,073 MiB), against 2,509 MiB before. The tables above predate it."""))
+  out.append(para("""Memory: the RSS column is the step's resident set less the process's
+      size before the model was built; the XLA column is the compiled step's arguments,
+      outputs and temporaries less donated aliases. Where XLA copies a donated input, its
+      buffer assignment shows it (`XLA_FLAGS=--xla_dump_to=DIR`, the step's
+      buffer-assignment.txt): until 2026-12-02 the step's skip rule for a non-finite step,
+      `where(ok, new, old)` over the state, made XLA copy the vocabulary-sized embedding,
+      head and the head's Adam moments; the update now runs under `lax.cond(ok, …)`."""))
   head = para(f"""Where the time goes (`--profile {r.get('profile', '')}`, bench/step_kinds.py):
       after the timing, each worker traced more steps, and the table gives the traced step
       with the least wall time. sad_jax: every XLA op of the step, by its HLO name stack and
@@ -570,12 +565,12 @@ def kinds_gap_note(x: dict) -> str:
     text += (f""". Of sad_jax's attention core, {core:.2f} s went to its matmuls and
         {jk[step_kinds.KINDS[1]] - core:.2f} s to the softmax, masking and layout around
         them (the peer's SDPA kernel does both in one fused loop)""")
-  if "remat_attention_peak_memory_mib" in j:
-    a, b = j["peak_memory_mib"], j["remat_attention_peak_memory_mib"]
-    text += (f""". XLA's memory analysis of sad_jax's step: {a:.0f} MiB as run, {b:.0f} MiB
-        with `model.remat=attention` (the attention probabilities recomputed in the
-        backward, not kept)""" + ("""; so those probabilities are not what sets the peak"""
-                                  if b > 0.97 * a else ""))
+  if "reference_attention_peak_memory_mib" in j:
+    a, b = j["peak_memory_mib"], j["reference_attention_peak_memory_mib"]
+    text += (f""". XLA's memory analysis of sad_jax's step: {a:.0f} MiB as run (flash
+        attention: a log-sum-exp per query kept for the backward), {b:.0f} MiB with
+        `model.attention=reference` (the [T, S] probabilities kept), compiled in the
+        same worker""")
   return text + "."
 
 

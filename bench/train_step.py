@@ -4,6 +4,7 @@ losses in plain PyTorch + torch.optim.AdamW), on several span mixes.
 
   python bench/train_step.py [--shapes S,M] [--mix synthetic,demo,fireact] [--repeats 3]
                              [--steps 3] [--dtype float32] [--remat none|attention|block]
+                             [--attention flash|reference]
                              [--peer] [--peer-variants previous,best] [--full-head]
                              [--profile ROUNDS] [--threads N] [--json OUT.json]
 
@@ -67,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import span_mixes, step_kinds
 from sad_jax import losses, metrics, objectives, sharding, train
 from sad_jax import step as step_lib
-from sad_jax.models import transformer
+from sad_jax.models import flash, transformer
 from sad_jax.models.config import ModelConfig
 
 SHAPES = {
@@ -76,6 +77,8 @@ SHAPES = {
     "XS": dict(vocab=512, d=64, layers=2, heads=2, kv=1, ffn=128, seq=256, batch=2),
 }
 K = 16
+# the trainer's default kernel (configs/train_base.py: model.attention)
+DEFAULT_ATTENTION = "flash"
 # matmul sizes for the measured peak: an accelerator needs larger ones to reach its peak
 PEAK_SIZES = {"cpu": (1024, 2048), "gpu": (4096, 8192), "tpu": (4096, 8192)}
 
@@ -84,10 +87,10 @@ def platform_kind() -> str:
   return jax.devices()[0].platform
 
 
-def model_config(s) -> ModelConfig:
+def model_config(s, attention: str = DEFAULT_ATTENTION) -> ModelConfig:
   return ModelConfig(model_type="llama", vocab_size=s["vocab"], hidden_size=s["d"],
                      intermediate_size=s["ffn"], num_layers=s["layers"], num_heads=s["heads"],
-                     num_kv_heads=s["kv"], head_dim=s["d"] // s["heads"])
+                     num_kv_heads=s["kv"], head_dim=s["d"] // s["heads"], attention=attention)
 
 
 def host_batch(s, seed=0) -> dict:
@@ -110,11 +113,12 @@ def objective_config(compact_head: bool = True):
 
 
 def build_step(s: dict, *, dtype: str, remat: str, scan: bool = False,
-               batch: dict | None = None, compact_head: bool = True):
+               batch: dict | None = None, compact_head: bool = True,
+               attention: str = DEFAULT_ATTENTION):
   """The jitted train step of shape `s` on one device and what calling it needs:
   (step, model config, mesh, rules, init fn, state shardings, host batch, its shardings).
   `batch`: the host batch (default: the synthetic mix). Also compile_time.py's."""
-  cfg = model_config(s)
+  cfg = model_config(s, attention)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
   obj = objectives.build(objective_config(compact_head))
@@ -146,37 +150,55 @@ def _fullest_row(ids_bt, kinds_bt, segment_ids_bt, teacher_mask_bt):
   return jnp.max(jnp.sum(member, axis=1))
 
 
-def executed_flops_parts(s: dict, batch: dict, *, compact_head: bool,
-                         chunk: int) -> dict[str, float]:
+def attention_keys_per_query(s: dict, batch: dict, attention: str) -> float:
+  """Mean keys each query's attention visits: blockwise reference, query block i of 256
+  visits keys [0, 256·(i+1)); flash, the key blocks models/flash.key_block_range gives each
+  query block of each micro-batch (from its segment starts)."""
+  t = s["seq"]
+  if attention != "flash":
+    block = transformer.ATTN_BLOCK if t % transformer.ATTN_BLOCK == 0 else t
+    return block * (t // block + 1) / 2
+  bq, bk = flash.block_sizes(t)
+  keys = []
+  for seg in batch["segment_ids"]:
+    starts = flash.segment_starts(jnp.asarray(seg))
+    for lo in range(0, t, bq):
+      first, end = flash.key_block_range(starts, None, q_lo=lo, q_hi=lo + bq, bk=bk)
+      keys.append((int(end) - int(first)) * bk)
+  return float(np.mean(keys))
+
+
+def executed_flops_parts(s: dict, batch: dict, *, compact_head: bool, chunk: int,
+                         attention: str = DEFAULT_ATTENTION) -> dict[str, float]:
   """Matmul FLOPs sad_jax's step executes per token, counted like the peer's
   (peer_torch.executed_flops_parts): "matmuls", the projections and MLP at every position
   (6 per weight) and the head only over the chunks the compact loop runs (per micro-batch,
   the fullest row's loss targets rounded up to the chunk; every position without
-  compact_head); "attention", the blockwise attention: query block i of 256 visits keys
-  [0, 256·(i+1)), 4·Dh FLOPs per key forward and 8·Dh backward (no recompute). XLA's cost
+  compact_head); "attention", the keys attention_keys_per_query visits, 4·Dh FLOPs per key
+  forward and 8·Dh backward (reference: probabilities kept) or 10·Dh (flash: QK^T
+  recomputed). XLA's cost
   analysis is not used: it counts a while loop's body once, whatever its trip count (the
   head's chunk loop)."""
   d, h, kv, f, t, v = s["d"], s["heads"], s["kv"], s["ffn"], s["seq"], s["vocab"]
   dh = d // h
   per_layer = d * (h + 2 * kv) * dh + h * dh * d + 3 * d * f
   trunk = 6.0 * s["layers"] * per_layer
-  block = transformer.ATTN_BLOCK if t % transformer.ATTN_BLOCK == 0 else t
-  n = t // block
-  keys = block * (n + 1) / 2  # mean keys per query
-  attention = s["layers"] * h * (4 + 8) * dh * keys
+  keys = attention_keys_per_query(s, batch, attention)
+  attn = s["layers"] * h * (4 + (10 if attention == "flash" else 8)) * dh * keys
   head_positions = t
   if compact_head:
     c = min(chunk, t)
     need = [int(_fullest_row(batch["ids"][mb], batch["kinds"][mb], batch["segment_ids"][mb],
                              batch["teacher_mask"][mb])) for mb in range(batch["ids"].shape[0])]
     head_positions = float(np.mean([min(t, -(-n // c) * c) for n in need]))
-  return {"matmuls": trunk + 6.0 * d * v * head_positions / t, "attention": attention}
+  return {"matmuls": trunk + 6.0 * d * v * head_positions / t, "attention": attn}
 
 
-def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool,
-                            chunk: int) -> float:
+def executed_flops_per_token(s: dict, batch: dict, *, compact_head: bool, chunk: int,
+                             attention: str = DEFAULT_ATTENTION) -> float:
   """All of executed_flops_parts."""
-  return sum(executed_flops_parts(s, batch, compact_head=compact_head, chunk=chunk).values())
+  return sum(executed_flops_parts(s, batch, compact_head=compact_head, chunk=chunk,
+                                  attention=attention).values())
 
 
 def peak_mib(compiled) -> float:
@@ -189,10 +211,11 @@ def peak_mib(compiled) -> float:
 
 def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
                 remat: str = "none", batch: dict | None = None,
-                compact_head: bool = True, profile_rounds: int = 0) -> dict:
+                compact_head: bool = True, profile_rounds: int = 0,
+                attention: str = DEFAULT_ATTENTION) -> dict:
   s = SHAPES[name]
   step, cfg, mesh, rules, init, state_sh, batch, data_sh = build_step(
-      s, dtype=dtype, remat=remat, batch=batch, compact_head=compact_head)
+      s, dtype=dtype, remat=remat, batch=batch, compact_head=compact_head, attention=attention)
   weights = jnp.ones(2, jnp.float32)
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=state_sh)()
@@ -205,7 +228,7 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     parts = executed_flops_parts(s, batch, compact_head=compact_head,
-                                 chunk=objective_config().chunk_size)
+                                 chunk=objective_config().chunk_size, attention=attention)
     box = {"state": state}
 
     def one_step():
@@ -216,22 +239,23 @@ def bench_shape(name: str, *, repeats: int, steps: int, dtype: str, peak: float,
     times, rss = timed(one_step, repeats=repeats, steps=steps, sync=jax.block_until_ready,
                        first=first)
     kinds = step_kinds.jax_kinds(compiled, one_step, profile_rounds) if profile_rounds else None
-    remat_mib = None
-    if profile_rounds and remat == "none":
-      # what keeping the attention probabilities for the backward costs in memory: the same
-      # step compiled with them recomputed (compiled only, not run)
-      alt = build_step(s, dtype=dtype, remat="attention", batch=batch,
-                       compact_head=compact_head)[0]
-      remat_mib = peak_mib(alt.lower(state_shapes, dev_batch, weights, None).compile())
+    kept_mib = None
+    if profile_rounds and remat == "none" and attention == "flash":
+      # what keeping the attention probabilities for the backward would cost in memory:
+      # the same step with the reference attention (compiled only, not run)
+      alt = build_step(s, dtype=dtype, remat=remat, batch=batch,
+                       compact_head=compact_head, attention="reference")[0]
+      kept_mib = peak_mib(alt.lower(state_shapes, dev_batch, weights, None).compile())
   tokens = s["batch"] * s["seq"]
-  return {"shape": name, "dtype": dtype, "remat": remat, "times": times, "rss_peak": rss,
+  return {"shape": name, "dtype": dtype, "remat": remat, "attention": attention,
+          "times": times, "rss_peak": rss,
           "model_gflop_per_step": metrics.model_flops_per_token(cfg, s["seq"]) * tokens / 1e9,
           "executed_flops_per_token": sum(parts.values()), "executed_flops_parts": parts,
           "executed_flops_source": "analytic (bench/train_step.executed_flops_parts)",
           "peak_memory_mib": peak_mib(compiled),
           "temp_memory_mib": mem.temp_size_in_bytes / 2**20, "compile_s": compile_s,
           "loss": float(first[0]["loss"]), **({"profile": kinds} if kinds else {}),
-          **({"remat_attention_peak_memory_mib": remat_mib} if remat_mib else {})}
+          **({"reference_attention_peak_memory_mib": kept_mib} if kept_mib else {})}
 
 
 class RssPeak:
@@ -313,7 +337,8 @@ def summary(name: str, framework: str, s: dict, times: list[float], peak: float,
 
 def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
            remat: str = "none", batch_path: str | None = None,
-           variant: str = "previous", profile_rounds: int = 0) -> dict:
+           variant: str = "previous", profile_rounds: int = 0,
+           attention: str = DEFAULT_ATTENTION) -> dict:
   s = SHAPES[name]
   cfg = model_config(s)
   flops = metrics.model_flops_per_token(cfg, s["seq"])
@@ -324,7 +349,8 @@ def worker(framework: str, name: str, *, repeats: int, steps: int, dtype: str,
     base = RssPeak.now()
     r = bench_shape(name, repeats=repeats, steps=steps, dtype=dtype, peak=peak, remat=remat,
                     batch=host, compact_head=framework == "jax",
-                    profile_rounds=profile_rounds if framework == "jax" else 0)
+                    profile_rounds=profile_rounds if framework == "jax" else 0,
+                    attention=attention)
     r.update(summary(name, "jax", s, r.pop("times"), peak, flops,
                      r["executed_flops_per_token"]))
     r["peak_rss_mib"] = (r.pop("rss_peak") - base) / 2**20
@@ -370,6 +396,7 @@ def run_worker(args, fw: str, name: str, cores: list[int], batch_path: str,
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--shapes", name,
          "--repeats", str(args.repeats), "--steps", str(args.steps), "--dtype", args.dtype,
          "--threads", str(args.threads), "--remat", args.remat, "--batch", batch_path,
+         "--attention", args.attention,
          "--profile", str(args.profile if fw != "jax_full_head" else 0)]
   if variant:
     cmd += ["--peer-variants", variant]
@@ -407,6 +434,8 @@ def main() -> None:
   ap.add_argument("--remat", default="none", choices=train.REMAT,
                   help="sad_jax's model.remat for the step (attention: recompute the "
                        "attention scores in the backward instead of keeping them)")
+  ap.add_argument("--attention", default=DEFAULT_ATTENTION, choices=("reference", "flash"),
+                  help="sad_jax's model.attention (the trainer's default: %(default)s)")
   ap.add_argument("--peer", action="store_true", help="also time the PyTorch peer")
   ap.add_argument("--full-head", action="store_true",
                   help="also time sad_jax's step with the LM head at every position "
@@ -429,7 +458,8 @@ def main() -> None:
       torch.set_num_threads(args.threads)
     r = worker(args.worker, args.shapes, repeats=args.repeats, steps=args.steps,
                dtype=args.dtype, remat=args.remat, batch_path=args.batch,
-               variant=args.peer_variants, profile_rounds=args.profile)
+               variant=args.peer_variants, profile_rounds=args.profile,
+               attention=args.attention)
     print("RESULT " + json.dumps(r), flush=True)
     return
   mixes = args.mix.split(",")
@@ -443,7 +473,8 @@ def main() -> None:
   # XLA's CPU client sizes its pool from the visible cores: pin every worker to the same set
   cores = sorted(os.sched_getaffinity(0))[:args.threads]
   print(f"{metrics.cpu_model()}, {os.cpu_count()} cores; {args.threads} threads per framework; "
-        f"{args.dtype}; sad_jax remat={args.remat}; mixes {', '.join(mixes)}"
+        f"{args.dtype}; sad_jax remat={args.remat}, attention={args.attention}; "
+        f"mixes {', '.join(mixes)}"
         + (f"; peers {', '.join(variants)}" if variants else ""), flush=True)
   results = []
   with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
@@ -497,7 +528,8 @@ def main() -> None:
   if args.json:
     out = {"version": 2, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "cpu": metrics.cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-           "dtype": args.dtype, "remat": args.remat, "repeats": args.repeats,
+           "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
+           "repeats": args.repeats,
            "steps": args.steps, "shapes": args.shapes, "mixes": mixes, "peer": args.peer,
            "peer_variants": variants, "full_head": args.full_head, "profile": args.profile,
            "results": results}

@@ -48,8 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.remat = "none"           # none | attention | block
   c.model.scan_layers = False      # layers stacked and run as one nn.scan body (compile time
   #                                  flat in depth); HF/final/ folders stay per layer
-  c.model.attention = "reference"  # reference (pure JAX, any backend) | splash (Pallas, TPU) |
-  #                                  cudnn (GPU, bfloat16) | splash_interpret (slow; checks)
+  c.model.attention = "flash"      # flash (pure JAX, any backend: segment-aware key ranges,
+  #                                  online softmax) | reference (pure JAX, keeps [T, S]
+  #                                  probabilities) | splash (Pallas, TPU) | cudnn (GPU,
+  #                                  bfloat16) | splash_interpret (slow; checks)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = objective     # sad | token_kd | sft

@@ -247,6 +247,11 @@ def train(name: str, run: str, config, steps: int) -> bool:
 
   cfg = _read(os.path.join(run, "config.json"))
   new = train_lib.config_dict(config)
+  # the attention kernel computes the same attention (to float rounding, like another
+  # CPU): a cell trained with another one is the same plan, not hours to retrain
+  kernel = (cfg or {}).get("model.attention", new.get("model.attention"))
+  if cfg is not None and kernel != new.get("model.attention"):
+    cfg = {**cfg, "model.attention": new.get("model.attention")}
   same = None if cfg is None else cfg == new
   # A finished run whose config lacks only keys added to the code since (with whatever
   # value they now have) is the same plan: the code ran without them. Otherwise every new
@@ -255,6 +260,8 @@ def train(name: str, run: str, config, steps: int) -> bool:
   older = bool(cfg and added and all(new.get(k) == v for k, v in cfg.items()))
   if (same or older) and trained(run, steps):
     since = f"; config keys added since: {', '.join(added)}" if older else ""
+    if kernel != new.get("model.attention"):
+      since += f"; trained with attention {kernel!r}"
     _say(f"  {name}: already trained ({run}, checked{since})")
     return False
   if same is False:  # another plan's run: its checkpoints would refuse to resume

@@ -169,6 +169,11 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   cfg_path.write_text(json.dumps(old))
   assert not study.train("sft_s0_n2", run, c2, 3)
   assert "config keys added since: model.attention" in capsys.readouterr().out
+  # a cell trained with another attention kernel (the same computation) is the same plan
+  old["model.attention"] = "reference"
+  cfg_path.write_text(json.dumps(old))
+  assert not study.train("sft_s0_n2", run, c2, 3)
+  assert "trained with attention 'reference'" in capsys.readouterr().out
 
   # a signal during a run stops the study (later stages need the export), and a rerun
   # resumes it: the signal arrives as training starts, so one step is saved

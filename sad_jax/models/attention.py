@@ -2,6 +2,8 @@
 `model.attention` (ModelConfig.attention):
 
   reference         the pure-JAX blockwise attention in transformer.py (default, any backend)
+  flash             pure-JAX, segment-aware key ranges and an online softmax (models/flash.py),
+                    any backend
   splash            Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention),
                     compiled by Mosaic: TPU only
   splash_interpret  the same kernel run by the Pallas interpreter: any backend, slow; it is
@@ -38,7 +40,7 @@ from jax.sharding import PartitionSpec
 from sad_jax import sharding
 from sad_jax.models.config import ModelConfig
 
-IMPLEMENTATIONS = ("reference", "splash", "splash_interpret", "cudnn")
+IMPLEMENTATIONS = ("reference", "flash", "splash", "splash_interpret", "cudnn")
 # query/key block of the splash kernel: the largest of these dividing the sequence
 SPLASH_BLOCKS = (512, 256, 128)
 
@@ -50,7 +52,7 @@ def check(cfg: ModelConfig, *, implementation: str, dtype: Any, platform: str,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention {implementation!r}; expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
-  if implementation == "reference":
+  if implementation in ("reference", "flash"):  # pure JAX: any backend
     return
   if implementation.startswith("splash"):
     if implementation == "splash" and platform != "tpu":

@@ -57,7 +57,7 @@ class ModelConfig:
   # vocab_size are −inf.
   vocab_multiple: int = 1
   # Not from HF: the training-time attention kernel (models/attention.py: reference |
-  # splash | splash_interpret | cudnn); decoding always runs the reference.
+  # flash | splash | splash_interpret | cudnn); decoding always runs the reference.
   attention: str = "reference"
 
   @property

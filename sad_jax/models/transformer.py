@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sad_jax.models import attention
+from sad_jax.models import attention, flash
 from sad_jax.models.config import ModelConfig
 from sad_jax.sharding import constrain
 
@@ -254,7 +254,11 @@ class Attention(nn.Module):
     if self.layer >= 0:  # a scanned body (layer -1) gets its layer's window as an input
       window = cfg.window(self.layer)
     with jax.named_scope("core"):
-      if cache is None and cfg.attention != "reference":
+      if cache is None and cfg.attention == "flash":
+        # no [T, S] probabilities kept either: remat="attention" has nothing to recompute
+        out = flash.flash_attention(q, k, v, positions, segment_ids, cfg=cfg, window=window,
+                                    dtype=dt)
+      elif cache is None and cfg.attention != "reference":
         # a fused kernel (models/attention.py): it keeps no [T, S] probabilities, so
         # remat="attention" has nothing to recompute here
         out = attention.attend(q, k, v, segment_ids, cfg=cfg, window=window)

@@ -1,6 +1,8 @@
 """The reference attention (transformer.reference_attention) against a float64 reference
 and against its previous implementation, and the attention kernels (model.attention,
-models/attention.py) against the reference attention.
+models/attention.py) against the reference attention; the segment-aware flash attention
+(models/flash.py) against float64, its key ranges by hand, sharded against one device, and
+in a scanned model with per-layer windows against the unrolled reference model.
 
 Splash runs here only in Pallas interpret mode (`splash_interpret`, CPU): forward and
 gradients on packed rows with padding, GQA, a sliding window, Gemma 2's soft-cap and
@@ -14,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bench.attention_profile import previous_attention
 from sad_jax import sharding
-from sad_jax.models import attention
+from sad_jax.models import attention, flash
 from sad_jax.models import transformer as T
 from tests.models.test_model import GEMMA2, LLAMA, random_params
 from tests.models.test_scan import assert_trees_close
@@ -95,6 +99,14 @@ def test_reference_attention_equals_float64(case, monkeypatch):
           q, k, v, pos, seg, pos, seg, cfg=cfg, window=window, dtype=jnp.float32,
           recompute=c.get("recompute", False), blockwise=c.get("blockwise", True)),
       q, k, v, weight)
+  assert_equals_float64(got_out, got_loss, got_grads, q, k, v, pos, seg, weight, cfg=cfg,
+                        window=window)
+
+
+def assert_equals_float64(got_out, got_loss, got_grads, q, k, v, pos, seg, weight, *, cfg,
+                          window):
+  """Outputs at real tokens, the weighted loss and the q/k/v gradients equal
+  float64_attention's."""
   with jax.enable_x64(True):
     f64 = lambda x: jnp.asarray(np.asarray(x), jnp.float64)
     ref = lambda q, k, v: float64_attention(q, k, v, jnp.asarray(pos), jnp.asarray(seg),
@@ -109,6 +121,97 @@ def test_reference_attention_equals_float64(case, monkeypatch):
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+def test_flash_key_ranges_by_hand():
+  """Row 0: trajectories [0, 40) and [40, 60), padding [60, 64); row 1: one of [0, 64).
+  Query blocks of 16, key blocks of 8: a block needs keys from the earliest segment start
+  among its queries in any row (padding adds none), or from its window's start."""
+  seg = np.array([[1] * 40 + [2] * 20 + [0] * 4, [1] * 64], np.int32)
+  starts = np.asarray(flash.segment_starts(jnp.asarray(seg)))
+  np.testing.assert_array_equal(starts[0], [0] * 40 + [40] * 20 + list(range(60, 64)))
+  np.testing.assert_array_equal(starts[1], [0] * 64)
+  rng = lambda rows, lo, window=None: tuple(int(x) for x in flash.key_block_range(
+      jnp.asarray(flash.segment_starts(jnp.asarray(rows))), window, q_lo=lo, q_hi=lo + 16,
+      bk=8))
+  assert rng(seg, 48) == (0, 8)  # row 1's single trajectory needs every earlier key
+  assert rng(seg[:1], 48) == (5, 8)  # keys [40, 64): block 5 on
+  assert rng(seg[:1], 32) == (0, 6)
+  assert rng(seg[:1], 48, window=4) == (5, 8)  # max(40, 48 + 1 − 4 = 45) → block 5
+  assert rng(seg[1:], 48, window=4) == (5, 8)  # 45 → block 5
+  assert rng(seg[1:], 48, window=17) == (4, 8)  # 32 → block 4
+  assert rng(seg[1:], 48, window=10) == (4, 8)  # query 48 reads key 39 (48 − 39 < 10)
+  assert rng(seg[1:], 48, window=np.int32(2**31 - 1)) == (0, 8)  # a full layer's window
+  padded = np.array([[1] * 16 + [0] * 48], np.int32)
+  assert rng(padded, 48) == (6, 8)  # only padding: its own keys, never an empty range
+
+
+@pytest.mark.parametrize("case", ["gqa", "window", "softcap_query_scale"])
+def test_flash_attention_equals_float64(case):
+  """Query blocks of 16 and key blocks of 8 over packed rows of 1–3 trajectories with
+  padding, each block looping over its rows' key range only: outputs of real tokens, and
+  the q/k/v gradients of a loss that weights only real tokens, equal a float64 softmax
+  attention over whole rows; and a row of fewer trajectories visits more key blocks."""
+  c = REFERENCE_CASES[case]
+  cfg, window = c["cfg"], c["window"]
+  b, t = 2, 64
+  seg, pos = packed_rows(b, t, seed=13)  # 14 of the causal prefix's 20 key blocks
+  q, k, v = qkv(b, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seed=12)
+  weight = jnp.asarray(np.random.default_rng(13).normal(size=q.shape),
+                       jnp.float32) * (seg > 0)[..., None, None]
+  attend = lambda q, k, v: flash.flash_attention(q, k, v, pos, seg, cfg=cfg, window=window,
+                                                 dtype=jnp.float32, bq=16, bk=8)
+  got_out = jax.jit(attend)(q, k, v)
+  got_loss, got_grads = attention_value_and_grad(attend, q, k, v, weight)
+  assert_equals_float64(got_out, got_loss, got_grads, q, k, v, pos, seg, weight, cfg=cfg,
+                        window=window)
+  # the key ranges skip blocks here (else this test would not exercise them)
+  starts = flash.segment_starts(jnp.asarray(seg))
+  visited = sum(int(e) - int(f) for f, e in (
+      flash.key_block_range(starts, window, q_lo=lo, q_hi=lo + 16, bk=8)
+      for lo in range(0, t, 16)))
+  assert visited < 2 + 4 + 6 + 8, visited  # the causal prefix of every block
+
+
+@pytest.mark.parametrize("mesh_shape, q_spec, kv_spec", [
+    ((2, 2, 2), P(("data", "fsdp"), None, "tensor", None),
+     P(("data", "fsdp"), None, "tensor", None)),
+    ((2, 1, 4), P("data", None, "tensor", None), P("data", None, None, None)),
+])
+def test_flash_attention_sharded_equals_one_device(mesh_shape, q_spec, kv_spec):
+  """Rows split over data (and fsdp), query heads over tensor (KV heads too where they
+  divide), a sliding window: the loss and q/k/v gradients, computed from arrays that are
+  really sharded (their specs asserted), equal flash on one device and float64. A block's
+  key range is a minimum over rows that live on other devices."""
+  cfg = LLAMA.replace(head_dim=16)
+  b, t, window = 4, 64, 24
+  seg, pos = packed_rows(b, t, seed=31)
+  q, k, v = qkv(b, t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seed=32)
+  weight = jnp.asarray(np.random.default_rng(33).normal(size=q.shape),
+                       jnp.float32) * (seg > 0)[..., None, None]
+  attend = lambda q, k, v, pos, seg: flash.flash_attention(
+      q, k, v, pos, seg, cfg=cfg, window=window, dtype=jnp.float32, bq=16, bk=8)
+  loss = lambda q, k, v, pos, seg, w: jnp.sum(attend(q, k, v, pos, seg) * w)
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  want_loss, want_grads = jax.jit(grad_fn)(q, k, v, pos, seg, weight)
+  mesh = sharding.make_mesh(mesh_shape)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  rows = P(q_spec[0], None)
+  args = (put(q, q_spec), put(k, kv_spec), put(v, kv_spec), put(jnp.asarray(pos), rows),
+          put(jnp.asarray(seg), rows), put(weight, q_spec))
+  assert args[0].sharding.spec == q_spec and len(args[0].addressable_shards) == 8
+  assert args[0].addressable_shards[0].data.shape == (4 // mesh_shape[0] // mesh_shape[1],
+                                                      t, 4 // mesh_shape[2], 16)
+  with sharding.use_mesh(mesh):
+    got_loss, got_grads = jax.jit(grad_fn, out_shardings=(
+        NamedSharding(mesh, P()), tuple(NamedSharding(mesh, s)
+                                        for s in (q_spec, kv_spec, kv_spec))))(*args)
+  assert got_grads[0].sharding.spec == q_spec
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for name, got, want in zip("qkv", got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{mesh_shape} {name}")
+  assert_equals_float64(jax.jit(attend)(q, k, v, pos, seg), want_loss, want_grads, q, k, v,
+                        pos, seg, weight, cfg=cfg, window=window)
 
 
 @pytest.mark.parametrize("case", ["gqa", "softcap_query_scale"])
@@ -216,7 +319,7 @@ def test_cudnn_call_equals_reference_through_xla():
 
 
 @pytest.mark.parametrize("impl, cfg, dtype, platform, seq_len, match", [
-    ("flash", LLAMA, "bfloat16", "tpu", 512, "unknown attention 'flash'"),
+    ("flash2", LLAMA, "bfloat16", "tpu", 512, "unknown attention 'flash2'"),
     ("splash", LLAMA, "float32", "cpu", 512, "TPU .*splash_interpret"),
     ("splash", LLAMA, "bfloat16", "tpu", 500, "multiple"),
     ("cudnn", LLAMA, "bfloat16", "cpu", 512, "NVIDIA GPUs only"),
@@ -231,7 +334,8 @@ def test_kernels_refuse_what_they_cannot_run(impl, cfg, dtype, platform, seq_len
 
 
 @pytest.mark.parametrize("impl, cfg, dtype, platform", [
-    ("reference", GEMMA2, "float32", "cpu"), ("splash", GEMMA2, "bfloat16", "tpu"),
+    ("reference", GEMMA2, "float32", "cpu"), ("flash", GEMMA2, "float32", "cpu"),
+    ("flash", LLAMA, "bfloat16", "gpu"), ("splash", GEMMA2, "bfloat16", "tpu"),
     ("splash_interpret", LLAMA, "float32", "cpu"), ("cudnn", LLAMA, "bfloat16", "gpu"),
     ("cudnn", LLAMA.replace(sliding_window=64), "float16", "cuda"),
 ])
@@ -263,3 +367,25 @@ def test_decoding_with_a_kernel_configured_uses_the_reference():
   with pytest.raises(Exception, match="interpret mode"):  # the training forward would
     jax.jit(lambda p: T.Transformer(cfg).apply({"params": p}, long_ids)).trace(params).lower(
         lowering_platforms=("cpu",))
+
+
+def test_scanned_gemma2_with_flash_equals_the_reference_model(monkeypatch):
+  """A scanned Gemma 2 with model.attention=flash (query blocks of 32, key blocks of 16, so
+  key ranges skip blocks): soft-capped logits, a sliding and a full layer (the window a
+  traced per-layer scalar), packed rows with padding; loss and every parameter gradient
+  equal the unrolled reference model's."""
+  monkeypatch.setattr(flash, "BQ", 32)
+  monkeypatch.setattr(flash, "BK", 16)
+  b, t = 2, 128
+  seg, pos = packed_rows(b, t, seed=5)  # 16 of the causal prefix's 20 key blocks
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, GEMMA2_W.vocab_size, (b, t)))
+  weight = jnp.asarray(np.random.default_rng(4).normal(
+      size=(b, t, GEMMA2_W.hidden_size)), jnp.float32) * (seg > 0)[..., None]
+  params = random_params(GEMMA2_W)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(
+      lambda p: hidden_loss(GEMMA2_W, p, ids, seg, pos, weight)))(params)
+  cfg = GEMMA2_W.replace(attention="flash")
+  got_loss, got_grads = jax.jit(jax.value_and_grad(
+      lambda p: hidden_loss(cfg, p, ids, seg, pos, weight)))(T.stack_layers(params))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  assert_trees_close(T.unstack_layers(got_grads), want_grads, tol=1e-5)
