@@ -524,7 +524,12 @@ def test_scanned_layers_train_like_unrolled_from_teacher_layers_and_export(train
     losses[scan] = [r["loss"] for r in metrics_lib.read_jsonl(run_dir) if "loss" in r]
     cfg, finals[scan] = checkpoint_io.load_model(os.path.join(run_dir, "final"))
     assert "layers_1" in finals[scan] and "layers" not in finals[scan]
-  np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
+  # the losses before each update: the first two to rounding; the third follows two Adam
+  # updates, which normalise each gradient entry by its own scale, so a tiny entry's
+  # rounding moves its update by up to lr (relative loss differences of 8e-6 with the
+  # reference attention and 2.3e-5 with flash here)
+  np.testing.assert_allclose(losses[True][:2], losses[False][:2], rtol=1e-6)
+  np.testing.assert_allclose(losses[True][2], losses[False][2], rtol=1e-4)
   # three Adam steps normalise each gradient entry by its own scale, so a tiny one's
   # rounding (scan and unrolled sum in different orders) moves its update: 6 of 19,200
   # entries differed by up to 4.7e-5 here (parameters ~0.1), the rest by < 3e-5
