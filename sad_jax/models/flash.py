@@ -32,15 +32,19 @@ BK = 256  # keys per inner-loop step: smaller skips more, larger makes bigger GE
 _NEG = -1e30
 
 
-def _rows(x):
-  """[B, KV, Tq, G, ·] → [B, KV, Tq·G, ·]."""
+def heads_rows(x):
+  """[B, KV, Tq, G, ·] → [B, KV, Tq·G, ·]: a query block's rows of one KV head (the layout
+  both attentions here and in transformer.py feed their GEMMs)."""
   return x.reshape(*x.shape[:2], -1, x.shape[-1])
 
 
-def _keys_major(x_bkds):
-  """[B, KV, hd, S] → [B, S, KV, hd], the GEMM layout XLA's CPU backend ran fastest for a
-  key/value gradient (see transformer._keys_major)."""
+def keys_major(x_bkds):
+  """[B, KV, hd, S] → [B, S, KV, hd]. A key (or value) gradient contracts the query rows;
+  XLA's CPU backend (jax 0.10) ran that GEMM about twice as fast in the [hd, Tq]·[Tq, S]
+  form as in the [S, Tq]·[Tq, hd] one autodiff emits; the barrier keeps XLA from folding
+  this transpose back into the dot."""
   return jax.lax.optimization_barrier(x_bkds).transpose(0, 3, 1, 2)
+
 
 
 def block_sizes(t: int, *, bq: int | None = None, bk: int | None = None) -> tuple[int, int]:
@@ -79,7 +83,7 @@ def _block_logits(q, k_blk, q_pos, q_seg, k_pos, k_seg, window, softcap):
   """Masked logits [B, KV, Tq, G, BK] of a query block against a key block, and the
   soft-capped tanh (None without soft-cap) the backward needs."""
   b, kv, tq, g = q.shape[:4]
-  s = jnp.einsum("bkrd,bskd->bkrs", _rows(q), k_blk,
+  s = jnp.einsum("bkrd,bskd->bkrs", heads_rows(q), k_blk,
                  preferred_element_type=jnp.float32).reshape(b, kv, tq, g, -1)
   capped = None
   if softcap:
@@ -120,7 +124,7 @@ def _forward(q, k, v, pos, seg, window, softcap, dtype, bq, bk):
       # allowed key's block rescales that by exp(_NEG − max) = 0.
       p = jnp.exp(s - m_new)
       corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkrs,bskd->bkrd", _rows(p.astype(dtype)), _slice_keys(v, j, bk),
+      pv = jnp.einsum("bkrs,bskd->bkrd", heads_rows(p.astype(dtype)), _slice_keys(v, j, bk),
                       preferred_element_type=jnp.float32).reshape(acc.shape)
       return acc * corr + pv, m_new, total * corr + jnp.sum(p, axis=-1, keepdims=True)
 
@@ -166,15 +170,15 @@ def _flash_bwd(softcap, dtype, bq, bk, res, d_out):
       s, capped = _block_logits(q_blk, k_blk, q_pos, q_seg, _slice_keys(pos, j, bk),
                                 _slice_keys(seg, j, bk), window, softcap)
       p = jnp.exp(s - lse_blk)
-      d_v_blk = _keys_major(jnp.einsum("bkrd,bkrs->bkds", _rows(do_blk), _rows(p)))
-      d_p = jnp.einsum("bkrd,bskd->bkrs", _rows(do_blk), v_blk,
+      d_v_blk = keys_major(jnp.einsum("bkrd,bkrs->bkds", heads_rows(do_blk), heads_rows(p)))
+      d_p = jnp.einsum("bkrd,bskd->bkrs", heads_rows(do_blk), v_blk,
                        preferred_element_type=f32).reshape(p.shape)
       d_s = p * (d_p - delta_blk)
       if softcap:
         d_s = d_s * (1.0 - capped * capped)
-      d_q = d_q + jnp.einsum("bkrs,bskd->bkrd", _rows(d_s), k_blk,
+      d_q = d_q + jnp.einsum("bkrs,bskd->bkrd", heads_rows(d_s), k_blk,
                              preferred_element_type=f32).reshape(d_q.shape)
-      d_k_blk = _keys_major(jnp.einsum("bkrd,bkrs->bkds", _rows(q_blk), _rows(d_s),
+      d_k_blk = keys_major(jnp.einsum("bkrd,bkrs->bkds", heads_rows(q_blk), heads_rows(d_s),
                                        preferred_element_type=f32))
       return d_q, _add_keys(d_k, d_k_blk, j, bk), _add_keys(d_v, d_v_blk, j, bk)
 

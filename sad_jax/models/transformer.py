@@ -28,6 +28,7 @@ import numpy as np
 
 from sad_jax.models import attention, flash
 from sad_jax.models.config import ModelConfig
+from sad_jax.models.flash import heads_rows, keys_major
 from sad_jax.sharding import constrain
 
 _NEG = -1e30  # masked attention logits / padded vocabulary: exp() is exactly 0
@@ -95,25 +96,12 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
   return allowed
 
 
-def _rows(x):
-  """[B, KV, Tq, G, ·] → [B, KV, Tq·G, ·]: a query block's rows of one KV head."""
-  return x.reshape(*x.shape[:2], -1, x.shape[-1])
-
-
-def _keys_major(x_bkds):
-  """[B, KV, hd, S] → [B, S, KV, hd]. A key (or value) gradient contracts the query rows;
-  XLA's CPU backend (jax 0.10) ran that GEMM about twice as fast in the [hd, Tq]·[Tq, S]
-  form as in the [S, Tq]·[Tq, hd] one autodiff emits; the barrier keeps XLA from folding
-  this transpose back into the dot."""
-  return jax.lax.optimization_barrier(x_bkds).transpose(0, 3, 1, 2)
-
-
 def _attend_block(q, k, v, mask_bts, softcap, dtype):
   """Softmax attention of one query block, and what its backward needs: q [B, KV, Tq, G,
   hd] (scaled), k/v [B, S, KV, hd], mask_bts bool[B, Tq, S]."""
   b, kv, tq, g = q.shape[:4]
   s = k.shape[1]
-  logits = jnp.einsum("bkrd,bskd->bkrs", _rows(q), k,
+  logits = jnp.einsum("bkrd,bskd->bkrs", heads_rows(q), k,
                       preferred_element_type=jnp.float32).reshape(b, kv, tq, g, s)
   capped = None
   if softcap:
@@ -124,7 +112,7 @@ def _attend_block(q, k, v, mask_bts, softcap, dtype):
   # unnormalised: the row sums divide the [Tq, hd] output, not the [Tq, S] probabilities
   p = jnp.exp(logits - m)
   total = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bkrs,bskd->bkrd", _rows(p.astype(dtype)), v,
+  out = jnp.einsum("bkrs,bskd->bkrd", heads_rows(p.astype(dtype)), v,
                    preferred_element_type=jnp.float32).reshape(q.shape) / total
   # a row with no allowed key (padding) averages every value; its logits get no gradient
   return out.astype(dtype), (p, total, m > _NEG / 2, capped)
@@ -147,16 +135,16 @@ def _attend_bwd(softcap, dtype, res, d_out):
   q, k, v, out, p, total, has_key, capped = res
   f32 = jnp.float32
   d_out = d_out.astype(f32) / total
-  d_v = _keys_major(jnp.einsum("bkrd,bkrs->bkds", _rows(d_out), _rows(p)))
+  d_v = keys_major(jnp.einsum("bkrd,bkrs->bkds", heads_rows(d_out), heads_rows(p)))
   d_out = jnp.where(has_key, d_out, 0.0)
   delta = jnp.sum(d_out * out.astype(f32), axis=-1, keepdims=True)
-  d_logits = p * (jnp.einsum("bkrd,bskd->bkrs", _rows(d_out), v,
+  d_logits = p * (jnp.einsum("bkrd,bskd->bkrs", heads_rows(d_out), v,
                              preferred_element_type=f32).reshape(p.shape) - delta)
   if softcap:
     d_logits = d_logits * (1.0 - capped * capped)
-  d_q = jnp.einsum("bkrs,bskd->bkrd", _rows(d_logits), k,
+  d_q = jnp.einsum("bkrs,bskd->bkrd", heads_rows(d_logits), k,
                    preferred_element_type=f32).reshape(q.shape)
-  d_k = _keys_major(jnp.einsum("bkrd,bkrs->bkds", _rows(q), _rows(d_logits),
+  d_k = keys_major(jnp.einsum("bkrd,bkrs->bkds", heads_rows(q), heads_rows(d_logits),
                                preferred_element_type=f32))
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 

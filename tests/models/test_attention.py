@@ -280,19 +280,26 @@ def test_scanned_gemma2_with_splash_equals_the_reference_model():
   """A scanned Gemma 2 with splash: soft-capped logits, a sliding and a full layer (the
   kernel picks the window per scanned layer, both variants compiled), packed rows with
   padding; loss and every parameter gradient equal the unrolled reference model's."""
+  assert_scanned_kernel_equals_the_reference_model("splash_interpret", seed=2, tol=1e-4)
+
+
+def assert_scanned_kernel_equals_the_reference_model(kernel: str, *, seed: int, tol: float):
+  """The scanned GEMMA2_W with model.attention=kernel against the unrolled reference model
+  on packed rows of 128 with padding: the loss of a weighted sum of hidden states and every
+  parameter gradient."""
   b, t = 2, 128
-  seg, pos = packed_rows(b, t, seed=2)
+  seg, pos = packed_rows(b, t, seed=seed)
   ids = jnp.asarray(np.random.default_rng(3).integers(0, GEMMA2_W.vocab_size, (b, t)))
   weight = jnp.asarray(np.random.default_rng(4).normal(
       size=(b, t, GEMMA2_W.hidden_size)), jnp.float32) * (seg > 0)[..., None]
   params = random_params(GEMMA2_W)
   want_loss, want_grads = jax.jit(jax.value_and_grad(
       lambda p: hidden_loss(GEMMA2_W, p, ids, seg, pos, weight)))(params)
-  cfg = GEMMA2_W.replace(attention="splash_interpret")
+  cfg = GEMMA2_W.replace(attention=kernel)
   got_loss, got_grads = jax.jit(jax.value_and_grad(
       lambda p: hidden_loss(cfg, p, ids, seg, pos, weight)))(T.stack_layers(params))
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4)
-  assert_trees_close(T.unstack_layers(got_grads), want_grads, tol=1e-4)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=tol)
+  assert_trees_close(T.unstack_layers(got_grads), want_grads, tol=tol)
 
 
 def test_cudnn_call_equals_reference_through_xla():
@@ -376,16 +383,5 @@ def test_scanned_gemma2_with_flash_equals_the_reference_model(monkeypatch):
   equal the unrolled reference model's."""
   monkeypatch.setattr(flash, "BQ", 32)
   monkeypatch.setattr(flash, "BK", 16)
-  b, t = 2, 128
-  seg, pos = packed_rows(b, t, seed=5)  # 16 of the causal prefix's 20 key blocks
-  ids = jnp.asarray(np.random.default_rng(3).integers(0, GEMMA2_W.vocab_size, (b, t)))
-  weight = jnp.asarray(np.random.default_rng(4).normal(
-      size=(b, t, GEMMA2_W.hidden_size)), jnp.float32) * (seg > 0)[..., None]
-  params = random_params(GEMMA2_W)
-  want_loss, want_grads = jax.jit(jax.value_and_grad(
-      lambda p: hidden_loss(GEMMA2_W, p, ids, seg, pos, weight)))(params)
-  cfg = GEMMA2_W.replace(attention="flash")
-  got_loss, got_grads = jax.jit(jax.value_and_grad(
-      lambda p: hidden_loss(cfg, p, ids, seg, pos, weight)))(T.stack_layers(params))
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-  assert_trees_close(T.unstack_layers(got_grads), want_grads, tol=1e-5)
+  # rows of seed 5 visit 16 of the causal prefix's 20 key blocks
+  assert_scanned_kernel_equals_the_reference_model("flash", seed=5, tol=1e-5)
