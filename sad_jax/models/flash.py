@@ -46,7 +46,6 @@ def keys_major(x_bkds):
   return jax.lax.optimization_barrier(x_bkds).transpose(0, 3, 1, 2)
 
 
-
 def block_sizes(t: int, *, bq: int | None = None, bk: int | None = None) -> tuple[int, int]:
   """(query block, key block) for rows of t tokens: BQ and BK by default; one block when t
   is not a multiple of the query block, whole query blocks when BK does not divide it."""
@@ -55,6 +54,16 @@ def block_sizes(t: int, *, bq: int | None = None, bk: int | None = None) -> tupl
     bq = t
   bk = min(bk or BK, bq)
   return bq, (bk if bq % bk == 0 else bq)
+
+
+def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
+  """bool[B, T, S]: causal by position, within one segment (0 = padding), and within
+  the sliding window when given (key within the last `window` positions)."""
+  allowed = (k_pos[:, None, :] <= q_pos[:, :, None])
+  allowed &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+  if window is not None:
+    allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  return allowed
 
 
 def segment_starts(segment_ids_bt):
@@ -89,10 +98,7 @@ def _block_logits(q, k_blk, q_pos, q_seg, k_pos, k_seg, window, softcap):
   if softcap:
     capped = jnp.tanh(s / softcap)
     s = softcap * capped
-  allowed = (k_pos[:, None, :] <= q_pos[:, :, None])
-  allowed &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
-  if window is not None:
-    allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  allowed = attention_mask(q_pos, k_pos, q_seg, k_seg, window)
   return jnp.where(allowed[:, None, :, None, :], s, _NEG), capped
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from sad_jax.models import attention, flash
 from sad_jax.models.config import ModelConfig
-from sad_jax.models.flash import heads_rows, keys_major
+from sad_jax.models.flash import attention_mask, heads_rows, keys_major
 from sad_jax.sharding import constrain
 
 _NEG = -1e30  # masked attention logits / padded vocabulary: exp() is exactly 0
@@ -84,16 +84,6 @@ def apply_rope(x, positions_bt, inv_freq):
   rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
   out = (xr * cos + rotated * sin).astype(x.dtype)
   return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
-
-
-def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
-  """bool[B, T, S]: causal by position, within one segment (0 = padding), and within
-  the sliding window when given (key within the last `window` positions)."""
-  allowed = (k_pos[:, None, :] <= q_pos[:, :, None])
-  allowed &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
-  if window is not None:
-    allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-  return allowed
 
 
 def _attend_block(q, k, v, mask_bts, softcap, dtype):
