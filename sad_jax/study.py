@@ -15,8 +15,10 @@ The method's protocol, in stages (a rerun checks each stage's outputs and skips 
   5. store       the teacher's top-k log-probs on those trajectories (reason, action, answer)
   6. cells       arm × seed × budget: a student trained on the shared dataset and store, then
                  played on the DEV fold. Each arm's budget is chosen there (best mean dev
-                 success over its seeds; the smaller budget on a tie); arms with no budgets of
-                 their own (the ablations) take the reference arm's.
+                 success over its seeds; the smaller budget on a tie); an arm whose best is
+                 its largest budget trains the next of `more_budgets` (its curve has not
+                 flattened yet); arms with no budgets of their own (the ablations) take the
+                 reference arm's.
   7. test        the chosen cells (and the teacher) play the TEST fold: the reported figures.
   8. report      results.jsonl (one line per cell and game), report.md with bootstrap intervals
                  over games and seeds, paired differences against the reference arm, verdicts
@@ -482,6 +484,26 @@ def choose_budget(records: list[dict]) -> tuple[int, dict[int, float]]:
   return min(n for n, v in curve.items() if v == best), curve
 
 
+def invocations(work: str) -> list[dict]:
+  """The study's earlier invocations in `work` (each appends a line when it ends)."""
+  path = os.path.join(work, "invocations.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a crash
+        out.append(json.loads(line))
+  return out
+
+
+def still_rising(own: list, budgets: dict[str, list[int]], records: dict[str, dict],
+                 extra: int) -> list:
+  """The arms whose best budget on dev is their largest one, smaller than `extra`."""
+  return [a for a in own if extra > max(budgets[a.name]) and choose_budget(
+      [records[x.name] for x in cells_of(a, budgets[a.name])])[0] == max(budgets[a.name])]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -> str:
   """The whole study; returns the report's text. `command`: what the report says ran it."""
   t0 = _START[0] = time.perf_counter()
@@ -500,10 +522,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -
   if repo not in sys.path:
     sys.path.insert(0, repo)  # configs/
   ev = Evaluator(config)
+  started = time.time()
   try:
     return _run(work, config, ev, t0, command or f"sad-jax study ({config.name})")
   finally:
     ev.close()
+    # a study resumed over days: its report sums the wall time of every invocation
+    with open(os.path.join(work, "invocations.jsonl"), "a") as f:
+      f.write(json.dumps({"started": started, "seconds": time.perf_counter() - t0,
+                          "command": command}) + "\n")
     for k, v in saved.items():
       jax.config.update(k, v)
 
@@ -545,10 +572,26 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
   records: dict[str, dict] = {}
   for i, cell in enumerate(plan):
     records[cell.name] = run_cell(work, c, cell, shared, ev, ("dev",), f"{i + 1}/{len(plan)}")
+  # a curve that still rises at its largest budget has not shown its plateau: such an arm
+  # trains the next of `more_budgets`, all its seeds, until its best budget is not its last
+  budgets = {a.name: [int(n) for n in a.budgets] for a in own}
+  for extra in c.get("more_budgets", ()):
+    rising = still_rising(own, budgets, records, extra)
+    if not rising:
+      break
+    _say(f"  dev curves still rising at their largest budget: "
+         f"{', '.join(a.name for a in rising)}; adding {extra} steps")
+    more = sorted((cell for a in rising for cell in cells_of(a, (extra,))),
+                  key=lambda x: (x.seed, order[x.arm]))
+    for i, cell in enumerate(more):
+      records[cell.name] = run_cell(work, c, cell, shared, ev, ("dev",),
+                                    f"{extra} steps: {i + 1}/{len(more)}")
+    for a in rising:
+      budgets[a.name].append(extra)
   chosen, curves = {}, {}
   for a in own:
     chosen[a.name], curves[a.name] = choose_budget(
-        [records[x.name] for x in cells_of(a, a.budgets)])
+        [records[x.name] for x in cells_of(a, budgets[a.name])])
   for a in arm_list:
     if len(a.budgets) == 1:
       chosen[a.name] = int(a.budgets[0])

@@ -145,12 +145,19 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
     crows.append(f"| {arm} | " + " | ".join(cells) + " |")
   ctable = "\n".join(crows) if curves else (
       "No arm had budgets to choose between: each arm trained for its one budget.")
+  top = [f"{arm} ({max(curve)} steps)" for arm, curve in curves.items()
+         if len(curve) > 1 and chosen[arm] == max(curve)]
+  if top:  # `more_budgets` ran out: the study cannot say where these curves flatten
+    ctable += ("\n\n**Not flattened:** best at the largest budget trained: "
+               f"{', '.join(top)}. A larger budget may do better on dev.")
 
   _plots(work, curve_est, est)
   cpus = collections.Counter(r.get("trained_on", "not recorded") for r in records.values())
   trained_on = "; ".join(f"{k}: {v} cells" for k, v in sorted(cpus.items()))
   n_seeds = {a.name: len(a.seeds) for a in arm_list}
   when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  before = study.invocations(work)
+  total = (sum(x["seconds"] for x in before) + seconds) / 60
   import jax
 
   protocol = ("the teacher's own successful train-fold episodes (the method's protocol)"
@@ -159,8 +166,9 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   md = f"""# sad-jax study: {c.name}
 
 Command: `{command}` · {when} · CPU: {metrics.cpu_model()} ({os.cpu_count()} cores) ·
-jax {jax.__version__} · this invocation's wall time {seconds / 60:.1f} min (stages that a
-rerun found done take no time; each cell's own times are in its run folder).
+jax {jax.__version__} · wall time: this invocation {seconds / 60:.1f} min, all
+{len(before) + 1} recorded invocations {total:.1f} min (a rerun skips the stages it finds
+done; each cell's own times are in its run folder).
 
 Environment: `{c.env}`. The teacher ({t_params / 1e6:.2f} M parameters) is trained
 {c.teacher.steps} steps on {c.expert.episodes} expert episodes; the students

@@ -71,6 +71,25 @@ def test_the_budget_is_chosen_on_dev_the_smaller_on_a_tie():
   assert curve == {100: 0.25, 200: 0.75, 300: 0.75, 400: 0.25} and best == 200
 
 
+def test_an_arm_whose_best_budget_is_its_largest_trains_the_next_one():
+  arm = __import__("configs.study_coin", fromlist=["arm"]).arm
+  own = [arm("sad", "sad", seeds=(0, 1), budgets=(100, 200)),
+         arm("sft", "sft", seeds=(0, 1), budgets=(100, 200))]
+  records = {}
+  for name, dev in (("sad", {100: [1, 1, 0], 200: [1, 0, 0]}),     # flattened: 100 is best
+                    ("sft", {100: [0, 0, 1], 200: [1, 1, 0]})):    # still rising at 200
+    for s in (0, 1):
+      for n, won in dev.items():
+        records[f"{name}_s{s}_n{n}"] = _rec(name, s, n, won)
+  budgets = {"sad": [100, 200], "sft": [100, 200]}
+  assert [a.name for a in study.still_rising(own, budgets, records, 400)] == ["sft"]
+  assert study.still_rising(own, budgets, records, 200) == []   # no larger budget to add
+  for s in (0, 1):   # after 400 steps sft is best at 200: no further budget
+    records[f"sft_s{s}_n400"] = _rec("sft", s, 400, [1, 0, 0])
+  budgets["sft"].append(400)
+  assert study.still_rising(own, budgets, records, 800) == []
+
+
 def test_results_lines_hold_one_line_per_cell_and_game_and_mismatched_games_are_refused():
   records = {"sad_s0_n100": _rec("sad", 0, 100, [1, 0], [1, 1, 0])}
   teacher = {"dev": {"games": [{"task": 7, "won": True, "steps": 2}] * 2}}
@@ -103,6 +122,7 @@ def tiny_config(tmp_env_games: int = 2):
     if a.budgets:  # sad chooses between two budgets on dev; token_kd and sft have one
       a.budgets = (2, 3) if a.name == "sad" else (2,)
   c.eval.dev_games = c.eval.test_games = tmp_env_games
+  c.more_budgets = (4,)  # sad's best is its smaller budget (asserted below): none is added
   c.eval.max_steps, c.eval.batch, c.eval.max_new_tokens = 1, 2, 8
   c.lock()
   return c
@@ -153,8 +173,10 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert out.count("already trained") == 1 + 2 + 4  # teacher; 2 cells on dev, 4 on test
   assert out.count("already done") == 3 and out.count("already complete") == 2
   assert "steps in" not in out and "episodes: success" not in out  # nothing retrained/replayed
-  # a rerun keeps the processor that trained each cell
-  assert f"Students trained on: {cpu_model()}: 5 cells." in (work / "report.md").read_text()
+  # a rerun keeps the processor that trained each cell, and sums both invocations' time
+  report = (work / "report.md").read_text()
+  assert f"Students trained on: {cpu_model()}: 5 cells." in report
+  assert "all\n2 recorded invocations" in report and len(study.invocations(str(work))) == 2
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
