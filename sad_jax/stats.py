@@ -57,14 +57,17 @@ def replicates(won: Mapping[str, np.ndarray], *, reps: int = 10_000,
     raise ValueError(f"models played different numbers of games: {sorted(games)}")
   (n_games,) = games
   rng = np.random.default_rng(seed)
-  game_w = _counts(rng.integers(0, n_games, size=(reps, n_games)), n_games) / n_games
+  # Sums of integer draw counts, divided once: for 0/1 outcomes every sum is exact, so two
+  # models tied in a replicate differ by exactly 0 (sums of 1/n weights differed by ±1e-16,
+  # and an interval's bound of +1e-16 reads as a win).
+  game_c = _counts(rng.integers(0, n_games, size=(reps, n_games)), n_games)
   out = {}
   for name in sorted(won):  # a fixed order: the same draws for the same inputs
     w = np.asarray(won[name], np.float64)
     n_seeds = w.shape[0]
-    seed_w = _counts(rng.integers(0, n_seeds, size=(reps, n_seeds)), n_seeds) / n_seeds
-    per_seed = game_w @ w.T  # [R, S]: each seed's mean over the drawn games
-    out[name] = np.sum(per_seed * seed_w, axis=1)
+    seed_c = _counts(rng.integers(0, n_seeds, size=(reps, n_seeds)), n_seeds)
+    per_seed = game_c @ w.T  # [R, S]: each seed's wins over the drawn games
+    out[name] = np.sum(per_seed * seed_c, axis=1) / (n_games * n_seeds)
   return out
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fractions
 import functools
 import io
 import json
@@ -476,12 +477,14 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
 
 def choose_budget(records: list[dict]) -> tuple[int, dict[int, float]]:
   """The budget with the best mean dev success over seeds (the smaller one on a tie)."""
-  by: dict[int, list[float]] = {}
-  for r in records:
-    by.setdefault(r["cell"]["steps"], []).append(r["dev"]["success_rate"])
-  curve = {n: float(np.mean(v)) for n, v in sorted(by.items())}
-  best = max(curve.values())
-  return min(n for n, v in curve.items() if v == best), curve
+  by: dict[int, list[fractions.Fraction]] = {}
+  for r in records:  # exact rates: a tie must not be broken by float rounding
+    games = r["dev"]["games"]
+    by.setdefault(r["cell"]["steps"], []).append(
+        fractions.Fraction(sum(bool(g["won"]) for g in games), len(games)))
+  exact = {n: sum(v) / len(v) for n, v in sorted(by.items())}
+  best = max(exact.values())
+  return min(n for n, v in exact.items() if v == best), {n: float(v) for n, v in exact.items()}
 
 
 def invocations(work: str) -> list[dict]:

@@ -29,6 +29,32 @@ def won_matrix(evals: list[dict]) -> np.ndarray:
   return np.array([[float(g["won"]) for g in e["games"]] for e in evals])
 
 
+def same_games(evals: dict[str, list[dict]]) -> None:
+  """Every model's evaluations played the same games in the same order (the pairing)."""
+  tasks = {name: {tuple(g["task"] for g in e["games"]) for e in es} for name, es in evals.items()}
+  mixed = sorted(name for name, t in tasks.items() if len(t) > 1)
+  if mixed:
+    raise ValueError(f"the seeds of {', '.join(mixed)} did not play the same games")
+  first = next(iter(tasks), None)
+  odd = sorted(name for name, t in tasks.items() if t != tasks[first])
+  if odd:
+    raise ValueError(f"models did not play the same games: {', '.join(odd)} differ from "
+                     f"{first}")
+
+
+def comparisons(won: dict[str, np.ndarray], reference: str,
+                rivals: list[str]) -> tuple[str, list[str]]:
+  """The paired differences reference − rival: a markdown table and its verdict lines."""
+  diffs = stats.paired_differences(won, [(reference, n) for n in rivals])
+  rows = ["| comparison (test) | difference, points [95% CI] | verdict |", "|---|---:|---|"]
+  lines = []
+  for (a, b), d in diffs.items():
+    v = stats.verdict(a, b, d)
+    lines.append(f"{a} − {b}: {d.points()} → {v}")
+    rows.append(f"| {a} − {b} | {d.points()} | {v} |")
+  return "\n".join(rows), lines
+
+
 def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
   lines = []
   for split in ("dev", "test"):
@@ -73,15 +99,18 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
       f.write(json.dumps(line) + "\n")
 
   names = [a.name for a in arm_list]
-  test = {a: won_matrix([r["test"] for r in _arm_records(records, a, chosen[a])]) for a in names}
-  test["teacher"] = won_matrix([teacher["test"]])
+  test_evals = {a: [r["test"] for r in _arm_records(records, a, chosen[a])] for a in names}
+  test_evals["teacher"] = [teacher["test"]]
+  same_games(test_evals)
+  test = {a: won_matrix(es) for a, es in test_evals.items()}
   est = stats.success(test)
   rivals = [n for n in names if n != c.reference] + ["teacher"]
-  diffs = stats.paired_differences(test, [(c.reference, n) for n in rivals])
   # dev success where the arm played dev (arms with a budget to choose)
-  dev = {a: won_matrix([r["dev"] for r in rs]) for a in names
-         if (rs := _arm_records(records, a, chosen[a])) and all("dev" in r for r in rs)}
-  dev["teacher"] = won_matrix([teacher["dev"]])
+  dev_evals = {a: [r["dev"] for r in rs] for a in names
+               if (rs := _arm_records(records, a, chosen[a])) and all("dev" in r for r in rs)}
+  dev_evals["teacher"] = [teacher["dev"]]
+  same_games(dev_evals)
+  dev = {a: won_matrix(es) for a, es in dev_evals.items()}
   dev_est = stats.success(dev)
 
   first = _arm_records(records, c.reference, chosen[c.reference])[0]["cell"]
@@ -118,13 +147,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
               f"{100 * teacher['test']['invalid_action_rate']:.0f}% |")
   table = "\n".join(rows)
 
-  drows = ["| comparison (test) | difference, points [95% CI] | verdict |", "|---|---:|---|"]
-  verdicts = []
-  for (a, b), d in diffs.items():
-    v = stats.verdict(a, b, d)
-    verdicts.append(f"{a} − {b}: {d.points()} → {v}")
-    drows.append(f"| {a} − {b} | {d.points()} | {v} |")
-  dtable = "\n".join(drows)
+  dtable, verdicts = comparisons(test, c.reference, rivals)
 
   # learning curves on dev: each budget of the arms that had their own
   crows = ["| arm | " + " | ".join(f"{n} steps" for n in sorted({n for v in curves.values()
@@ -155,6 +178,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   cpus = collections.Counter(r.get("trained_on", "not recorded") for r in records.values())
   trained_on = "; ".join(f"{k}: {v} cells" for k, v in sorted(cpus.items()))
   n_seeds = {a.name: len(a.seeds) for a in arm_list}
+  primary = ", ".join(a.name for a in arm_list if a.objective in ("token_kd", "sft")) or "none"
   when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
   before = study.invocations(work)
   total = (sum(x["seconds"] for x in before) + seconds) / 60
@@ -179,6 +203,9 @@ teacher's top-{c.store_k} log-probs on reason and action tokens. Every model pla
 
 {SPLITS_NOTE} Intervals: 95% bootstrap over games (shared by all models: differences are
 paired) and seeds. A ranking is written only where a difference's interval excludes zero.
+The primary comparisons are {c.reference} against the flat objectives ({primary}); the
+others are secondary: each interval is 95% on its own, with no correction for the number of
+comparisons.
 
 {PROCESSOR_NOTE} Students trained on: {trained_on}.
 

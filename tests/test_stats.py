@@ -76,3 +76,20 @@ def test_verdicts_follow_the_interval_only():
 def test_models_must_play_the_same_number_of_games():
   with pytest.raises(ValueError, match="different numbers of games"):
     stats.replicates({"a": np.ones((1, 4)), "b": np.ones((1, 5))})
+
+
+def test_a_tie_in_every_low_replicate_is_exactly_zero_not_rounding_noise():
+  """a (2 identical seeds) wins games 0–37 of 39, b (1 seed) the same but game 37. A
+  replicate's difference is (draws of game 37)/39 ≥ 0 and is 0 whenever game 37 is not
+  drawn, (38/39)^39 ≈ 36% of replicates: the lower bound is 0 and the verdict none.
+  Means computed as sums of game and seed weights once made such ties +1.1e-16 (every seed
+  below), which read as "a ahead"."""
+  a = np.zeros((2, 39))
+  a[:, :38] = 1.0
+  b = a[:1].copy()
+  b[0, 37] = 0.0
+  for seed in range(6):
+    d = stats.paired_differences({"a": a, "b": b}, [("a", "b")], reps=4000,
+                                 seed=seed)[("a", "b")]
+    assert d.lo == 0.0 and d.hi > 0.0, seed
+    assert stats.verdict("a", "b", d) == "no significant difference"

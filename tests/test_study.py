@@ -69,6 +69,12 @@ def test_the_budget_is_chosen_on_dev_the_smaller_on_a_tie():
           ((100, [0, 0, 1, 0]), (200, [1, 1, 1, 0]), (300, [1, 1, 0, 1]), (400, [0, 1, 0, 0]))]
   best, curve = study.choose_budget(recs)
   assert curve == {100: 0.25, 200: 0.75, 300: 0.75, 400: 0.25} and best == 200
+  # 10 games, seeds winning 3/2/1 and 1/2/3: a tie; means of float rates once differed in
+  # the last bit (0.19999999999999998 against 0.20000000000000004) and chose 200
+  won = lambda k: [1] * k + [0] * (10 - k)
+  recs = [_rec("sad", s, n, won(k)) for n, ks in ((100, (3, 2, 1)), (200, (1, 2, 3)))
+          for s, k in enumerate(ks)]
+  assert study.choose_budget(recs)[0] == 100
 
 
 def test_an_arm_whose_best_budget_is_its_largest_trains_the_next_one():
@@ -102,6 +108,29 @@ def test_results_lines_hold_one_line_per_cell_and_game_and_mismatched_games_are_
   other = _rec("sad", 1, 100, [1, 0], [1, 1])["test"]
   with pytest.raises(ValueError, match="same games"):
     study_report.won_matrix([records["sad_s0_n100"]["test"], other])
+
+
+def test_verdict_lines_on_constructed_results():
+  """The report's comparisons on constructed outcomes, reference − rival, teacher included:
+  a rival that loses every game the reference wins, one that wins them all, and a twin."""
+  ref = np.array([[1.0, 1.0, 0.0, 1.0] * 8] * 3)
+  won = {"sad": ref, "sft": np.zeros((3, 32)), "token_kd": np.ones((3, 32)),
+         "twin": ref.copy(), "teacher": ref[:1].copy()}
+  table, lines = study_report.comparisons(won, "sad", ["sft", "token_kd", "twin", "teacher"])
+  assert lines == ["sad − sft: +75.0 [+59.4, +87.5] → sad ahead",
+                   "sad − token_kd: -25.0 [-40.6, -12.5] → token_kd ahead",
+                   "sad − twin: +0.0 [+0.0, +0.0] → no significant difference",
+                   "sad − teacher: +0.0 [+0.0, +0.0] → no significant difference"]
+  assert table.splitlines()[2] == "| sad − sft | +75.0 [+59.4, +87.5] | sad ahead |"
+
+
+def test_the_report_refuses_models_that_played_other_games():
+  ev = lambda tasks: {"games": [{"task": t, "won": True, "steps": 1} for t in tasks]}
+  study_report.same_games({"sad": [ev([1, 2]), ev([1, 2])], "teacher": [ev([1, 2])]})
+  with pytest.raises(ValueError, match="did not play the same games: teacher differ"):
+    study_report.same_games({"sad": [ev([1, 2])], "teacher": [ev([2, 1])]})
+  with pytest.raises(ValueError, match="the seeds of sad did not play"):
+    study_report.same_games({"sad": [ev([1, 2]), ev([1, 3])], "teacher": [ev([1, 2])]})
 
 
 def tiny_config(tmp_env_games: int = 2):
