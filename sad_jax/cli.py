@@ -426,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extra --config.a.b=v arguments override the study config.")
   stu.add_argument("--config", required=True, metavar="configs/study_X.py[:arg]")
   stu.add_argument("--workdir", default=None, help="default: runs/study/NAME")
+  stu.add_argument("--replicate", default=None, metavar="DIR_OR_RESULTS",
+                   help="an earlier run's folder or results.jsonl[.gz] (e.g. another CPU's): "
+                   "train and test the arms it tested at its budgets and seeds, and report "
+                   "this run against its intervals")
+  stu.add_argument("--arms", default=None, metavar="A,B,…",
+                   help="run only these arms (the reference among them)")
   stu.set_defaults(func=_cmd_study, takes_overrides=True)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")

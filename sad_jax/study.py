@@ -507,8 +507,111 @@ def still_rising(own: list, budgets: dict[str, list[int]], records: dict[str, di
       [records[x.name] for x in cells_of(a, budgets[a.name])])[0] == max(budgets[a.name])]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -> str:
-  """The whole study; returns the report's text. `command`: what the report says ran it."""
+# ----------------------------------------------------------------------------- replication
+
+
+def _results_path(path: str) -> str:
+  if not os.path.isdir(path):
+    return path
+  for name in ("results.jsonl", "results.jsonl.gz"):
+    if os.path.exists(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise DataError("no results.jsonl or results.jsonl.gz here: not a study's output folder",
+                  path=path)
+
+
+def reference_run(path: str) -> dict:
+  """An earlier run of a study, to replicate (`--replicate`): its results.jsonl[.gz] or the
+  folder holding it. Returns each arm's test budget and seeds, each model's [seeds, games]
+  test outcomes (the teacher as "teacher"), the games, and the CPU its report.md names."""
+  import gzip
+  import re
+
+  path = _results_path(path)
+  cells: dict[str, dict] = {}
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      for i, line in enumerate(f, 1):
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"not JSON: {e.msg}", path=path, record=i) from None
+        for key in ("cell", "arm", "seed", "steps", "split", "task", "won"):
+          if key not in r:
+            raise DataError("missing", path=path, record=i, field=key)
+        if r["split"] != "test":
+          continue
+        cell = cells.setdefault(r["cell"], {"arm": r["arm"], "seed": r["seed"],
+                                            "steps": r["steps"], "games": []})
+        cell["games"].append((r["task"], bool(r["won"])))
+  except OSError as e:
+    raise DataError(f"cannot read: {e.strerror}", path=path) from None
+  by_arm: dict[str, list[dict]] = {}
+  for c in cells.values():
+    by_arm.setdefault(c["arm"], []).append(c)
+  if "teacher" not in by_arm:
+    raise DataError("no teacher test games: not a finished study's results", path=path,
+                    field="arm")
+  tasks = {tuple(t for t, _ in c["games"]) for c in cells.values()}
+  if len(tasks) != 1:
+    raise DataError("its models did not play the same test games", path=path, field="task")
+  chosen, seeds, won = {}, {}, {}
+  for arm, cs in by_arm.items():
+    steps = {c["steps"] for c in cs}
+    if len(steps) != 1:
+      raise DataError(f"arm {arm} has test cells at several budgets: {sorted(steps)}",
+                      path=path, field="steps")
+    cs.sort(key=lambda c: -1 if c["seed"] is None else c["seed"])
+    won[arm] = np.array([[float(w) for _, w in c["games"]] for c in cs])
+    if arm != "teacher":
+      chosen[arm], seeds[arm] = int(steps.pop()), [int(c["seed"]) for c in cs]
+  report = os.path.join(os.path.dirname(path), "report.md")
+  cpu = "not recorded"
+  if os.path.exists(report):
+    with open(report, encoding="utf-8") as f:
+      if m := re.search(r"CPU: (.+?) \(\d+ cores\)", f.read()):
+        cpu = m.group(1)
+  return {"path": path, "cpu": cpu, "chosen": chosen, "seeds": seeds, "won": won,
+          "tasks": list(next(iter(tasks)))}
+
+
+def replication_arms(arm_list: list, ref: dict, names: list[str] | None,
+                     reference: str) -> list:
+  """The config's arms that the earlier run tested (or the `names` among them), each with
+  the earlier run's seeds; the reference arm must be among them."""
+  have = [a for a in arm_list if a.name in ref["chosen"]]
+  if names is not None:
+    unknown = sorted(set(names) - {a.name for a in have})
+    if unknown:
+      raise DataError(f"arms {unknown} are not arms of both this config and the earlier run "
+                      f"(it tested {sorted(ref['chosen'])})", path=ref["path"], field="arm")
+    have = [a for a in have if a.name in names]
+  if reference not in {a.name for a in have}:
+    raise DataError(f"the reference arm {reference!r} must be replicated", path=ref["path"],
+                    field="arm")
+  return [ml_collections.ConfigDict({**a.to_dict(), "seeds": tuple(ref["seeds"][a.name])})
+          for a in have]
+
+
+def select_arms(arm_list: list, names: list[str] | None, reference: str) -> list:
+  """`--arms`: run only these arms (the reference among them)."""
+  if names is None:
+    return arm_list
+  unknown = sorted(set(names) - {a.name for a in arm_list})
+  if unknown or reference not in names:
+    raise DataError(f"--arms must name arms of the config, the reference {reference!r} among "
+                    f"them; unknown: {unknown}", field="config.arms")
+  return [a for a in arm_list if a.name in names]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
+        replicate: str | None = None, only: list[str] | None = None) -> str:
+  """The whole study; returns the report's text. `command`: what the report says ran it.
+
+  replicate: an earlier run's results (another CPU's): train and test the arms it tested
+  at its budgets and seeds (no dev cells), and report this run against its intervals.
+  only: run these arms (names), not all of the config's."""
   t0 = _START[0] = time.perf_counter()
   work = os.path.abspath(workdir)
   os.makedirs(work, exist_ok=True)
@@ -527,7 +630,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -
   ev = Evaluator(config)
   started = time.time()
   try:
-    return _run(work, config, ev, t0, command or f"sad-jax study ({config.name})")
+    return _run(work, config, ev, t0, command or f"sad-jax study ({config.name})",
+                ref=reference_run(replicate) if replicate else None, only=only)
   finally:
     ev.close()
     # a study resumed over days: its report sums the wall time of every invocation
@@ -538,8 +642,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "") -
       jax.config.update(k, v)
 
 
-def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
+def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | None,
+         only: list[str] | None) -> str:
   arm_list = arms(c)
+  if ref is None:
+    arm_list = select_arms(arm_list, only, c.reference)
+  else:
+    arm_list = replication_arms(arm_list, ref, only, c.reference)
+    _say(f"replicating {ref['path']} (trained on {ref['cpu']}): "
+         + ", ".join(f"{a.name} {ref['chosen'][a.name]} steps × {len(a.seeds)} seeds"
+                     for a in arm_list) + "; budgets as it chose them on dev")
   _say(f"sad-jax study {c.name}: workdir {work}; protocol: students learn from the "
        f"{'teacher' if c.protocol == 'teacher' else 'expert (oracle)'}'s trajectories")
   expert = stage_expert(work, c)
@@ -564,7 +676,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
 
   # dev: every budget of the arms that have a choice to make (two budgets or more); then
   # each arm's choice. An arm with one budget takes it; one with none takes the reference's.
-  own = [a for a in arm_list if len(a.budgets) > 1]
+  own = [a for a in arm_list if len(a.budgets) > 1 and ref is None]
   # seed-major order: a study stopped part-way has whole learning curves for its first seeds
   order = {a.name: i for i, a in enumerate(own)}
   plan = sorted((cell for a in own for cell in cells_of(a, a.budgets)),
@@ -596,11 +708,13 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
     chosen[a.name], curves[a.name] = choose_budget(
         [records[x.name] for x in cells_of(a, budgets[a.name])])
   for a in arm_list:
-    if len(a.budgets) == 1:
+    if ref is not None:
+      chosen[a.name] = ref["chosen"][a.name]
+    elif len(a.budgets) == 1:
       chosen[a.name] = int(a.budgets[0])
   for a in arm_list:
     chosen.setdefault(a.name, chosen[c.reference])
-  how = {a.name: budget_source(a, c.reference) for a in arm_list}
+  how = {a.name: "earlier run" if ref else budget_source(a, c.reference) for a in arm_list}
   _say("  budgets: " + ", ".join(f"{k} {v} ({how[k]})" for k, v in chosen.items()))
 
   # test: the chosen cells, reference's rivals first, ablations after
@@ -624,7 +738,8 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str) -> str:
                             curves=curves, teacher={"dev": teacher_dev, "test": teacher_test,
                                                     "spans": teacher_spans,
                                                     "folder": teacher},
-                            seconds=time.perf_counter() - t0, command=command)
+                            seconds=time.perf_counter() - t0, command=command,
+                            replication=ref)
   _say(text)
   _say(f"report: {os.path.join(work, 'report.md')}; {(time.perf_counter() - t0) / 60:.1f} min")
   return text
@@ -634,6 +749,10 @@ def main_args(args, overrides) -> int:
   from sad_jax import configlib
 
   config = configlib.load(args.config, overrides)
-  run(config, args.workdir or os.path.join("runs", "study", config.name),
-      command=" ".join(["sad-jax study --config", args.config, *overrides]))
+  extra = ([f"--replicate {args.replicate}"] if args.replicate else []) + (
+      [f"--arms {args.arms}"] if args.arms else [])
+  run(config, args.workdir or os.path.join(
+      "runs", "study", config.name + ("_replication" if args.replicate else "")),
+      command=" ".join(["sad-jax study --config", args.config, *extra, *overrides]),
+      replicate=args.replicate, only=args.arms.split(",") if args.arms else None)
   return 0

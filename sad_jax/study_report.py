@@ -55,6 +55,46 @@ def comparisons(won: dict[str, np.ndarray], reference: str,
   return "\n".join(rows), lines
 
 
+def replication_table(earlier: dict[str, np.ndarray], here: dict[str, np.ndarray], reference: str,
+                rivals: list[str]) -> tuple[str, list[str]]:
+  """This run against an earlier run of the same study (another CPU): for each model and
+  each difference reference − rival, both figures and whether this one lies inside the
+  earlier 95% interval; for each model, this − earlier paired over the shared games (the
+  seeds of the two runs are different draws). Returns a markdown table and the figures of
+  this run that lie outside."""
+  models = [m for m in (reference, *rivals) if m in earlier and m in here]
+  won = {**{f"earlier {m}": earlier[m] for m in models}, **{f"this {m}": here[m] for m in models}}
+  est = stats.success(won)
+  shift = stats.paired_differences(won, [(f"this {m}", f"earlier {m}") for m in models])
+  pairs = [(reference, m) for m in models if m != reference]
+  d_earlier = stats.paired_differences(earlier, pairs)
+  d_here = stats.paired_differences(here, pairs)
+  rows = ["| figure (test) | earlier run [95% CI] | this run [95% CI] | inside the earlier "
+          "interval | this − earlier, paired [95% CI] |", "|---|---:|---:|---|---:|"]
+  outside = []
+
+  def inside(x: float, e: stats.Estimate) -> bool:
+    return e.lo <= x <= e.hi
+
+  for m in models:
+    e, h = est[f"earlier {m}"], est[f"this {m}"]
+    ok = inside(h.mean, e)
+    if not ok:
+      outside.append(f"{m} success {100 * h.mean:.1f}% (earlier {e.pct()})")
+    rows.append(f"| {m} success | {e.pct()} | {h.pct()} | {'yes' if ok else '**no**'} | "
+                f"{shift[(f'this {m}', f'earlier {m}')].points()} |")
+  for a, b in pairs:
+    e, h = d_earlier[(a, b)], d_here[(a, b)]
+    ok = inside(h.mean, e)
+    if not ok:
+      outside.append(f"{a} − {b} {h.points()} (earlier {e.points()})")
+    same = stats.verdict(a, b, e) == stats.verdict(a, b, h)
+    rows.append(f"| {a} − {b}, points | {e.points()} → {stats.verdict(a, b, e)} | {h.points()} "
+                f"→ {stats.verdict(a, b, h)}{'' if same else ' (verdict differs)'} | "
+                f"{'yes' if ok else '**no**'} | – |")
+  return "\n".join(rows), outside
+
+
 def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
   lines = []
   for split in ("dev", "test"):
@@ -90,7 +130,9 @@ def _param_count(folder: str) -> int:
 
 def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str, int],
           curves: dict[str, dict[int, float]], teacher: dict, seconds: float,
-          command: str) -> str:
+          command: str, replication: dict | None = None) -> str:
+  """report.md and results.jsonl. replication: the earlier run this one replicates
+  (`study.reference_run`): its budgets were used, and the report compares against it."""
   from sad_jax import metrics
 
   lines = results_lines(records, teacher)
@@ -117,7 +159,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   s_folder = os.path.join(work, "cells", study.Cell(**first).name, "final")
   t_params, s_params = _param_count(teacher["folder"]), _param_count(s_folder)
 
-  how = {a.name: study.budget_source(a, c.reference) for a in arm_list}
+  how = {a.name: "earlier run's dev" if replication else study.budget_source(a, c.reference)
+         for a in arm_list}
   rows = ["| model | objective | steps (chosen by) | params | test success [95% CI] | per seed "
           "| dev success | decision acc (dev) | reason KL (dev) | action acc, forced (dev) "
           "| mean turns | invalid actions |",
@@ -167,6 +210,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
         cells.append("–")
     crows.append(f"| {arm} | " + " | ".join(cells) + " |")
   ctable = "\n".join(crows) if curves else (
+      "No dev cells: this run replicates the earlier run's budgets, which its dev fold chose."
+      if replication else
       "No arm had budgets to choose between: each arm trained for its one budget.")
   top = [f"{arm} ({max(curve)} steps)" for arm, curve in curves.items()
          if len(curve) > 1 and chosen[arm] == max(curve)]
@@ -227,9 +272,32 @@ thought and action after the recorded history; the share whose action equals the
 
 ![test success](test_success.png)
 """
+  rep = ""
+  if replication is not None:
+    if replication["tasks"] != [g["task"] for g in teacher["test"]["games"]]:
+      raise ValueError(f"this run played other test games than {replication['path']}: "
+                       "a replication needs the same games (eval.test_games, env)")
+    rtable, outside = replication_table(replication["won"], test, c.reference, rivals)
+    here, there = metrics.cpu_model(), replication["cpu"]
+    verdict = (f"{len(outside)} of this run's figures lie outside the earlier run's 95% "
+               "intervals: " + "; ".join(outside) + "." if outside else
+               "Every figure of this run lies inside the earlier run's 95% interval.")
+    rep = f"""
+## Replication: this run against `{replication['path']}`
+
+The earlier run trained on {there}; this one on {here}{
+    ' (the same CPU model: not a second processor)' if here == there else ''}. The same
+{len(replication['tasks'])} test games; each arm at the earlier run's budget (chosen on its
+dev fold) and seeds. "this − earlier" is paired over the games; the seeds are separate
+draws, so it carries both runs' seed noise. {verdict}
+
+{rtable}
+"""
+    verdicts.append(verdict)
+  md += rep
   with atomic_write(os.path.join(work, "report.md")) as f:
     f.write(md)
-  return table + "\n\n" + dtable + "\n" + "\n".join(verdicts)
+  return table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep
 
 
 def _plots(work: str, curves: dict[str, dict[int, stats.Estimate]],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sad_jax import cli, configlib, study, study_report
+from sad_jax.errors import DataError
 from sad_jax.models import transformer as T
 from sad_jax.models.config import from_hf_dict
 
@@ -133,6 +134,56 @@ def test_the_report_refuses_models_that_played_other_games():
     study_report.same_games({"sad": [ev([1, 2]), ev([1, 3])], "teacher": [ev([1, 2])]})
 
 
+def test_the_replication_table_on_constructed_results():
+  """A run replicated exactly; one whose sft lost every game the earlier one won (so it
+  lies outside, and the difference's verdict flips); the pairing over the shared games."""
+  ref = np.array([[1.0, 1.0, 0.0, 1.0] * 8] * 3)
+  earlier = {"sad": ref, "sft": np.zeros((3, 32)), "teacher": ref[:1].copy()}
+  table, outside = study_report.replication_table(earlier, dict(earlier), "sad",
+                                                  ["sft", "teacher"])
+  assert outside == []
+  assert "| sad success | 75.0% [59.4, 87.5] | 75.0% [59.4, 87.5] | yes | +0.0 [+0.0, +0.0] |" \
+      in table.splitlines()
+  assert "| sad − sft, points | +75.0 [+59.4, +87.5] → sad ahead | +75.0 [+59.4, +87.5] → " \
+      "sad ahead | yes | – |" in table.splitlines()
+  here = {**earlier, "sft": ref.copy()}
+  table, outside = study_report.replication_table(earlier, here, "sad", ["sft", "teacher"])
+  assert outside == ["sft success 75.0% (earlier 0.0% [0.0, 0.0])",
+                     "sad − sft +0.0 [+0.0, +0.0] (earlier +75.0 [+59.4, +87.5])"]
+  # this − earlier for sft: +75 points, paired over the same 32 games (game draws only)
+  assert "| sft success | 0.0% [0.0, 0.0] | 75.0% [59.4, 87.5] | **no** | +75.0 [+59.4, " \
+      "+87.5] |" in table.splitlines()
+  assert "no significant difference (verdict differs)" in table
+
+
+def test_an_earlier_run_is_read_from_its_results_and_bad_records_are_named(tmp_path):
+  """The coin study's own results (its report: sad 66.9%, sft 600 steps, 5 and 3 seeds)."""
+  ref = study.reference_run("docs/study/coin")
+  assert ref["chosen"] == {"sad": 400, "token_kd": 400, "sft": 600, "sad+learnable": 400,
+                           "sad+pcgrad": 400, "sad+curriculum": 400}
+  assert ref["seeds"]["sad"] == [0, 1, 2, 3, 4] and ref["seeds"]["sad+pcgrad"] == [0, 1, 2]
+  assert ref["won"]["sad"].shape == (5, 128) and ref["won"]["teacher"].shape == (1, 128)
+  assert round(100 * ref["won"]["sad"].mean(), 1) == 66.9
+  assert round(100 * ref["won"]["teacher"].mean(), 1) == 78.9
+  assert ref["cpu"] == "AMD EPYC" and len(ref["tasks"]) == 128
+  bad = tmp_path / "results.jsonl"
+  line = {"cell": "teacher", "arm": "teacher", "seed": None, "steps": None, "split": "test",
+          "task": 1, "won": True}
+  bad.write_text(json.dumps(line) + "\n" + json.dumps({**line, "won": None} | {"x": 1})[:-1]
+                 + "\n")
+  with pytest.raises(DataError, match=r"results.jsonl, record 2: not JSON"):
+    study.reference_run(str(tmp_path))
+  del line["task"]
+  bad.write_text(json.dumps(line) + "\n")
+  with pytest.raises(DataError, match=r"record 1, field 'task': missing"):
+    study.reference_run(str(bad))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="not a study's output folder"):
+    study.reference_run(str(tmp_path / "empty"))
+  with pytest.raises(DataError, match="nothing: cannot read"):
+    study.reference_run(str(tmp_path / "nothing"))
+
+
 def tiny_config(tmp_env_games: int = 2):
   """The quick plan, shrunk further: tiny models, 2 steps, 2 games per fold."""
   c = configlib.load(f"{CONFIG}:quick")
@@ -206,6 +257,23 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   report = (work / "report.md").read_text()
   assert f"Students trained on: {cpu_model()}: 5 cells." in report
   assert "all\n2 recorded invocations" in report and len(study.invocations(str(work))) == 2
+
+  # replicating a run (here: itself, in its own workdir) trains nothing new, plays no dev
+  # cell, and every figure lies inside its intervals; an arm it did not test is refused
+  (tmp_path / "earlier").mkdir()
+  for name in ("results.jsonl", "report.md"):  # the report names the CPU that trained it
+    (tmp_path / "earlier" / name).write_bytes((work / name).read_bytes())
+  with pytest.raises(DataError, match=r"arms \['nope'\] are not arms of both"):
+    study.run(c, str(work), replicate=str(tmp_path / "earlier"), only=["sad", "nope"])
+  text = study.run(c, str(work), replicate=str(tmp_path / "earlier"), only=["sad", "sft"])
+  out = capsys.readouterr().out
+  assert "replicating" in out and "sad 2 steps × 1 seeds, sft 2 steps × 1 seeds" in out
+  assert "[6/8] cells on the dev fold: none" in out and "steps in" not in out
+  assert "Every figure of this run lies inside the earlier run's 95% interval." in text
+  report = (work / "report.md").read_text()
+  assert "## Replication: this run against" in report and "(the same CPU model" in report
+  assert "| sad − sft, points |" in report and "sad+pcgrad" not in report
+  assert "2 (earlier run's dev)" in report
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
