@@ -274,6 +274,18 @@ def _cmd_demo(args) -> int:
   return demo.main_args(args)
 
 
+def _cmd_compare_runs(args) -> int:
+  from sad_jax import study_report
+  from sad_jax.fileio import atomic_write
+
+  text = study_report.compare_runs(args.earlier, args.this, reference=args.reference)
+  print(text)
+  if args.out:
+    with atomic_write(args.out) as f:
+      f.write(text)
+  return 0
+
+
 def _cmd_study(args, overrides) -> int:
   from sad_jax import study
 
@@ -433,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
   stu.add_argument("--arms", default=None, metavar="A,B,…",
                    help="run only these arms (the reference among them)")
   stu.set_defaults(func=_cmd_study, takes_overrides=True)
+
+  cmp = sub.add_parser("compare-runs", help="two finished runs of one study (e.g. two "
+                       "CPUs): each figure of THIS against EARLIER's 95% intervals")
+  cmp.add_argument("earlier", metavar="EARLIER", help="a study folder or its results.jsonl[.gz]")
+  cmp.add_argument("this", metavar="THIS")
+  cmp.add_argument("--reference", default="sad")
+  cmp.add_argument("--out", default=None, help="also write the markdown here")
+  cmp.set_defaults(func=_cmd_compare_runs)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

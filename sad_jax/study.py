@@ -567,12 +567,15 @@ def reference_run(path: str) -> dict:
     if arm != "teacher":
       chosen[arm], seeds[arm] = int(steps.pop()), [int(c["seed"]) for c in cs]
   report = os.path.join(os.path.dirname(path), "report.md")
-  cpu = "not recorded"
+  cpu = env = "not recorded"
   if os.path.exists(report):
     with open(report, encoding="utf-8") as f:
-      if m := re.search(r"CPU: (.+?) \(\d+ cores\)", f.read()):
-        cpu = m.group(1)
-  return {"path": path, "cpu": cpu, "chosen": chosen, "seeds": seeds, "won": won,
+      text = f.read()
+    if m := re.search(r"CPU: (.+?) \(\d+ cores\)", text):
+      cpu = m.group(1)
+    if m := re.search(r"Environment: `([^`]+)`", text):
+      env = m.group(1)
+  return {"path": path, "cpu": cpu, "env": env, "chosen": chosen, "seeds": seeds, "won": won,
           "tasks": list(next(iter(tasks)))}
 
 

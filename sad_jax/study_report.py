@@ -63,8 +63,9 @@ def replication_table(earlier: dict[str, np.ndarray], here: dict[str, np.ndarray
   seeds of the two runs are different draws). Returns a markdown table and the figures of
   this run that lie outside."""
   models = [m for m in (reference, *rivals) if m in earlier and m in here]
+  # each run's own intervals are what its report printed (the same models, the same draws)
+  est_earlier, est_here = stats.success(earlier), stats.success(here)
   won = {**{f"earlier {m}": earlier[m] for m in models}, **{f"this {m}": here[m] for m in models}}
-  est = stats.success(won)
   shift = stats.paired_differences(won, [(f"this {m}", f"earlier {m}") for m in models])
   pairs = [(reference, m) for m in models if m != reference]
   d_earlier = stats.paired_differences(earlier, pairs)
@@ -77,7 +78,7 @@ def replication_table(earlier: dict[str, np.ndarray], here: dict[str, np.ndarray
     return e.lo <= x <= e.hi
 
   for m in models:
-    e, h = est[f"earlier {m}"], est[f"this {m}"]
+    e, h = est_earlier[m], est_here[m]
     ok = inside(h.mean, e)
     if not ok:
       outside.append(f"{m} success {100 * h.mean:.1f}% (earlier {e.pct()})")
@@ -93,6 +94,46 @@ def replication_table(earlier: dict[str, np.ndarray], here: dict[str, np.ndarray
                 f"→ {stats.verdict(a, b, h)}{'' if same else ' (verdict differs)'} | "
                 f"{'yes' if ok else '**no**'} | – |")
   return "\n".join(rows), outside
+
+
+def replication_verdict(outside: list[str]) -> str:
+  return (f"{len(outside)} of this run's figures lie outside the earlier run's 95% "
+          "intervals: " + "; ".join(outside) + "." if outside else
+          "Every figure of this run lies inside the earlier run's 95% interval.")
+
+
+def compare_runs(earlier: str, this: str, *, reference: str = "sad") -> str:
+  """Two finished runs of one study (e.g. two CPUs), each at its own chosen budgets: the
+  replication table of `this` against `earlier` (`sad-jax compare-runs`)."""
+  from sad_jax.errors import DataError
+
+  a, b = study.reference_run(earlier), study.reference_run(this)
+  if a["tasks"] != b["tasks"]:
+    raise DataError(f"the runs played different test games than {a['path']}", path=b["path"],
+                    field="task")
+  if reference not in a["won"] or reference not in b["won"]:
+    raise DataError(f"the reference arm {reference!r} is not in both runs", path=b["path"],
+                    field="arm")
+  if a["env"] != b["env"]:
+    raise DataError(f"the runs played different environments: {a['env']} ({a['path']}) and "
+                    f"{b['env']}", path=b["path"], field="env")
+  # the flat objectives first, then the reference's variants (its ablations)
+  rivals = sorted((m for m in a["won"] if m not in (reference, "teacher") and m in b["won"]),
+                  key=lambda m: (m.startswith(reference + "+"), m))
+  table, outside = replication_table(a["won"], b["won"], reference, [*rivals, "teacher"])
+  budgets = ", ".join(f"{m} {a['chosen'][m]} → {b['chosen'][m]} steps" for m in
+                      [reference, *rivals])
+  seeds = ", ".join(f"{m} {len(a['seeds'][m])} → {len(b['seeds'][m])}" for m in
+                    [reference, *rivals])
+  return f"""# `{b['path']}` against `{a['path']}`
+
+Earlier run trained on {a['cpu']}; this run on {b['cpu']}. The same {len(a['tasks'])} test
+games. Each run at its own budgets (earlier → this: {budgets}) and seeds ({seeds}).
+"this − earlier" is paired over the games; the seeds are separate draws.
+{replication_verdict(outside)}
+
+{table}
+"""
 
 
 def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
@@ -279,9 +320,7 @@ thought and action after the recorded history; the share whose action equals the
                        "a replication needs the same games (eval.test_games, env)")
     rtable, outside = replication_table(replication["won"], test, c.reference, rivals)
     here, there = metrics.cpu_model(), replication["cpu"]
-    verdict = (f"{len(outside)} of this run's figures lie outside the earlier run's 95% "
-               "intervals: " + "; ".join(outside) + "." if outside else
-               "Every figure of this run lies inside the earlier run's 95% interval.")
+    verdict = replication_verdict(outside)
     rep = f"""
 ## Replication: this run against `{replication['path']}`
 

@@ -184,6 +184,27 @@ def test_an_earlier_run_is_read_from_its_results_and_bad_records_are_named(tmp_p
     study.reference_run(str(tmp_path / "nothing"))
 
 
+def test_compare_runs_reproduces_each_reports_intervals_and_refuses_other_environments(
+    tmp_path, capsys):
+  """The coin study against itself: each interval is the one its report.md printed, every
+  figure lies inside; against the 6-room study (the same task numbers): refused by name."""
+  out = tmp_path / "cmp.md"
+  assert cli.main(["compare-runs", "docs/study/coin", "docs/study/coin", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+  report = open("docs/study/coin/report.md", encoding="utf-8").read()
+  for row, figure in (("sad", "66.9% [54.8, 78.1]"), ("sft", "68.8% [61.3, 76.2]"),
+                      ("teacher", "78.9% [71.9, 85.9]")):
+    assert figure in report
+    assert f"| {row} success | {figure} | {figure} | yes |" in text
+  assert "| sad − sft, points | -1.9 [-14.7, +9.7] → no significant difference |" in text
+  assert "Every figure of this run lies inside" in text
+  rows = [r.split(" |")[0] for r in text.splitlines() if r.startswith("| sad − ")]
+  assert set(rows[:2]) == {"| sad − token_kd, points", "| sad − sft, points"}  # primary first
+  assert cli.main(["compare-runs", "docs/study/coin", "docs/study/rooms6"]) == 2
+  assert "field 'env': the runs played different environments" in capsys.readouterr().err
+
+
 def tiny_config(tmp_env_games: int = 2):
   """The quick plan, shrunk further: tiny models, 2 steps, 2 games per fold."""
   c = configlib.load(f"{CONFIG}:quick")
