@@ -71,7 +71,7 @@ def replicates(won: Mapping[str, np.ndarray], *, reps: int = 10_000,
   return out
 
 
-def _interval(point: float, draws: np.ndarray) -> Estimate:
+def interval(point: float, draws: np.ndarray) -> Estimate:
   lo, hi = np.percentile(draws, [2.5, 97.5])
   return Estimate(float(point), float(lo), float(hi))
 
@@ -80,14 +80,14 @@ def success(won: Mapping[str, np.ndarray], *, reps: int = 10_000,
             seed: int = 0) -> dict[str, Estimate]:
   """Each model's mean success with its 95% bootstrap interval (games and seeds)."""
   draws = replicates(won, reps=reps, seed=seed)
-  return {k: _interval(float(np.mean(won[k])), draws[k]) for k in draws}
+  return {k: interval(float(np.mean(won[k])), draws[k]) for k in draws}
 
 
 def paired_differences(won: Mapping[str, np.ndarray], pairs: list[tuple[str, str]], *,
                        reps: int = 10_000, seed: int = 0) -> dict[tuple[str, str], Estimate]:
   """A − B for each (A, B) with its 95% interval, paired over the shared games."""
   draws = replicates(won, reps=reps, seed=seed)
-  return {(a, b): _interval(float(np.mean(won[a]) - np.mean(won[b])), draws[a] - draws[b])
+  return {(a, b): interval(float(np.mean(won[a]) - np.mean(won[b])), draws[a] - draws[b])
           for a, b in pairs}
 
 

@@ -545,8 +545,8 @@ def reference_run(path: str) -> dict:
         cell = cells.setdefault(r["cell"], {"arm": r["arm"], "seed": r["seed"],
                                             "steps": r["steps"], "games": []})
         cell["games"].append((r["task"], bool(r["won"])))
-  except OSError as e:
-    raise DataError(f"cannot read: {e.strerror}", path=path) from None
+  except (OSError, EOFError, UnicodeDecodeError) as e:  # also a cut or non-gzip .gz
+    raise DataError(f"cannot read: {getattr(e, 'strerror', None) or e}", path=path) from None
   by_arm: dict[str, list[dict]] = {}
   for c in cells.values():
     by_arm.setdefault(c["arm"], []).append(c)
@@ -604,7 +604,7 @@ def select_arms(arm_list: list, names: list[str] | None, reference: str) -> list
   unknown = sorted(set(names) - {a.name for a in arm_list})
   if unknown or reference not in names:
     raise DataError(f"--arms must name arms of the config, the reference {reference!r} among "
-                    f"them; unknown: {unknown}", field="config.arms")
+                    f"them; unknown: {unknown}", field="--arms")
   return [a for a in arm_list if a.name in names]
 
 
@@ -651,10 +651,19 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   if ref is None:
     arm_list = select_arms(arm_list, only, c.reference)
   else:
+    if ref["env"] not in ("not recorded", c.env):
+      raise DataError(f"the earlier run played {ref['env']}, this config {c.env}",
+                      path=ref["path"], field="env")
+    if len(ref["tasks"]) != c.eval.test_games:
+      raise DataError(f"the earlier run played {len(ref['tasks'])} test games, this config "
+                      f"{c.eval.test_games}", path=ref["path"], field="eval.test_games")
     arm_list = replication_arms(arm_list, ref, only, c.reference)
     _say(f"replicating {ref['path']} (trained on {ref['cpu']}): "
          + ", ".join(f"{a.name} {ref['chosen'][a.name]} steps × {len(a.seeds)} seeds"
-                     for a in arm_list) + "; budgets as it chose them on dev")
+                     for a in arm_list) + "; budgets as it chose them on dev" + (
+                         "; not replicated: " + ", ".join(missed)
+                         if (missed := sorted(set(ref["chosen"]) - {a.name for a in arm_list}))
+                         else ""))
   _say(f"sad-jax study {c.name}: workdir {work}; protocol: students learn from the "
        f"{'teacher' if c.protocol == 'teacher' else 'expert (oracle)'}'s trajectories")
   expert = stage_expert(work, c)
@@ -744,7 +753,8 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
                             seconds=time.perf_counter() - t0, command=command,
                             replication=ref)
   _say(text)
-  _say(f"report: {os.path.join(work, 'report.md')}; {(time.perf_counter() - t0) / 60:.1f} min")
+  out = os.path.join(work, "replication") if ref is not None else work
+  _say(f"report: {os.path.join(out, 'report.md')}; {(time.perf_counter() - t0) / 60:.1f} min")
   return text
 
 
@@ -757,5 +767,6 @@ def main_args(args, overrides) -> int:
   run(config, args.workdir or os.path.join(
       "runs", "study", config.name + ("_replication" if args.replicate else "")),
       command=" ".join(["sad-jax study --config", args.config, *extra, *overrides]),
-      replicate=args.replicate, only=args.arms.split(",") if args.arms else None)
+      replicate=args.replicate,
+      only=[n.strip() for n in args.arms.split(",")] if args.arms else None)
   return 0

@@ -20,6 +20,10 @@ PROCESSOR_NOTE = ("Exact figures depend on the processor: XLA's CPU kernels diff
                   "trains slightly different models elsewhere. Read the intervals, not the "
                   "digits; a rerun of the same code on this machine gives the same numbers.")
 
+TEACHER_NOTE = ("One teacher (one random draw) serves every arm: the comparisons between "
+                "students are paired on it, but its own level, and the teacher–student gap, "
+                "vary between draws by more than these intervals, which do not include it.")
+
 
 def won_matrix(evals: list[dict]) -> np.ndarray:
   """[seeds, games] outcomes; every evaluation must have played the same games in order."""
@@ -56,50 +60,78 @@ def comparisons(won: dict[str, np.ndarray], reference: str,
 
 
 def replication_table(earlier: dict[str, np.ndarray], here: dict[str, np.ndarray], reference: str,
-                rivals: list[str]) -> tuple[str, list[str]]:
-  """This run against an earlier run of the same study (another CPU): for each model and
-  each difference reference − rival, both figures and whether this one lies inside the
-  earlier 95% interval; for each model, this − earlier paired over the shared games (the
-  seeds of the two runs are different draws). Returns a markdown table and the figures of
-  this run that lie outside."""
+                      rivals: list[str]) -> tuple[str, dict[str, list[str]]]:
+  """This run against an earlier run of the same study (another CPU), on the same games.
+
+  For each model's success and each difference reference − rival: both runs' figures (each
+  interval as its own report printed it), whether this run's figure lies inside the earlier
+  interval, and this − earlier with its 95% interval from one bootstrap of both runs (games
+  drawn once, so paired; each run's seeds drawn apart, as they are separate draws). For a
+  difference, this − earlier is a difference of differences. Returns the markdown table
+  and the findings: "outside" (figures outside the earlier interval) and "shifted" (this −
+  earlier excludes 0), for the students; "teacher" for the rows that hold the teacher, one
+  draw in each run, whose intervals hold only the games' noise."""
   models = [m for m in (reference, *rivals) if m in earlier and m in here]
-  # each run's own intervals are what its report printed (the same models, the same draws)
   est_earlier, est_here = stats.success(earlier), stats.success(here)
-  won = {**{f"earlier {m}": earlier[m] for m in models}, **{f"this {m}": here[m] for m in models}}
-  shift = stats.paired_differences(won, [(f"this {m}", f"earlier {m}") for m in models])
+  draws = stats.replicates({**{f"earlier {m}": earlier[m] for m in models},
+                            **{f"this {m}": here[m] for m in models}})
+
+  def shift(a: str, b: str | None = None) -> stats.Estimate:
+    point = np.mean(here[a]) - np.mean(earlier[a])
+    d = draws[f"this {a}"] - draws[f"earlier {a}"]
+    if b is not None:
+      point -= np.mean(here[b]) - np.mean(earlier[b])
+      d = d - (draws[f"this {b}"] - draws[f"earlier {b}"])
+    return stats.interval(float(point), d)
+
   pairs = [(reference, m) for m in models if m != reference]
   d_earlier = stats.paired_differences(earlier, pairs)
   d_here = stats.paired_differences(here, pairs)
   rows = ["| figure (test) | earlier run [95% CI] | this run [95% CI] | inside the earlier "
           "interval | this − earlier, paired [95% CI] |", "|---|---:|---:|---|---:|"]
-  outside = []
+  found: dict[str, list[str]] = {"outside": [], "shifted": [], "teacher": []}
 
-  def inside(x: float, e: stats.Estimate) -> bool:
-    return e.lo <= x <= e.hi
+  def note(name: str, ok: bool, s: stats.Estimate, text: str) -> str:
+    teacher = "teacher" in name
+    if teacher:
+      found["teacher"].append(f"{name} {text} (this − earlier {s.points()})")
+    elif not ok:
+      found["outside"].append(f"{name} {text}")
+    if not teacher and (s.lo > 0 or s.hi < 0):
+      found["shifted"].append(f"{name} {s.points()}")
+    return "yes" if ok else "**no**"
 
   for m in models:
-    e, h = est_earlier[m], est_here[m]
-    ok = inside(h.mean, e)
-    if not ok:
-      outside.append(f"{m} success {100 * h.mean:.1f}% (earlier {e.pct()})")
-    rows.append(f"| {m} success | {e.pct()} | {h.pct()} | {'yes' if ok else '**no**'} | "
-                f"{shift[(f'this {m}', f'earlier {m}')].points()} |")
+    e, h, s = est_earlier[m], est_here[m], shift(m)
+    ok = e.lo <= h.mean <= e.hi
+    mark = note(m, ok, s, f"{100 * h.mean:.1f}% (earlier {e.pct()})")
+    label = f"{m} success" + (" (one draw each)" if m == "teacher" else "")
+    rows.append(f"| {label} | {e.pct()} | {h.pct()} | {mark} | {s.points()} |")
   for a, b in pairs:
-    e, h = d_earlier[(a, b)], d_here[(a, b)]
-    ok = inside(h.mean, e)
-    if not ok:
-      outside.append(f"{a} − {b} {h.points()} (earlier {e.points()})")
+    e, h, s = d_earlier[(a, b)], d_here[(a, b)], shift(a, b)
+    ok = e.lo <= h.mean <= e.hi
+    mark = note(f"{a} − {b}", ok, s, f"{h.points()} (earlier {e.points()})")
     same = stats.verdict(a, b, e) == stats.verdict(a, b, h)
     rows.append(f"| {a} − {b}, points | {e.points()} → {stats.verdict(a, b, e)} | {h.points()} "
                 f"→ {stats.verdict(a, b, h)}{'' if same else ' (verdict differs)'} | "
-                f"{'yes' if ok else '**no**'} | – |")
-  return "\n".join(rows), outside
+                f"{mark} | {s.points()} |")
+  return "\n".join(rows), found
 
 
-def replication_verdict(outside: list[str]) -> str:
-  return (f"{len(outside)} of this run's figures lie outside the earlier run's 95% "
-          "intervals: " + "; ".join(outside) + "." if outside else
-          "Every figure of this run lies inside the earlier run's 95% interval.")
+def replication_verdict(found: dict[str, list[str]]) -> str:
+  """The findings in words: the students' figures, then the teacher's (one draw each)."""
+  out, shifted, teacher = found["outside"], found["shifted"], found["teacher"]
+  text = (f"{len(out)} of the students' figures lie outside the earlier run's 95% intervals: "
+          + "; ".join(out) + "." if out else
+          "Every student figure of this run lies inside the earlier run's 95% interval.")
+  text += (" This − earlier excludes zero for " + "; ".join(shifted) + "." if shifted else
+           " No student figure's this − earlier interval excludes zero.")
+  text += (" Each interval is 95% on its own, with no correction for the number of rows.")
+  if teacher:
+    text += (" The teacher rows compare one teacher with another (one random draw each; "
+             "their intervals hold only the games' noise, and every student learned from its "
+             "run's teacher): " + "; ".join(teacher) + ".")
+  return text
 
 
 def compare_runs(earlier: str, this: str, *, reference: str = "sad") -> str:
@@ -114,13 +146,16 @@ def compare_runs(earlier: str, this: str, *, reference: str = "sad") -> str:
   if reference not in a["won"] or reference not in b["won"]:
     raise DataError(f"the reference arm {reference!r} is not in both runs", path=b["path"],
                     field="arm")
-  if a["env"] != b["env"]:
+  recorded = "not recorded" not in (a["env"], b["env"])
+  if recorded and a["env"] != b["env"]:
     raise DataError(f"the runs played different environments: {a['env']} ({a['path']}) and "
                     f"{b['env']}", path=b["path"], field="env")
+  only = [f"{m} (only in {'earlier' if m in a['won'] else 'this'})"
+          for m in sorted(set(a["won"]) ^ set(b["won"]))]
   # the flat objectives first, then the reference's variants (its ablations)
   rivals = sorted((m for m in a["won"] if m not in (reference, "teacher") and m in b["won"]),
                   key=lambda m: (m.startswith(reference + "+"), m))
-  table, outside = replication_table(a["won"], b["won"], reference, [*rivals, "teacher"])
+  table, found = replication_table(a["won"], b["won"], reference, [*rivals, "teacher"])
   budgets = ", ".join(f"{m} {a['chosen'][m]} → {b['chosen'][m]} steps" for m in
                       [reference, *rivals])
   seeds = ", ".join(f"{m} {len(a['seeds'][m])} → {len(b['seeds'][m])}" for m in
@@ -128,9 +163,11 @@ def compare_runs(earlier: str, this: str, *, reference: str = "sad") -> str:
   return f"""# `{b['path']}` against `{a['path']}`
 
 Earlier run trained on {a['cpu']}; this run on {b['cpu']}. The same {len(a['tasks'])} test
-games. Each run at its own budgets (earlier → this: {budgets}) and seeds ({seeds}).
+games{'' if recorded else ' (the environment was not checked: a report.md is missing)'}.
+Each run at its own budgets (earlier → this: {budgets}) and seeds ({seeds}).{
+    ' Not compared: ' + ', '.join(only) + '.' if only else ''}
 "this − earlier" is paired over the games; the seeds are separate draws.
-{replication_verdict(outside)}
+{replication_verdict(found)}
 
 {table}
 """
@@ -177,7 +214,10 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   from sad_jax import metrics
 
   lines = results_lines(records, teacher)
-  with atomic_write(os.path.join(work, "results.jsonl")) as f:
+  # a replication writes beside the study it may share a workdir with, not over it
+  out = os.path.join(work, "replication") if replication is not None else work
+  os.makedirs(out, exist_ok=True)
+  with atomic_write(os.path.join(out, "results.jsonl")) as f:
     for line in lines:
       f.write(json.dumps(line) + "\n")
 
@@ -260,7 +300,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
     ctable += ("\n\n**Not flattened:** best at the largest budget trained: "
                f"{', '.join(top)}. A larger budget may do better on dev.")
 
-  _plots(work, curve_est, est)
+  _plots(out, curve_est, est)
   cpus = collections.Counter(r.get("trained_on", "not recorded") for r in records.values())
   trained_on = "; ".join(f"{k}: {v} cells" for k, v in sorted(cpus.items()))
   n_seeds = {a.name: len(a.seeds) for a in arm_list}
@@ -293,7 +333,7 @@ The primary comparisons are {c.reference} against the flat objectives ({primary}
 others are secondary: each interval is 95% on its own, with no correction for the number of
 comparisons.
 
-{PROCESSOR_NOTE} Students trained on: {trained_on}.
+{PROCESSOR_NOTE} Students trained on: {trained_on}. {TEACHER_NOTE}
 
 ## Test fold
 
@@ -316,11 +356,13 @@ thought and action after the recorded history; the share whose action equals the
   rep = ""
   if replication is not None:
     if replication["tasks"] != [g["task"] for g in teacher["test"]["games"]]:
-      raise ValueError(f"this run played other test games than {replication['path']}: "
-                       "a replication needs the same games (eval.test_games, env)")
-    rtable, outside = replication_table(replication["won"], test, c.reference, rivals)
+      from sad_jax.errors import DataError
+
+      raise DataError("this run played other test games: a replication needs the same games "
+                      "(eval.test_games, env)", path=replication["path"], field="task")
+    rtable, found = replication_table(replication["won"], test, c.reference, rivals)
     here, there = metrics.cpu_model(), replication["cpu"]
-    verdict = replication_verdict(outside)
+    verdict = replication_verdict(found)
     rep = f"""
 ## Replication: this run against `{replication['path']}`
 
@@ -334,7 +376,7 @@ draws, so it carries both runs' seed noise. {verdict}
 """
     verdicts.append(verdict)
   md += rep
-  with atomic_write(os.path.join(work, "report.md")) as f:
+  with atomic_write(os.path.join(out, "report.md")) as f:
     f.write(md)
   return table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep
 

@@ -5,6 +5,7 @@ import json
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -135,25 +136,37 @@ def test_the_report_refuses_models_that_played_other_games():
 
 
 def test_the_replication_table_on_constructed_results():
-  """A run replicated exactly; one whose sft lost every game the earlier one won (so it
-  lies outside, and the difference's verdict flips); the pairing over the shared games."""
+  """A run replicated exactly; one whose sft won every game (3 of 4 in the pattern) the
+  earlier one lost (it lies outside, this − earlier excludes zero, the verdict flips);
+  the teacher's rows are reported apart (one draw each)."""
   ref = np.array([[1.0, 1.0, 0.0, 1.0] * 8] * 3)
   earlier = {"sad": ref, "sft": np.zeros((3, 32)), "teacher": ref[:1].copy()}
-  table, outside = study_report.replication_table(earlier, dict(earlier), "sad",
-                                                  ["sft", "teacher"])
-  assert outside == []
+  table, found = study_report.replication_table(earlier, dict(earlier), "sad",
+                                                ["sft", "teacher"])
+  assert found["outside"] == found["shifted"] == [] and len(found["teacher"]) == 2
   assert "| sad success | 75.0% [59.4, 87.5] | 75.0% [59.4, 87.5] | yes | +0.0 [+0.0, +0.0] |" \
       in table.splitlines()
+  assert "| teacher success (one draw each) | 75.0% [59.4, 87.5] |" in table
   assert "| sad − sft, points | +75.0 [+59.4, +87.5] → sad ahead | +75.0 [+59.4, +87.5] → " \
-      "sad ahead | yes | – |" in table.splitlines()
+      "sad ahead | yes | +0.0 [+0.0, +0.0] |" in table.splitlines()
   here = {**earlier, "sft": ref.copy()}
-  table, outside = study_report.replication_table(earlier, here, "sad", ["sft", "teacher"])
-  assert outside == ["sft success 75.0% (earlier 0.0% [0.0, 0.0])",
-                     "sad − sft +0.0 [+0.0, +0.0] (earlier +75.0 [+59.4, +87.5])"]
-  # this − earlier for sft: +75 points, paired over the same 32 games (game draws only)
+  table, found = study_report.replication_table(earlier, here, "sad", ["sft", "teacher"])
+  assert found["outside"] == ["sft 75.0% (earlier 0.0% [0.0, 0.0])",
+                              "sad − sft +0.0 [+0.0, +0.0] (earlier +75.0 [+59.4, +87.5])"]
+  # this − earlier: sft +75 points paired over the same 32 games (its seeds are identical,
+  # so only the games' draw is left: the reference's own interval); sad − sft moves by
+  # (75 − 75) − (75 − 0) = −75, a difference of differences
+  assert found["shifted"] == ["sft +75.0 [+59.4, +87.5]", "sad − sft -75.0 [-87.5, -59.4]"]
   assert "| sft success | 0.0% [0.0, 0.0] | 75.0% [59.4, 87.5] | **no** | +75.0 [+59.4, " \
       "+87.5] |" in table.splitlines()
   assert "no significant difference (verdict differs)" in table
+  words = study_report.replication_verdict(found)
+  assert words.startswith("2 of the students' figures lie outside")
+  assert "The teacher rows compare one teacher with another" in words
+  assert study_report.replication_verdict({"outside": [], "shifted": [], "teacher": []}) == (
+      "Every student figure of this run lies inside the earlier run's 95% interval. No "
+      "student figure's this − earlier interval excludes zero. Each interval is 95% on its "
+      "own, with no correction for the number of rows.")
 
 
 def test_an_earlier_run_is_read_from_its_results_and_bad_records_are_named(tmp_path):
@@ -196,9 +209,10 @@ def test_compare_runs_reproduces_each_reports_intervals_and_refuses_other_enviro
   for row, figure in (("sad", "66.9% [54.8, 78.1]"), ("sft", "68.8% [61.3, 76.2]"),
                       ("teacher", "78.9% [71.9, 85.9]")):
     assert figure in report
-    assert f"| {row} success | {figure} | {figure} | yes |" in text
+    label = f"{row} success" + (" (one draw each)" if row == "teacher" else "")
+    assert f"| {label} | {figure} | {figure} | yes |" in text
   assert "| sad − sft, points | -1.9 [-14.7, +9.7] → no significant difference |" in text
-  assert "Every figure of this run lies inside" in text
+  assert "Every student figure of this run lies inside" in text
   rows = [r.split(" |")[0] for r in text.splitlines() if r.startswith("| sad − ")]
   assert set(rows[:2]) == {"| sad − token_kd, points", "| sad − sft, points"}  # primary first
   assert cli.main(["compare-runs", "docs/study/coin", "docs/study/rooms6"]) == 2
@@ -255,6 +269,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   report = (work / "report.md").read_text()
   for needle in ("| sad − token_kd |", "| sad − sft |", "| sad − sad+pcgrad |",
                  "Exact figures depend on the processor", "chosen on the dev fold",
+                 "One teacher (one random draw) serves every arm",
                  "Command: `sad-jax demo --quick`"):
     assert needle in report
   from sad_jax.metrics import cpu_model
@@ -290,11 +305,17 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   out = capsys.readouterr().out
   assert "replicating" in out and "sad 2 steps × 1 seeds, sft 2 steps × 1 seeds" in out
   assert "[6/8] cells on the dev fold: none" in out and "steps in" not in out
-  assert "Every figure of this run lies inside the earlier run's 95% interval." in text
-  report = (work / "report.md").read_text()
+  assert "Every student figure of this run lies inside the earlier run's 95% interval." in text
+  report = (work / "replication" / "report.md").read_text()
   assert "## Replication: this run against" in report and "(the same CPU model" in report
   assert "| sad − sft, points |" in report and "sad+pcgrad" not in report
   assert "2 (earlier run's dev)" in report
+  assert "sad+pcgrad" in (work / "report.md").read_text()  # the study's own report is kept
+  assert study.reference_run(str(work / "replication"))["chosen"] == {"sad": 2, "sft": 2}
+  other = ml_collections.ConfigDict(c.to_dict())
+  other.env = other.env.replace("numLocations=4", "numLocations=6")
+  with pytest.raises(DataError, match="field 'env': the earlier run played twx:coin"):
+    study.run(other, str(tmp_path / "other"), replicate=str(tmp_path / "earlier"))
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
