@@ -286,6 +286,18 @@ def _cmd_compare_runs(args) -> int:
   return 0
 
 
+def _cmd_pool_runs(args) -> int:
+  from sad_jax import study_report
+  from sad_jax.fileio import atomic_write
+
+  text = study_report.pool_runs(args.runs, reference=args.reference)
+  print(text)
+  if args.out:
+    with atomic_write(args.out) as f:
+      f.write(text)
+  return 0
+
+
 def _cmd_study(args, overrides) -> int:
   from sad_jax import study
 
@@ -444,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "this run against its intervals")
   stu.add_argument("--arms", default=None, metavar="A,B,…",
                    help="run only these arms (the reference among them)")
+  stu.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train only each arm's first N seeds")
   stu.set_defaults(func=_cmd_study, takes_overrides=True)
 
   cmp = sub.add_parser("compare-runs", help="two finished runs of one study (e.g. two "
@@ -453,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--reference", default="sad")
   cmp.add_argument("--out", default=None, help="also write the markdown here")
   cmp.set_defaults(func=_cmd_compare_runs)
+
+  pool = sub.add_parser("pool-runs", help="runs of one study with different teacher draws "
+                        "(--config.teacher.seed): intervals over games, teachers and seeds")
+  pool.add_argument("runs", nargs="+", metavar="RUN",
+                    help="study folders or their results.jsonl[.gz]")
+  pool.add_argument("--reference", default="sad")
+  pool.add_argument("--out", default=None, help="also write the markdown here")
+  pool.set_defaults(func=_cmd_pool_runs)
 
   ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
   ins.add_argument("path", metavar="DATASET_OR_JSONL")

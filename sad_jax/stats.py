@@ -15,7 +15,7 @@ zero, "B ahead" below it; otherwise "no significant difference".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -98,3 +98,63 @@ def verdict(a: str, b: str, diff: Estimate) -> str:
   if diff.hi < 0:
     return f"{b} ahead"
   return "no significant difference"
+
+
+# ----------------------------------------------------------------------------- teacher draws
+
+
+def nested_replicates(won: Mapping[str, Sequence[np.ndarray]], *, reps: int = 10_000,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+  """Bootstrap replicates over games, teachers and seeds.
+
+  won: model → one [seeds, games] matrix per teacher draw, the teachers in the same order
+  for every model (teacher t's students learned from teacher t). Each replicate draws the
+  games once and the teachers once, both shared by every model (that pairs them), then each
+  model's seeds within each teacher. A model's mean weighs every teacher equally (the mean
+  of its teachers' seed means), so a run with more seeds does not outweigh another draw.
+  """
+  if not won:
+    return {}
+  teachers = {len(v) for v in won.values()}
+  games = {np.asarray(w).shape[1] for v in won.values() for w in v}
+  if len(teachers) != 1 or 0 in teachers:
+    raise ValueError(f"models have different numbers of teacher draws: {sorted(teachers)}")
+  if len(games) != 1:
+    raise ValueError(f"models played different numbers of games: {sorted(games)}")
+  (n_teachers,), (n_games,) = teachers, games
+  # integer sums, scaled by the lcm of the seed counts and divided once: a tie is exactly 0
+  scale = int(np.lcm.reduce([np.asarray(w).shape[0] for v in won.values() for w in v]))
+  rng = np.random.default_rng(seed)
+  game_c = _counts(rng.integers(0, n_games, size=(reps, n_games)), n_games)
+  teacher_c = _counts(rng.integers(0, n_teachers, size=(reps, n_teachers)), n_teachers)
+  out = {}
+  for name in sorted(won):
+    total = np.zeros(reps)
+    for t, w in enumerate(won[name]):
+      w = np.asarray(w, np.float64)
+      n_seeds = w.shape[0]
+      seed_c = _counts(rng.integers(0, n_seeds, size=(reps, n_seeds)), n_seeds)
+      per_teacher = np.sum((game_c @ w.T) * seed_c, axis=1)  # [R]: wins over drawn seeds
+      total += teacher_c[:, t] * per_teacher * (scale // n_seeds)
+    out[name] = total / (n_games * n_teachers * scale)
+  return out
+
+
+def nested_mean(draws: Sequence[np.ndarray]) -> float:
+  """The point estimate that `nested_replicates` resamples: the mean of teacher means."""
+  return float(np.mean([np.mean(w) for w in draws]))
+
+
+def nested_success(won: Mapping[str, Sequence[np.ndarray]], *, reps: int = 10_000,
+                   seed: int = 0) -> dict[str, Estimate]:
+  """Each model's success over teacher draws, with its 95% interval (games, teachers, seeds)."""
+  draws = nested_replicates(won, reps=reps, seed=seed)
+  return {k: interval(nested_mean(won[k]), draws[k]) for k in draws}
+
+
+def nested_differences(won: Mapping[str, Sequence[np.ndarray]], pairs: list[tuple[str, str]],
+                       *, reps: int = 10_000, seed: int = 0) -> dict[tuple[str, str], Estimate]:
+  """A − B over teacher draws, paired over the shared games and teachers."""
+  draws = nested_replicates(won, reps=reps, seed=seed)
+  return {(a, b): interval(nested_mean(won[a]) - nested_mean(won[b]), draws[a] - draws[b])
+          for a, b in pairs}

@@ -88,6 +88,21 @@ def budget_source(arm: ml_collections.ConfigDict, reference: str) -> str:
   return "dev" if len(arm.budgets) > 1 else "fixed" if arm.budgets else reference
 
 
+def teacher_seed(c) -> int:
+  """The teacher's draw (0 in configs from before it was a setting)."""
+  return int(c.teacher.get("seed", 0))
+
+
+def first_seeds(arm_list: list, n: int | None) -> list:
+  """`--seeds N`: each arm's first N seeds (a cheaper run, e.g. another teacher draw)."""
+  if n is None:
+    return arm_list
+  if n < 1:
+    raise DataError(f"--seeds must be at least 1, got {n}", field="--seeds")
+  return [ml_collections.ConfigDict({**a.to_dict(), "seeds": tuple(a.seeds)[:n]})
+          for a in arm_list]
+
+
 def cells_of(arm: ml_collections.ConfigDict, budgets) -> list[Cell]:
   return [Cell(arm=arm.name, objective=arm.objective, seed=int(s), steps=int(n),
                overrides=tuple(arm.overrides), curriculum=bool(arm.curriculum))
@@ -283,10 +298,11 @@ def train(name: str, run: str, config, steps: int) -> bool:
 
 
 def stage_teacher(work: str, c, dataset: str) -> str:
-  _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps")
+  seed = teacher_seed(c)
+  _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps, seed {seed}")
   run = os.path.join(work, "teacher")
   t = train_config(c, dataset, objective="sft", model=c.teacher.model, steps=c.teacher.steps,
-                   seed=0, lr=c.teacher.lr, curriculum=c.teacher.curriculum)
+                   seed=seed, lr=c.teacher.lr, curriculum=c.teacher.curriculum)
   train("teacher", run, t, c.teacher.steps)
   return os.path.join(run, "final")
 
@@ -388,6 +404,32 @@ def stage_store(work: str, name: str, c, dataset: str, teacher: str) -> str:
   n = sum(len(s["ids"]) for s in m.shards)
   _say(f"  store {name}: top-{c.store_k} on reason+action targets of {n} trajectories in "
        f"{time.perf_counter() - t0:.0f} s → {out}")
+  return out
+
+
+def stage_fold_shift(work: str, c, trajectories: str, ev: Evaluator) -> dict[str, dict]:
+  """What the dev and test folds measure: how their games' first observations stand to the
+  students' training episodes (agent/folds.py). Cached in fold_shift.json."""
+  from sad_jax.agent import folds
+  from sad_jax.agent.env import make_env
+  from sad_jax.data import schema
+
+  path = os.path.join(work, "fold_shift.json")
+  key = {"env": c.env, "data": os.path.abspath(trajectories),
+         "data_mtime": os.path.getmtime(trajectories), "dev": c.eval.dev_games,
+         "test": c.eval.test_games}
+  r = _read(path)
+  if r and r.get("key") == key:
+    return r["folds"]
+  env = ev.envs[0] if ev.envs else make_env(c.env)
+  try:
+    out = folds.fold_shift(env, schema.read_jsonl(trajectories),
+                           {"dev": c.eval.dev_games, "test": c.eval.test_games})
+  finally:
+    if not ev.envs:
+      env.close()
+  _write(path, {"key": key, "folds": out})
+  _say("  folds: " + folds.describe(out))
   return out
 
 
@@ -568,6 +610,7 @@ def reference_run(path: str) -> dict:
       chosen[arm], seeds[arm] = int(steps.pop()), [int(c["seed"]) for c in cs]
   report = os.path.join(os.path.dirname(path), "report.md")
   cpu = env = "not recorded"
+  teacher = 0  # reports from before the seed was a setting: the code always drew seed 0
   if os.path.exists(report):
     with open(report, encoding="utf-8") as f:
       text = f.read()
@@ -575,7 +618,10 @@ def reference_run(path: str) -> dict:
       cpu = m.group(1)
     if m := re.search(r"Environment: `([^`]+)`", text):
       env = m.group(1)
-  return {"path": path, "cpu": cpu, "env": env, "chosen": chosen, "seeds": seeds, "won": won,
+    if m := re.search(r"parameters, seed\s+(\d+)\)", text):
+      teacher = int(m.group(1))
+  return {"path": path, "cpu": cpu, "env": env, "teacher_seed": teacher, "chosen": chosen,
+          "seeds": seeds, "won": won,
           "tasks": list(next(iter(tasks)))}
 
 
@@ -609,12 +655,14 @@ def select_arms(arm_list: list, names: list[str] | None, reference: str) -> list
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
-        replicate: str | None = None, only: list[str] | None = None) -> str:
+        replicate: str | None = None, only: list[str] | None = None,
+        seeds: int | None = None) -> str:
   """The whole study; returns the report's text. `command`: what the report says ran it.
 
   replicate: an earlier run's results (another CPU's): train and test the arms it tested
   at its budgets and seeds (no dev cells), and report this run against its intervals.
-  only: run these arms (names), not all of the config's."""
+  only: run these arms (names), not all of the config's.
+  seeds: train only each arm's first `seeds` seeds."""
   t0 = _START[0] = time.perf_counter()
   work = os.path.abspath(workdir)
   os.makedirs(work, exist_ok=True)
@@ -634,7 +682,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
   started = time.time()
   try:
     return _run(work, config, ev, t0, command or f"sad-jax study ({config.name})",
-                ref=reference_run(replicate) if replicate else None, only=only)
+                ref=reference_run(replicate) if replicate else None, only=only, seeds=seeds)
   finally:
     ev.close()
     # a study resumed over days: its report sums the wall time of every invocation
@@ -646,7 +694,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
 
 
 def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | None,
-         only: list[str] | None) -> str:
+         only: list[str] | None, seeds: int | None) -> str:
   arm_list = arms(c)
   if ref is None:
     arm_list = select_arms(arm_list, only, c.reference)
@@ -658,6 +706,8 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
       raise DataError(f"the earlier run played {len(ref['tasks'])} test games, this config "
                       f"{c.eval.test_games}", path=ref["path"], field="eval.test_games")
     arm_list = replication_arms(arm_list, ref, only, c.reference)
+  arm_list = first_seeds(arm_list, seeds)
+  if ref is not None:
     _say(f"replicating {ref['path']} (trained on {ref['cpu']}): "
          + ", ".join(f"{a.name} {ref['chosen'][a.name]} steps × {len(a.seeds)} seeds"
                      for a in arm_list) + "; budgets as it chose them on dev" + (
@@ -685,6 +735,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   dev = {"dataset": dev_ds, "store": stage_store(work, "dev", c, dev_ds, teacher),
          "jsonl": dev_jsonl}
   shared = {"dataset": dataset, "store": store, "dev": dev}
+  fold_shift = stage_fold_shift(work, c, train_jsonl if c.protocol == "teacher" else expert, ev)
 
   # dev: every budget of the arms that have a choice to make (two budgets or more); then
   # each arm's choice. An arm with one budget takes it; one with none takes the reference's.
@@ -751,7 +802,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
                                                     "spans": teacher_spans,
                                                     "folder": teacher},
                             seconds=time.perf_counter() - t0, command=command,
-                            replication=ref)
+                            replication=ref, folds=fold_shift)
   _say(text)
   out = os.path.join(work, "replication") if ref is not None else work
   _say(f"report: {os.path.join(out, 'report.md')}; {(time.perf_counter() - t0) / 60:.1f} min")
@@ -763,10 +814,12 @@ def main_args(args, overrides) -> int:
 
   config = configlib.load(args.config, overrides)
   extra = ([f"--replicate {args.replicate}"] if args.replicate else []) + (
-      [f"--arms {args.arms}"] if args.arms else [])
+      [f"--arms {args.arms}"] if args.arms else []) + (
+      [f"--seeds {args.seeds}"] if args.seeds else [])
   run(config, args.workdir or os.path.join(
       "runs", "study", config.name + ("_replication" if args.replicate else "")),
       command=" ".join(["sad-jax study --config", args.config, *extra, *overrides]),
       replicate=args.replicate,
-      only=[n.strip() for n in args.arms.split(",")] if args.arms else None)
+      only=[n.strip() for n in args.arms.split(",")] if args.arms else None,
+      seeds=args.seeds)
   return 0

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from sad_jax import stats, study
+from sad_jax.agent import folds as fold_desc
 from sad_jax.fileio import atomic_write
 
 SPLITS_NOTE = ("Settings (each arm's training budget) were chosen on the dev fold; "
@@ -20,6 +21,10 @@ PROCESSOR_NOTE = ("Exact figures depend on the processor: XLA's CPU kernels diff
                   "trains slightly different models elsewhere. Read the intervals, not the "
                   "digits; a rerun of the same code on this machine gives the same numbers.")
 
+FOLDS_NOTE = ("What the folds measure (against the students' training episodes; a fold whose "
+              "games begin as training episodes began tests the seen distribution, one with "
+              "unseen sentences tests generalisation, so a dev–test gap is expected there "
+              "and dev choices may not carry over):")
 TEACHER_NOTE = ("One teacher (one random draw) serves every arm: the comparisons between "
                 "students are paired on it, but its own level, and the teacher–student gap, "
                 "vary between draws by more than these intervals, which do not include it.")
@@ -173,6 +178,81 @@ Each run at its own budgets (earlier → this: {budgets}) and seeds ({seeds}).{
 """
 
 
+def pool_runs(paths: list[str], *, reference: str = "sad") -> str:
+  """Runs of one study that differ in the teacher's draw (`--config.teacher.seed=N`), pooled:
+  each model's success and each paired difference with a 95% interval over games, teacher
+  draws and seeds (`sad-jax pool-runs`). One run's intervals hold its one teacher fixed;
+  these include how much another teacher draw moves every figure."""
+  from sad_jax.errors import DataError
+
+  if len(paths) < 2:
+    raise DataError("pool-runs needs two runs or more (one per teacher draw)", field="runs")
+  runs = [study.reference_run(p) for p in paths]
+  first = runs[0]
+  for r in runs[1:]:
+    if r["tasks"] != first["tasks"]:
+      raise DataError(f"the runs played different test games than {first['path']}",
+                      path=r["path"], field="task")
+    if "not recorded" not in (r["env"], first["env"]) and r["env"] != first["env"]:
+      raise DataError(f"the runs played different environments: {first['env']} "
+                      f"({first['path']}) and {r['env']}", path=r["path"], field="env")
+  by_seed: dict[int, str] = {}
+  for r in runs:
+    if r["teacher_seed"] in by_seed:
+      raise DataError(f"two runs have teacher seed {r['teacher_seed']} (also "
+                      f"{by_seed[r['teacher_seed']]}): one teacher draw counted twice",
+                      path=r["path"], field="teacher seed")
+    by_seed[r["teacher_seed"]] = r["path"]
+  common = set.intersection(*(set(r["won"]) for r in runs))
+  if reference not in common:
+    raise DataError(f"the reference arm {reference!r} is not in every run", path=paths[0],
+                    field="arm")
+  rivals = sorted((m for m in common if m not in (reference, "teacher")),
+                  key=lambda m: (m.startswith(reference + "+"), m))
+  models = [reference, *rivals, "teacher"]
+  won = {m: [r["won"][m] for r in runs] for m in models}
+  est = stats.nested_success(won)
+  diffs = stats.nested_differences(won, [(reference, m) for m in models[1:]])
+  seeds = [r["teacher_seed"] for r in runs]
+  rows = ["| model | steps per teacher | seeds per teacher | test success over teacher "
+          "draws [95% CI] | per teacher (seed " + " / ".join(map(str, seeds)) + ") |",
+          "|---|---|---|---:|---|"]
+  for m in models:
+    steps = " / ".join(str(r["chosen"].get(m, "–")) for r in runs) if m != "teacher" else "–"
+    n = " / ".join(str(len(r["seeds"][m])) for r in runs) if m != "teacher" else "1 each"
+    per = " / ".join(f"{100 * np.mean(w):.1f}" for w in won[m])
+    rows.append(f"| {m} | {steps} | {n} | {est[m].pct()} | {per} |")
+  drows = ["| comparison (test) | difference over teacher draws, points [95% CI] | per teacher "
+           "| verdict |", "|---|---:|---|---|"]
+  lines = []
+  for (a, b), d in diffs.items():
+    v = stats.verdict(a, b, d)
+    per = " / ".join(f"{100 * (np.mean(x) - np.mean(y)):+.1f}" for x, y in zip(won[a], won[b]))
+    drows.append(f"| {a} − {b} | {d.points()} | {per} | {v} |")
+    lines.append(f"{a} − {b}: {d.points()} → {v}")
+  left = sorted(set().union(*(set(r["won"]) for r in runs)) - common)
+  primary = [f"{reference} − {m}" for m in rivals if not m.startswith(reference + "+")]
+  return f"""# Pooled over teacher draws: {len(runs)} runs
+
+Runs (teacher seed: folder · CPU): {'; '.join(f"{r['teacher_seed']}: `{r['path']}` · {r['cpu']}"
+                                           for r in runs)}.
+The same {len(first['tasks'])} test games in every run. Each model's figure is the mean of its
+per-teacher means (every teacher weighs the same, whatever its number of seeds). Intervals:
+95% bootstrap over the games and the teacher draws (both shared by every model, so the
+differences are paired on them) and the seeds within each teacher. A single run's interval
+holds its teacher fixed; these also hold how far another teacher draw moves a figure, so
+they are the ones a run with a new teacher should fall inside. Primary comparisons:
+{', '.join(primary) or 'none'}; the rest are secondary (no correction for their number).{
+    ' Not in every run (left out): ' + ', '.join(left) + '.' if left else ''}
+
+{chr(10).join(rows)}
+
+{chr(10).join(drows)}
+
+{chr(10).join(lines)}
+"""
+
+
 def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
   lines = []
   for split in ("dev", "test"):
@@ -208,7 +288,8 @@ def _param_count(folder: str) -> int:
 
 def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str, int],
           curves: dict[str, dict[int, float]], teacher: dict, seconds: float,
-          command: str, replication: dict | None = None) -> str:
+          command: str, replication: dict | None = None,
+          folds: dict[str, dict] | None = None) -> str:
   """report.md and results.jsonl. replication: the earlier run this one replicates
   (`study.reference_run`): its budgets were used, and the report compares against it."""
   from sad_jax import metrics
@@ -313,6 +394,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   protocol = ("the teacher's own successful train-fold episodes (the method's protocol)"
               if c.protocol == "teacher" else "the expert's (oracle's) trajectories: the "
               "oracle condition, not the method's protocol")
+  fold_note = f"{FOLDS_NOTE} {fold_desc.describe(folds)}\n\n" if folds else ""
   md = f"""# sad-jax study: {c.name}
 
 Command: `{command}` · {when} · CPU: {metrics.cpu_model()} ({os.cpu_count()} cores) ·
@@ -320,7 +402,8 @@ jax {jax.__version__} · wall time: this invocation {seconds / 60:.1f} min, all
 {len(before) + 1} recorded invocations {total:.1f} min (a rerun skips the stages it finds
 done; each cell's own times are in its run folder).
 
-Environment: `{c.env}`. The teacher ({t_params / 1e6:.2f} M parameters) is trained
+Environment: `{c.env}`. The teacher ({t_params / 1e6:.2f} M parameters, seed
+{study.teacher_seed(c)}) is trained
 {c.teacher.steps} steps on {c.expert.episodes} expert episodes; the students
 ({s_params / 1e6:.2f} M, {t_params / s_params:.1f}× fewer) learn from {protocol}, with the
 teacher's top-{c.store_k} log-probs on reason and action tokens. Every model plays the same
@@ -333,7 +416,7 @@ The primary comparisons are {c.reference} against the flat objectives ({primary}
 others are secondary: each interval is 95% on its own, with no correction for the number of
 comparisons.
 
-{PROCESSOR_NOTE} Students trained on: {trained_on}. {TEACHER_NOTE}
+{fold_note}{PROCESSOR_NOTE} Students trained on: {trained_on}. {TEACHER_NOTE}
 
 ## Test fold
 
@@ -378,7 +461,7 @@ draws, so it carries both runs' seed noise. {verdict}
   md += rep
   with atomic_write(os.path.join(out, "report.md")) as f:
     f.write(md)
-  return table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep
+  return (fold_note + table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep)
 
 
 def _plots(work: str, curves: dict[str, dict[int, stats.Estimate]],

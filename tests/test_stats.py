@@ -93,3 +93,59 @@ def test_a_tie_in_every_low_replicate_is_exactly_zero_not_rounding_noise():
                                  seed=seed)[("a", "b")]
     assert d.lo == 0.0 and d.hi > 0.0, seed
     assert stats.verdict("a", "b", d) == "no significant difference"
+
+
+def test_teacher_draws_are_resampled_and_weighed_equally():
+  """Two teachers: every student of teacher 0 won every game, every student of teacher 1
+  none. Only the teacher draw moves the mean: 0, ½, 1 with ¼, ½, ¼ (hand-enumerated), and
+  teacher 0's five seeds do not outweigh teacher 1's two (the point is ½, not 5/7)."""
+  won = {"a": [np.ones((5, 12)), np.zeros((2, 12))]}
+  draws = stats.nested_replicates(won, reps=40_000, seed=2)["a"]
+  for value, prob in ((0.0, 0.25), (0.5, 0.5), (1.0, 0.25)):
+    assert np.mean(np.isclose(draws, value)) == pytest.approx(prob, abs=0.01)
+  est = stats.nested_success(won, reps=40_000)["a"]
+  assert (est.mean, est.lo, est.hi) == (0.5, 0.0, 1.0)
+
+
+def test_one_teacher_reduces_to_games_and_seeds():
+  """With one teacher the nested bootstrap is the two-way one: the same enumerated
+  distribution for two seeds that won or lost everything, and the binomial variance for one
+  seed (another draw of the random numbers, so compared in distribution)."""
+  draws = stats.nested_replicates({"a": [np.array([[1.0] * 10, [0.0] * 10])]}, reps=40_000,
+                                  seed=1)["a"]
+  for value, prob in ((0.0, 0.25), (0.5, 0.5), (1.0, 0.25)):
+    assert np.mean(np.isclose(draws, value)) == pytest.approx(prob, abs=0.01)
+  one = [np.array([[1.0] * 30 + [0.0] * 70])]
+  assert np.var(stats.nested_replicates({"a": one}, reps=40_000)["a"]) == pytest.approx(
+      0.3 * 0.7 / 100, rel=0.05)
+
+
+def test_teacher_draws_pair_the_models_and_a_tie_is_exactly_zero():
+  """Two models that win the same games under each teacher (teachers differ, seed counts
+  differ): every replicate draws the same games and teachers for both, so A − B is 0 in
+  every replicate, exactly; a teacher row (one draw of [1, games] per teacher) pairs too."""
+  rng = np.random.default_rng(0)
+  per_teacher = [rng.integers(0, 2, size=(1, 40)).astype(float) for _ in range(3)]
+  a = [np.repeat(w, n, axis=0) for w, n in zip(per_teacher, (5, 3, 2))]
+  b = [np.repeat(w, n, axis=0) for w, n in zip(per_teacher, (2, 3, 3))]
+  d = stats.nested_differences({"a": a, "b": b, "teacher": per_teacher},
+                               [("a", "b"), ("a", "teacher")])
+  for pair in (("a", "b"), ("a", "teacher")):
+    assert (d[pair].mean, d[pair].lo, d[pair].hi) == (0.0, 0.0, 0.0)
+  with pytest.raises(ValueError, match="teacher draws"):
+    stats.nested_replicates({"a": a, "b": b[:2]})
+  with pytest.raises(ValueError, match="numbers of games"):
+    stats.nested_replicates({"a": a, "b": [np.zeros((1, 39))] * 3})
+
+
+def test_teacher_variation_widens_the_interval_that_one_teacher_hides():
+  """Three teachers whose students reach 20%, 50% and 80% on 200 games: one teacher's
+  games-and-seeds interval is about ±9 points; over the draws the interval spans most of
+  20–80, as a second teacher draw could land anywhere there."""
+  levels = (0.2, 0.5, 0.8)
+  won = [np.array([[1.0] * int(200 * p) + [0.0] * (200 - int(200 * p))] * 3) for p in levels]
+  one = stats.success({"a": won[1]})["a"]
+  pooled = stats.nested_success({"a": won})["a"]
+  assert one.hi - one.lo < 0.2
+  assert pooled.mean == pytest.approx(0.5)
+  assert pooled.lo < 0.3 and pooled.hi > 0.7

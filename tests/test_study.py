@@ -219,6 +219,66 @@ def test_compare_runs_reproduces_each_reports_intervals_and_refuses_other_enviro
   assert "field 'env': the runs played different environments" in capsys.readouterr().err
 
 
+def write_run(folder, *, teacher_seed: int, won: dict[str, list[list[int]]],
+              env: str = "twx:coin?numLocations=4") -> str:
+  """A finished run's results.jsonl (test games 1..G) and the report.md lines it is read by."""
+  folder.mkdir()
+  lines = []
+  for arm, seeds in won.items():
+    for seed, games in enumerate(seeds):
+      teacher = arm == "teacher"
+      for task, w in enumerate(games, 1):
+        lines.append({"cell": arm if teacher else f"{arm}_s{seed}_n10", "arm": arm,
+                      "seed": None if teacher else seed, "steps": None if teacher else 10,
+                      "split": "test", "task": task, "won": bool(w)})
+  (folder / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  (folder / "report.md").write_text(
+      f"CPU: Test CPU (2 cores)\nEnvironment: `{env}`. The teacher (1.74 M parameters, seed\n"
+      f"{teacher_seed}) is trained\n")
+  return str(folder)
+
+
+def test_seeds_option_keeps_each_arms_first_seeds():
+  arms = study.arms(configlib.load(CONFIG))
+  cut = study.first_seeds(arms, 2)
+  assert [a.seeds for a in cut] == [(0, 1)] * len(arms) and arms[0].seeds == tuple(range(5))
+  assert study.first_seeds(arms, None) is arms
+  with pytest.raises(DataError, match="--seeds must be at least 1"):
+    study.first_seeds(arms, 0)
+
+
+def test_pool_runs_over_teacher_draws_on_constructed_runs(tmp_path, capsys):
+  """Teacher 0's students (2 seeds) win all 4 games under sad, teacher 1's (3 seeds) none;
+  token_kd wins games 1–2 under both. Pooled: each teacher weighs the same (sad 50%, not
+  40%), the per-teacher differences are +50 and −50, and the teacher draw alone spans
+  sad's interval [0, 100]. The same teacher seed twice, or another environment, is refused."""
+  a = write_run(tmp_path / "t0", teacher_seed=0, won={
+      "sad": [[1, 1, 1, 1]] * 2, "token_kd": [[1, 1, 0, 0]] * 2, "teacher": [[1, 1, 1, 1]]})
+  b = write_run(tmp_path / "t1", teacher_seed=1, won={
+      "sad": [[0, 0, 0, 0]] * 3, "token_kd": [[1, 1, 0, 0]] * 3, "teacher": [[1, 1, 0, 0]],
+      "sft": [[1, 0, 0, 0]]})
+  out = tmp_path / "pool.md"
+  assert cli.main(["pool-runs", a, b, "--out", str(out)]) == 0
+  text = out.read_text()
+  assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+  assert "| sad | 10 / 10 | 2 / 3 | 50.0% [0.0, 100.0] | 100.0 / 0.0 |" in text
+  assert "| teacher | – | 1 each | 75.0% [" in text and "| 100.0 / 50.0 |" in text
+  assert "| sad − token_kd | +0.0 [" in text and "| +50.0 / -50.0 | no significant" in text
+  assert "Not in every run (left out): sft." in text
+  c = write_run(tmp_path / "t1b", teacher_seed=1, won={"sad": [[1, 0, 0, 0]],
+                                                       "teacher": [[1, 1, 1, 1]]})
+  assert cli.main(["pool-runs", a, b, c]) == 2
+  assert "two runs have teacher seed 1" in capsys.readouterr().err
+  d = write_run(tmp_path / "six", teacher_seed=2, won={"sad": [[1, 0, 0, 0]],
+                                                       "teacher": [[1, 1, 1, 1]]},
+                env="twx:coin?numLocations=6")
+  assert cli.main(["pool-runs", a, d]) == 2
+  assert "field 'env': the runs played different environments" in capsys.readouterr().err
+  assert cli.main(["pool-runs", a]) == 2
+  # a report from before the seed was recorded: the code then always drew seed 0
+  assert study.reference_run("docs/study/coin")["teacher_seed"] == 0
+
+
 def tiny_config(tmp_env_games: int = 2):
   """The quick plan, shrunk further: tiny models, 2 steps, 2 games per fold."""
   c = configlib.load(f"{CONFIG}:quick")
@@ -270,6 +330,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   for needle in ("| sad − token_kd |", "| sad − sft |", "| sad − sad+pcgrad |",
                  "Exact figures depend on the processor", "chosen on the dev fold",
                  "One teacher (one random draw) serves every arm",
+                 "What the folds measure", "Test fold (2 games): ",
                  "Command: `sad-jax demo --quick`"):
     assert needle in report
   from sad_jax.metrics import cpu_model
@@ -312,6 +373,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert "2 (earlier run's dev)" in report
   assert "sad+pcgrad" in (work / "report.md").read_text()  # the study's own report is kept
   assert study.reference_run(str(work / "replication"))["chosen"] == {"sad": 2, "sft": 2}
+  assert study.reference_run(str(work))["teacher_seed"] == 0  # the report names the draw
   other = ml_collections.ConfigDict(c.to_dict())
   other.env = other.env.replace("numLocations=4", "numLocations=6")
   with pytest.raises(DataError, match="field 'env': the earlier run played twx:coin"):
