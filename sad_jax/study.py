@@ -625,6 +625,20 @@ def reference_run(path: str) -> dict:
           "tasks": list(next(iter(tasks)))}
 
 
+def output_dir(work: str, replicating: bool) -> str:
+  """Where the report goes: a replication writes beside the study it may share a workdir
+  with (reusing its trained cells), not over it."""
+  return os.path.join(work, "replication") if replicating else work
+
+
+def check_same_env(earlier: dict, env: str, path: str) -> None:
+  """Refuses a run of another environment than `earlier` (a `reference_run`): coin with 4
+  and 6 rooms share their task numbers. A run without its report.md is not checked."""
+  if "not recorded" not in (earlier["env"], env) and earlier["env"] != env:
+    raise DataError(f"the runs played different environments: {earlier['env']} "
+                    f"({earlier['path']}) and {env}", path=path, field="env")
+
+
 def replication_arms(arm_list: list, ref: dict, names: list[str] | None,
                      reference: str) -> list:
   """The config's arms that the earlier run tested (or the `names` among them), each with
@@ -699,9 +713,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   if ref is None:
     arm_list = select_arms(arm_list, only, c.reference)
   else:
-    if ref["env"] not in ("not recorded", c.env):
-      raise DataError(f"the earlier run played {ref['env']}, this config {c.env}",
-                      path=ref["path"], field="env")
+    check_same_env(ref, c.env, ref["path"])
     if len(ref["tasks"]) != c.eval.test_games:
       raise DataError(f"the earlier run played {len(ref['tasks'])} test games, this config "
                       f"{c.eval.test_games}", path=ref["path"], field="eval.test_games")
@@ -804,7 +816,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
                             seconds=time.perf_counter() - t0, command=command,
                             replication=ref, folds=fold_shift)
   _say(text)
-  out = os.path.join(work, "replication") if ref is not None else work
+  out = output_dir(work, ref is not None)
   _say(f"report: {os.path.join(out, 'report.md')}; {(time.perf_counter() - t0) / 60:.1f} min")
   return text
 

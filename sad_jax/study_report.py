@@ -152,9 +152,7 @@ def compare_runs(earlier: str, this: str, *, reference: str = "sad") -> str:
     raise DataError(f"the reference arm {reference!r} is not in both runs", path=b["path"],
                     field="arm")
   recorded = "not recorded" not in (a["env"], b["env"])
-  if recorded and a["env"] != b["env"]:
-    raise DataError(f"the runs played different environments: {a['env']} ({a['path']}) and "
-                    f"{b['env']}", path=b["path"], field="env")
+  study.check_same_env(a, b["env"], b["path"])
   only = [f"{m} (only in {'earlier' if m in a['won'] else 'this'})"
           for m in sorted(set(a["won"]) ^ set(b["won"]))]
   # the flat objectives first, then the reference's variants (its ablations)
@@ -193,9 +191,7 @@ def pool_runs(paths: list[str], *, reference: str = "sad") -> str:
     if r["tasks"] != first["tasks"]:
       raise DataError(f"the runs played different test games than {first['path']}",
                       path=r["path"], field="task")
-    if "not recorded" not in (r["env"], first["env"]) and r["env"] != first["env"]:
-      raise DataError(f"the runs played different environments: {first['env']} "
-                      f"({first['path']}) and {r['env']}", path=r["path"], field="env")
+    study.check_same_env(first, r["env"], r["path"])
   by_seed: dict[int, str] = {}
   for r in runs:
     if r["teacher_seed"] in by_seed:
@@ -295,8 +291,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   from sad_jax import metrics
 
   lines = results_lines(records, teacher)
-  # a replication writes beside the study it may share a workdir with, not over it
-  out = os.path.join(work, "replication") if replication is not None else work
+  out = study.output_dir(work, replication is not None)
   os.makedirs(out, exist_ok=True)
   with atomic_write(os.path.join(out, "results.jsonl")) as f:
     for line in lines:

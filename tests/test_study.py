@@ -376,7 +376,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert study.reference_run(str(work))["teacher_seed"] == 0  # the report names the draw
   other = ml_collections.ConfigDict(c.to_dict())
   other.env = other.env.replace("numLocations=4", "numLocations=6")
-  with pytest.raises(DataError, match="field 'env': the earlier run played twx:coin"):
+  with pytest.raises(DataError, match="field 'env': the runs played different environments: twx:coin"):
     study.run(other, str(tmp_path / "other"), replicate=str(tmp_path / "earlier"))
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
