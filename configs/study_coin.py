@@ -20,6 +20,13 @@ STUDENT = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2,
                num_attention_heads=2, num_key_value_heads=1)
 
 
+# TWX coin's test kitchens differ from train and dev by one sentence, in every test game (the
+# only test-fold sentence that no train-fold episode shows: agent/folds.py). The study plays
+# the test fold again with it put back as the train kitchens have it (a counterfactual fold).
+TABLE_TO_CUPBOARD = ("In one part of the room you see a dining table, that has nothing on it."
+                     "=>In one part of the room you see a kitchen cupboard that is closed.")
+
+
 def arm(name, objective, *, seeds, budgets=(), overrides=(), curriculum=False):
   return ml_collections.ConfigDict(dict(name=name, objective=objective, seeds=tuple(seeds),
                                         budgets=tuple(budgets), overrides=tuple(overrides),
@@ -63,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.more_budgets = (800,)
   c.reference = "sad"
   c.eval = ml_collections.ConfigDict(dict(dev_games=64, test_games=128, max_steps=8 + 4 * (
-      rooms == 6), batch=32, max_new_tokens=48, max_prompt_tokens=1024))
+      rooms == 6), batch=32, max_new_tokens=48, max_prompt_tokens=1024,
+                                          test_rewrite=(TABLE_TO_CUPBOARD,)))
   if arg == "demo":  # the README's first command: ≤ 15 min on 2 cores
     # Playing games is most of its time (about 1 game/s for batch 32): 192 teacher games
     # took 2.9 of 15.2 min, and the seven models' 64 test games about 7: 48 test games leave
@@ -72,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher_data.train_games = 160
     c.arms = tuple(arm(n, n, seeds=range(2), budgets=(200,)) for n in ("sad", "token_kd", "sft"))
     c.eval.dev_games, c.eval.test_games = 32, 48
+    c.eval.test_rewrite = ()  # the 15-minute budget: the study's reports show it
   if arg == "quick":  # a smoke run of every stage (≈ 3 min): no figure means anything
     c.expert.episodes = 100
     c.teacher.steps = 20
@@ -79,4 +88,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch = 2
     c.arms = tuple(arm(n, n, seeds=(0,), budgets=(12,)) for n in ("sad", "token_kd", "sft"))
     c.eval.dev_games, c.eval.test_games, c.eval.max_steps = 4, 4, 4
+    c.eval.test_rewrite = ()
   return c

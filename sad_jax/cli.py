@@ -227,17 +227,34 @@ def _cmd_generate(args) -> int:
 def _cmd_eval(args) -> int:
   import json
 
-  from sad_jax.agent import evaluate
+  from sad_jax.agent import evaluate, folds
+  from sad_jax.agent.env import make_env
+  from sad_jax.errors import DataError
   from sad_jax.fileio import atomic_write
 
+  rules = [folds.parse_rewrite(r) for r in args.rewrite or []]
   policy = evaluate.load_policy(args.checkpoint, tokenizer=args.tokenizer,
                                 max_new_tokens=args.max_new_tokens)
-  result = evaluate.evaluate(policy, env_spec=args.env, split=args.split,
-                             episodes=args.episodes, start=args.start,
-                             max_steps=args.max_steps, batch=args.batch, sag=args.sag,
-                             seed=args.seed, transcripts=args.transcripts,
-                             progress=not args.quiet)
+  envs = None
+  if rules:  # a counterfactual fold: the same games, their observations rewritten
+    envs = [folds.RewrittenEnv(make_env(args.env), rules)
+            for _ in range(max(1, min(args.batch, args.episodes)))]
+  try:
+    result = evaluate.evaluate(policy, env_spec=args.env, split=args.split,
+                               episodes=args.episodes, start=args.start,
+                               max_steps=args.max_steps, batch=args.batch, sag=args.sag,
+                               seed=args.seed, transcripts=args.transcripts,
+                               progress=not args.quiet, envs=envs)
+  finally:
+    for e in envs or []:
+      e.close()
   print(result.summary())
+  if rules:
+    changed = sum(e.replaced for e in envs)
+    print(f"observations rewritten: {changed}")
+    if not changed:  # the run measured the unchanged fold: not what was asked
+      raise DataError("no rule matched any observation the agent read (a typo?)",
+                      field="rewrite")
   if args.transcripts:
     print(f"transcripts: {args.transcripts} (sad-jax inspect {args.transcripts} --index 0)")
   if args.json:
@@ -414,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--seed", type=int, default=0)
   ev.add_argument("--transcripts", default=None, metavar="OUT.jsonl")
   ev.add_argument("--json", default=None, metavar="RESULT.json")
+  ev.add_argument("--rewrite", action="append", metavar="OLD=>NEW",
+                  help="replace OLD by NEW in every observation the agent reads (repeatable): "
+                  "a counterfactual fold, e.g. a test-only sentence put back as train has it")
   ev.add_argument("--quiet", action="store_true")
   ev.set_defaults(func=_cmd_eval)
 

@@ -321,22 +321,30 @@ class Evaluator:
     self.envs = []
 
   def play(self, name: str, folder: str, split: str, games: int, out: str, *,
-           transcripts: bool = False) -> dict:
-    from sad_jax.agent import evaluate
+           transcripts: bool = False, rewrite: list[tuple[str, str]] | None = None) -> dict:
+    """rewrite: (old, new) replacements in every observation (a counterfactual fold)."""
+    from sad_jax.agent import evaluate, folds
     from sad_jax.agent.env import make_env
 
     stamp = os.path.getmtime(os.path.join(folder, "config.json"))
+    rules = [list(x) for x in rewrite or []]
     r = _read(out)
     if r and r.get("episodes") == games and r.get("model_mtime") == stamp and \
-        r.get("split") == split and (not transcripts or os.path.exists(out + "l")):
+        r.get("split") == split and r.get("rewrite", []) == rules and \
+        (not transcripts or os.path.exists(out + "l")):
       return r
     batch = min(self.c.eval.batch, games)
     self.envs.extend(make_env(self.c.env) for _ in range(batch - len(self.envs)))
+    # the wrappers share the JVMs (and are not closed: that would close them)
+    envs = [folds.RewrittenEnv(e, rewrite) for e in self.envs] if rewrite else self.envs
     policy = self.policy(folder)
     res = evaluate.evaluate(policy, env_spec=self.c.env, split=split, episodes=games,
-                            max_steps=self.c.eval.max_steps, batch=batch, envs=self.envs,
+                            max_steps=self.c.eval.max_steps, batch=batch, envs=envs,
                             transcripts=out + "l" if transcripts else None, progress=True)
-    r = {**dataclasses.asdict(res), "model_mtime": stamp}
+    if rewrite and not sum(e.replaced for e in envs):
+      raise DataError(f"no rule of {rules} matched an observation of the {split} fold",
+                      field="eval.test_rewrite")
+    r = {**dataclasses.asdict(res), "model_mtime": stamp, "rewrite": rules}
     _write(out, r)
     _say(f"  {name} [{split}]: {res.summary()}")
     return r
@@ -431,6 +439,30 @@ def stage_fold_shift(work: str, c, trajectories: str, ev: Evaluator) -> dict[str
   _write(path, {"key": key, "folds": out})
   _say("  folds: " + folds.describe(out))
   return out
+
+
+def stage_counterfactual(work: str, c, final: list[Cell], records: dict[str, dict],
+                         teacher: str, ev: Evaluator) -> dict | None:
+  """The test fold again with `eval.test_rewrite` applied to every observation: the same
+  games with the text by which they differ from training put back as training has it. If a
+  dev–test gap comes from that text, success on the rewritten fold rises towards dev.
+  Each cell's result goes to its record as "test_rewritten"; returns the teacher's."""
+  from sad_jax.agent import folds
+
+  rules = [folds.parse_rewrite(r) for r in c.eval.get("test_rewrite", ())]
+  if not rules:
+    return None
+  _say(f"[7/8] the counterfactual test fold ({len(final)} cells and the teacher): every "
+       "observation rewritten " + "; ".join(f"{a!r} → {b!r}" for a, b in rules))
+  for cell in final:
+    rec = records[cell.name]
+    rec["test_rewritten"] = ev.play(
+        cell.name + " (rewritten)", os.path.join(work, "cells", cell.name, "final"), "test",
+        c.eval.test_games, os.path.join(work, "cells", cell.name, "eval_test_rewritten.json"),
+        rewrite=rules)
+    _write(os.path.join(work, "cells", cell.name + ".json"), rec)
+  return ev.play("teacher (rewritten)", teacher, "test", c.eval.test_games,
+                 os.path.join(work, "teacher_data", "test_rewritten.json"), rewrite=rules)
 
 
 # ----------------------------------------------------------------------------- per-span
@@ -800,6 +832,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
                                   f"test {i + 1}/{len(final)}")
   teacher_test = ev.play("teacher", teacher, "test", c.eval.test_games,
                          os.path.join(work, "teacher_data", "test.json"))
+  teacher_rewritten = stage_counterfactual(work, c, final, records, teacher, ev)
   spans_path = os.path.join(work, "teacher_data", "spans.json")
   stamp = os.path.getmtime(os.path.join(teacher, "config.json"))
   teacher_spans = (_read(spans_path) or {}).get(str(stamp))
@@ -812,7 +845,9 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   text = study_report.write(work, c, arm_list=arm_list, records=records, chosen=chosen,
                             curves=curves, teacher={"dev": teacher_dev, "test": teacher_test,
                                                     "spans": teacher_spans,
-                                                    "folder": teacher},
+                                                    "folder": teacher,
+                                                    **({"test_rewritten": teacher_rewritten}
+                                                       if teacher_rewritten else {})},
                             seconds=time.perf_counter() - t0, command=command,
                             replication=ref, folds=fold_shift)
   _say(text)

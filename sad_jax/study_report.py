@@ -251,7 +251,7 @@ they are the ones a run with a new teacher should fall inside. Primary compariso
 
 def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
   lines = []
-  for split in ("dev", "test"):
+  for split in ("dev", "test", "test_rewritten"):
     if split in teacher:
       for g in teacher[split]["games"]:
         lines.append({"cell": "teacher", "arm": "teacher", "objective": "teacher", "seed": None,
@@ -266,6 +266,43 @@ def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
                       "seed": cell["seed"], "steps": cell["steps"], "split": split,
                       "task": g["task"], "won": g["won"], "turns": g["steps"]})
   return lines
+
+
+def counterfactual(test: dict[str, np.ndarray], rewritten: dict[str, np.ndarray],
+                   dev: dict[str, stats.Estimate], rules: list) -> str:
+  """The counterfactual test fold's section: each model's success on the rewritten games
+  and rewritten − test, paired over games and seeds (the same model, seed and game: the
+  bootstrap resamples the per-game differences)."""
+  rows = ["| model | test success | rewritten test success | rewritten − test, points [95% CI] "
+          "| dev success |", "|---|---:|---:|---:|---:|"]
+  lines = []
+  for name in test:
+    if name not in rewritten:
+      continue
+    if rewritten[name].shape != test[name].shape:
+      raise ValueError(f"{name}: the rewritten fold has {rewritten[name].shape} outcomes, "
+                       f"the test fold {test[name].shape}")
+    one = stats.success({name: test[name]})[name]
+    rew = stats.success({name: rewritten[name]})[name]
+    diff = stats.success({name: rewritten[name] - test[name]})[name]
+    rows.append(f"| {name} | {one.pct()} | {rew.pct()} | {diff.points()} | "
+                f"{dev[name].pct() if name in dev else '–'} |")
+    if diff.lo > 0:
+      lines.append(f"{name}: the rewrite raises success")
+    elif diff.hi < 0:
+      lines.append(f"{name}: the rewrite lowers success")
+  what = "; ".join(f"`{old}` → `{new}`" for old, new in rules)
+  moved = ("; ".join(lines) + ". Others: no significant change.") if lines else (
+      "No model's success changes significantly.")
+  return f"""## Counterfactual test fold: the test games, their observations rewritten
+
+The same test games, with every observation the agent reads rewritten ({what}): the text by
+which these games differ from the training episodes, put back as training has it. The game,
+its valid actions and its scoring are unchanged. If a dev–test gap comes from that text,
+success here rises towards dev. Intervals: 95% bootstrap over games and seeds; the
+difference is paired (the same model, seed and game). {moved}
+
+""" + "\n".join(rows) + "\n"
 
 
 def _arm_records(records, arm: str, steps: int) -> list[dict]:
@@ -348,6 +385,15 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   table = "\n".join(rows)
 
   dtable, verdicts = comparisons(test, c.reference, rivals)
+  cf = ""
+  if "test_rewritten" in teacher:  # the counterfactual fold: the same games, text rewritten
+    rew_evals = {f"{a} (rewritten)": [r["test_rewritten"]
+                                      for r in _arm_records(records, a, chosen[a])]
+                 for a in names}
+    rew_evals["teacher (rewritten)"] = [teacher["test_rewritten"]]
+    same_games({**test_evals, **rew_evals})
+    rewritten = {a: won_matrix(rew_evals[f"{a} (rewritten)"]) for a in test}
+    cf = counterfactual(test, rewritten, dev_est, teacher["test_rewritten"]["rewrite"])
 
   # learning curves on dev: each budget of the arms that had their own
   crows = ["| arm | " + " | ".join(f"{n} steps" for n in sorted({n for v in curves.values()
@@ -423,7 +469,7 @@ Decision accuracy: on the teacher's successful dev-fold episodes, the model writ
 thought and action after the recorded history; the share whose action equals the teacher's.
 "forced" action accuracy reads the teacher's thought first, which names the action.
 
-## Dev fold: success against training steps (budget chosen per arm: ←)
+{cf}## Dev fold: success against training steps (budget chosen per arm: ←)
 
 {ctable}
 
@@ -456,7 +502,8 @@ draws, so it carries both runs' seed noise. {verdict}
   md += rep
   with atomic_write(os.path.join(out, "report.md")) as f:
     f.write(md)
-  return (fold_note + table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep)
+  return (fold_note + table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep
+          + ("\n" + cf if cf else ""))
 
 
 def _plots(work: str, curves: dict[str, dict[int, stats.Estimate]],

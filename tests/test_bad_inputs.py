@@ -336,6 +336,15 @@ CONFIGS = [
          ("eval", "--checkpoint", "{hf}", "--tokenizer", "{tok}", "--env", "twx:coin",
           "--episodes", "0", "--quiet", "--json", "{tmp}/result.json"),
          ("field 'episodes'", "must be at least 1"), output="{tmp}/result.json"),
+    Case("eval_rewrite_not_a_rule",
+         ("eval", "--checkpoint", "{hf}", "--tokenizer", "{tok}", "--env", "twx:coin",
+          "--rewrite", "dining table", "--quiet", "--json", "{tmp}/result.json"),
+         ("field 'rewrite'", "is not OLD=>NEW"), output="{tmp}/result.json"),
+    Case("eval_rewrite_never_matches",
+         ("eval", "--checkpoint", "{hf}", "--tokenizer", "{tok}", "--env", "twx:coin",
+          "--episodes", "1", "--max-steps", "1", "--max-new-tokens", "4",
+          "--rewrite", "a unicorn=>a horse", "--quiet", "--json", "{tmp}/result.json"),
+         ("field 'rewrite'", "no rule matched"), output="{tmp}/result.json"),
 ]
 
 TOKENIZERS = [

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sad_jax import cli, configlib, study, study_report
+from configs import study_coin
+from sad_jax import cli, configlib, stats, study, study_report
 from sad_jax.errors import DataError
 from sad_jax.models import transformer as T
 from sad_jax.models.config import from_hf_dict
@@ -80,7 +81,7 @@ def test_the_budget_is_chosen_on_dev_the_smaller_on_a_tie():
 
 
 def test_an_arm_whose_best_budget_is_its_largest_trains_the_next_one():
-  arm = __import__("configs.study_coin", fromlist=["arm"]).arm
+  arm = study_coin.arm
   own = [arm("sad", "sad", seeds=(0, 1), budgets=(100, 200)),
          arm("sft", "sft", seeds=(0, 1), budgets=(100, 200))]
   records = {}
@@ -124,6 +125,24 @@ def test_verdict_lines_on_constructed_results():
                    "sad − twin: +0.0 [+0.0, +0.0] → no significant difference",
                    "sad − teacher: +0.0 [+0.0, +0.0] → no significant difference"]
   assert table.splitlines()[2] == "| sad − sft | +75.0 [+59.4, +87.5] | sad ahead |"
+
+
+def test_the_counterfactual_section_on_constructed_results():
+  """rewritten − test per model, paired over games and seeds: a teacher that wins every
+  rewritten game and lost every plain one (+100, exactly), a model the rewrite does not
+  move (0, exactly, though its seeds differ), and outcomes of another shape refused."""
+  ref = np.array([[1.0, 1.0, 0.0, 1.0] * 10, [0.0, 1.0, 0.0, 0.0] * 10])
+  test = {"sad": ref, "teacher": np.zeros((1, 40))}
+  rewritten = {"sad": ref.copy(), "teacher": np.ones((1, 40))}
+  dev = {"sad": stats.Estimate(0.9, 0.8, 1.0)}
+  text = study_report.counterfactual(test, rewritten, dev, [["a table", "a cupboard"]])
+  assert "(`a table` → `a cupboard`)" in text
+  assert "teacher: the rewrite raises success. Others: no significant change." in text
+  assert "| sad | 50.0% [" in text and "| +0.0 [+0.0, +0.0] | 90.0% [80.0, 100.0] |" in text
+  assert "| teacher | 0.0% [0.0, 0.0] | 100.0% [100.0, 100.0] | +100.0 [+100.0, +100.0] | – |" \
+      in text
+  with pytest.raises(ValueError, match="sad: the rewritten fold has"):
+    study_report.counterfactual(test, {"sad": ref[:1]}, dev, [["a", "b"]])
 
 
 def test_the_report_refuses_models_that_played_other_games():
@@ -291,7 +310,7 @@ def tiny_config(tmp_env_games: int = 2):
   c.teacher.steps = 2
   c.student.model = tiny
   c.teacher_data.train_games = 4
-  c.arms = tuple(list(c.arms) + [__import__("configs.study_coin", fromlist=["arm"]).arm(
+  c.arms = tuple(list(c.arms) + [study_coin.arm(
       "sad+pcgrad", "sad", seeds=(0,), overrides=("objective.pcgrad=True",))])
   for a in c.arms:
     if a.budgets:  # sad chooses between two budgets on dev; token_kd and sft have one
@@ -299,6 +318,7 @@ def tiny_config(tmp_env_games: int = 2):
   c.eval.dev_games = c.eval.test_games = tmp_env_games
   c.more_budgets = (4,)  # sad's best is its smaller budget (asserted below): none is added
   c.eval.max_steps, c.eval.batch, c.eval.max_new_tokens = 1, 2, 8
+  c.eval.test_rewrite = (study_coin.TABLE_TO_CUPBOARD,)
   c.lock()
   return c
 
@@ -321,8 +341,11 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   # ties go to the smaller budget, and the ablation takes sad's
   assert "budgets: sad 2 (dev), token_kd 2 (fixed), sft 2 (fixed), sad+pcgrad 2 (sad)" in out
   lines = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
-  # two games a line: teacher dev + test; sad's two budgets on dev; four cells on test
-  assert len(lines) == 2 * (2 + 2 + 4)
+  # two games a line: teacher dev + test; sad's two budgets on dev; four cells on test; the
+  # teacher and the four cells on the rewritten test fold
+  assert len(lines) == 2 * (2 + 2 + 4 + 5)
+  assert {x["cell"] for x in lines if x["split"] == "test_rewritten"} == {
+      "teacher", "sad_s0_n2", "token_kd_s0_n2", "sft_s0_n2", "sad+pcgrad_s0_n2"}
   assert sorted({(x["cell"], x["split"]) for x in lines if x["split"] == "dev"}) == [
       ("sad_s0_n2", "dev"), ("sad_s0_n3", "dev"), ("teacher", "dev")]
   assert {x["arm"] for x in lines} == {"teacher", "sad", "token_kd", "sft", "sad+pcgrad"}
@@ -331,6 +354,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
                  "Exact figures depend on the processor", "chosen on the dev fold",
                  "One teacher (one random draw) serves every arm",
                  "What the folds measure", "Test fold (2 games): ",
+                 "## Counterfactual test fold", "| sad+pcgrad | ",
                  "Command: `sad-jax demo --quick`"):
     assert needle in report
   from sad_jax.metrics import cpu_model

@@ -11,10 +11,12 @@ start of some training episode, and the sentences never seen in any training obs
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 
 from sad_jax.data.schema import Trajectory
+from sad_jax.errors import DataError
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -79,3 +81,54 @@ def describe(result: dict[str, dict]) -> str:
       f"observation that began a training episode, {r['games_with_unseen_sentence']:.0%} show "
       f"a sentence no training observation has ({r['sentences_unseen']:.0%} of their first "
       "observations' sentences)." for split, r in result.items())
+
+
+def parse_rewrite(rule: str) -> tuple[str, str]:
+  """'OLD=>NEW' → (OLD, NEW); OLD must not be empty."""
+  old, sep, new = rule.partition("=>")
+  if not sep or not old:
+    raise DataError(f"rewrite rule {rule!r} is not OLD=>NEW with a non-empty OLD",
+                    field="rewrite")
+  return old, new
+
+
+class RewrittenEnv:
+  """An environment whose observations have strings replaced: a counterfactual fold.
+
+  Replacing the one sentence by which a fold differs from training (TWX coin's test
+  kitchens: the dining table for the train folds' kitchen cupboard) tests whether that
+  sentence causes a dev–test gap. Only what the agent reads changes; the game, its valid
+  actions and its scoring are the environment's own.
+  """
+
+  def __init__(self, env, rules: Sequence[tuple[str, str]]):
+    self.env, self.rules = env, list(rules)
+    self.spec, self.action_format = env.spec, env.action_format
+    self.replaced = 0  # observations changed so far: a rule that never fires is a typo
+
+  def _rewrite(self, text: str) -> str:
+    out = text
+    for old, new in self.rules:
+      out = out.replace(old, new)
+    self.replaced += out != text
+    return out
+
+  def tasks(self, split: str) -> list[int]:
+    return self.env.tasks(split)
+
+  def reset(self, *, task: int):
+    obs, info = self.env.reset(task=task)
+    return self._rewrite(obs), info
+
+  def step(self, action: str):
+    r = self.env.step(action)
+    return dataclasses.replace(r, observation=self._rewrite(r.observation))
+
+  def valid_actions(self):
+    return self.env.valid_actions()
+
+  def oracle_actions(self):
+    return self.env.oracle_actions()
+
+  def close(self) -> None:
+    self.env.close()

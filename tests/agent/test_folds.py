@@ -4,6 +4,7 @@ import pytest
 
 from sad_jax.agent import folds
 from sad_jax.data.schema import Segment, Trajectory
+from sad_jax.errors import DataError
 
 
 def traj(*observations: str) -> Trajectory:
@@ -60,3 +61,46 @@ def test_twx_coin_test_fold_shows_furniture_its_train_and_dev_folds_never_do():
   assert r["dev"]["games_with_unseen_sentence"] == 0.0 and r["dev"]["start_seen"] > 0.8
   assert r["test"]["games_with_unseen_sentence"] == 1.0 and r["test"]["start_seen"] == 0.0
   assert any("dining table" in s for s in new)
+
+
+TABLE = "In one part of the room you see a dining table, that has nothing on it."
+CUPBOARD = "In one part of the room you see a kitchen cupboard that is closed."
+
+
+def test_parse_rewrite():
+  assert folds.parse_rewrite("a table=>a cupboard") == ("a table", "a cupboard")
+  assert folds.parse_rewrite("a table=>") == ("a table", "")
+  for bad in ("a table", "=>a cupboard"):
+    with pytest.raises(DataError, match="OLD=>NEW"):
+      folds.parse_rewrite(bad)
+
+
+def test_rewritten_twx_coin_test_fold_reads_as_train_and_plays_as_test():
+  """The counterfactual fold: with its one test-only sentence put back as the train kitchens
+  have it, no test game shows an unseen sentence any more, while the game is unchanged (the
+  oracle's path wins it in the same number of steps, with the same rewards)."""
+  from sad_jax.agent import oracle
+  from sad_jax.agent.env import make_env
+
+  spec = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
+  trajs = list(oracle.generate(spec, split="train", episodes=100, varied=False, noise=0.0,
+                               vary_rooms=False))
+  plain = make_env(spec)
+  env = folds.RewrittenEnv(make_env(spec), [(TABLE, CUPBOARD)])
+  try:
+    assert folds.fold_shift(env, trajs, {"test": 16})["test"]["games_with_unseen_sentence"] == 0
+    assert env.replaced >= 16
+    for task in env.tasks("test")[:4]:
+      obs, _ = env.reset(task=task)
+      raw, _ = plain.reset(task=task)
+      assert obs == raw.replace(TABLE, CUPBOARD) != raw
+      path = plain.oracle_actions()
+      assert env.oracle_actions() == path
+      a = [env.step(x) for x in path]
+      b = [plain.step(x) for x in path]
+      assert [(r.reward, r.done, r.won) for r in a] == [(r.reward, r.done, r.won) for r in b]
+      assert a[-1].won
+      assert [r.observation for r in a] == [r.observation.replace(TABLE, CUPBOARD) for r in b]
+  finally:
+    env.close()
+    plain.close()
