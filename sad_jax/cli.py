@@ -307,7 +307,7 @@ def _cmd_pool_runs(args) -> int:
   from sad_jax import study_report
   from sad_jax.fileio import atomic_write
 
-  text = study_report.pool_runs(args.runs, reference=args.reference)
+  text = study_report.pool_runs(args.runs, reference=args.reference, split=args.split)
   print(text)
   if args.out:
     with atomic_write(args.out) as f:
@@ -493,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
   pool.add_argument("runs", nargs="+", metavar="RUN",
                     help="study folders or their results.jsonl[.gz]")
   pool.add_argument("--reference", default="sad")
+  pool.add_argument("--split", default="test", choices=("test", "test_rewritten"),
+                    help="test_rewritten: the counterfactual fold (eval.test_rewrite)")
   pool.add_argument("--out", default=None, help="also write the markdown here")
   pool.set_defaults(func=_cmd_pool_runs)
 

@@ -594,10 +594,11 @@ def _results_path(path: str) -> str:
                   path=path)
 
 
-def reference_run(path: str) -> dict:
+def reference_run(path: str, split: str = "test") -> dict:
   """An earlier run of a study, to replicate (`--replicate`): its results.jsonl[.gz] or the
   folder holding it. Returns each arm's test budget and seeds, each model's [seeds, games]
-  test outcomes (the teacher as "teacher"), the games, and the CPU its report.md names."""
+  outcomes on `split` (test, or test_rewritten: the counterfactual fold; the teacher as
+  "teacher"), the games, and the CPU its report.md names."""
   import gzip
   import re
 
@@ -614,7 +615,7 @@ def reference_run(path: str) -> dict:
         for key in ("cell", "arm", "seed", "steps", "split", "task", "won"):
           if key not in r:
             raise DataError("missing", path=path, record=i, field=key)
-        if r["split"] != "test":
+        if r["split"] != split:
           continue
         cell = cells.setdefault(r["cell"], {"arm": r["arm"], "seed": r["seed"],
                                             "steps": r["steps"], "games": []})
@@ -625,11 +626,13 @@ def reference_run(path: str) -> dict:
   for c in cells.values():
     by_arm.setdefault(c["arm"], []).append(c)
   if "teacher" not in by_arm:
-    raise DataError("no teacher test games: not a finished study's results", path=path,
-                    field="arm")
+    raise DataError(f"no teacher {split} games: not a finished study's results" + (
+        " (or one without the counterfactual fold: eval.test_rewrite)"
+        if split != "test" else ""), path=path, field="arm")
   tasks = {tuple(t for t, _ in c["games"]) for c in cells.values()}
   if len(tasks) != 1:
-    raise DataError("its models did not play the same test games", path=path, field="task")
+    raise DataError(f"its models did not play the same {split} games", path=path,
+                    field="task")
   chosen, seeds, won = {}, {}, {}
   for arm, cs in by_arm.items():
     steps = {c["steps"] for c in cs}

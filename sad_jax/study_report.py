@@ -51,11 +51,11 @@ def same_games(evals: dict[str, list[dict]]) -> None:
                      f"{first}")
 
 
-def comparisons(won: dict[str, np.ndarray], reference: str,
-                rivals: list[str]) -> tuple[str, list[str]]:
+def comparisons(won: dict[str, np.ndarray], reference: str, rivals: list[str], *,
+                fold: str = "test") -> tuple[str, list[str]]:
   """The paired differences reference − rival: a markdown table and its verdict lines."""
   diffs = stats.paired_differences(won, [(reference, n) for n in rivals])
-  rows = ["| comparison (test) | difference, points [95% CI] | verdict |", "|---|---:|---|"]
+  rows = [f"| comparison ({fold}) | difference, points [95% CI] | verdict |", "|---|---:|---|"]
   lines = []
   for (a, b), d in diffs.items():
     v = stats.verdict(a, b, d)
@@ -176,7 +176,7 @@ Each run at its own budgets (earlier → this: {budgets}) and seeds ({seeds}).{
 """
 
 
-def pool_runs(paths: list[str], *, reference: str = "sad") -> str:
+def pool_runs(paths: list[str], *, reference: str = "sad", split: str = "test") -> str:
   """Runs of one study that differ in the teacher's draw (`--config.teacher.seed=N`), pooled:
   each model's success and each paired difference with a 95% interval over games, teacher
   draws and seeds (`sad-jax pool-runs`). One run's intervals hold its one teacher fixed;
@@ -185,7 +185,7 @@ def pool_runs(paths: list[str], *, reference: str = "sad") -> str:
 
   if len(paths) < 2:
     raise DataError("pool-runs needs two runs or more (one per teacher draw)", field="runs")
-  runs = [study.reference_run(p) for p in paths]
+  runs = [study.reference_run(p, split) for p in paths]
   first = runs[0]
   for r in runs[1:]:
     if r["tasks"] != first["tasks"]:
@@ -228,11 +228,13 @@ def pool_runs(paths: list[str], *, reference: str = "sad") -> str:
     lines.append(f"{a} − {b}: {d.points()} → {v}")
   left = sorted(set().union(*(set(r["won"]) for r in runs)) - common)
   primary = [f"{reference} − {m}" for m in rivals if not m.startswith(reference + "+")]
+  fold = ("rewritten test (the counterfactual fold: the test games, their observations "
+          "rewritten)" if split == "test_rewritten" else split)
   return f"""# Pooled over teacher draws: {len(runs)} runs
 
 Runs (teacher seed: folder · CPU): {'; '.join(f"{r['teacher_seed']}: `{r['path']}` · {r['cpu']}"
                                            for r in runs)}.
-The same {len(first['tasks'])} test games in every run. Each model's figure is the mean of its
+The same {len(first['tasks'])} {fold} games in every run. Each model's figure is the mean of its
 per-teacher means (every teacher weighs the same, whatever its number of seeds). Intervals:
 95% bootstrap over the games and the teacher draws (both shared by every model, so the
 differences are paired on them) and the seeds within each teacher. A single run's interval
@@ -269,21 +271,22 @@ def results_lines(records: dict[str, dict], teacher: dict) -> list[dict]:
 
 
 def counterfactual(test: dict[str, np.ndarray], rewritten: dict[str, np.ndarray],
-                   dev: dict[str, stats.Estimate], rules: list) -> str:
+                   dev: dict[str, stats.Estimate], rules: list, *, reference: str = "",
+                   rivals: list[str] = ()) -> str:
   """The counterfactual test fold's section: each model's success on the rewritten games
   and rewritten − test, paired over games and seeds (the same model, seed and game: the
-  bootstrap resamples the per-game differences)."""
+  bootstrap resamples the per-game differences); then, given a reference, the comparisons
+  on the rewritten fold (in-distribution games that no setting was chosen on)."""
   rows = ["| model | test success | rewritten test success | rewritten − test, points [95% CI] "
           "| dev success |", "|---|---:|---:|---:|---:|"]
   lines = []
-  for name in test:
-    if name not in rewritten:
-      continue
+  for name in rewritten:
     if rewritten[name].shape != test[name].shape:
       raise ValueError(f"{name}: the rewritten fold has {rewritten[name].shape} outcomes, "
                        f"the test fold {test[name].shape}")
-    one = stats.success({name: test[name]})[name]
-    rew = stats.success({name: rewritten[name]})[name]
+  one_est, rew_est = stats.success(test), stats.success(rewritten)  # as the test table's
+  for name in rewritten:
+    one, rew = one_est[name], rew_est[name]
     diff = stats.success({name: rewritten[name] - test[name]})[name]
     rows.append(f"| {name} | {one.pct()} | {rew.pct()} | {diff.points()} | "
                 f"{dev[name].pct() if name in dev else '–'} |")
@@ -302,7 +305,10 @@ its valid actions and its scoring are unchanged. If a dev–test gap comes from 
 success here rises towards dev. Intervals: 95% bootstrap over games and seeds; the
 difference is paired (the same model, seed and game). {moved}
 
-""" + "\n".join(rows) + "\n"
+""" + "\n".join(rows) + "\n\n" + (
+      "On the rewritten games:\n\n" + comparisons(rewritten, reference, rivals,
+                                                 fold="rewritten test")[0] + "\n\n"
+      if reference else "")
 
 
 def _arm_records(records, arm: str, steps: int) -> list[dict]:
@@ -392,8 +398,9 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
                  for a in names}
     rew_evals["teacher (rewritten)"] = [teacher["test_rewritten"]]
     same_games({**test_evals, **rew_evals})
-    rewritten = {a: won_matrix(rew_evals[f"{a} (rewritten)"]) for a in test}
-    cf = counterfactual(test, rewritten, dev_est, teacher["test_rewritten"]["rewrite"])
+    rewritten = {a: won_matrix(rew_evals[f"{a} (rewritten)"]) for a in test}  # test's order
+    cf = counterfactual(test, rewritten, dev_est, teacher["test_rewritten"]["rewrite"],
+                        reference=c.reference, rivals=rivals)
 
   # learning curves on dev: each budget of the arms that had their own
   crows = ["| arm | " + " | ".join(f"{n} steps" for n in sorted({n for v in curves.values()
@@ -503,7 +510,7 @@ draws, so it carries both runs' seed noise. {verdict}
   with atomic_write(os.path.join(out, "report.md")) as f:
     f.write(md)
   return (fold_note + table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep
-          + ("\n" + cf if cf else ""))
+          + ("\n" + cf.rstrip() if cf else ""))
 
 
 def _plots(work: str, curves: dict[str, dict[int, stats.Estimate]],

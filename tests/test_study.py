@@ -141,6 +141,12 @@ def test_the_counterfactual_section_on_constructed_results():
   assert "| sad | 50.0% [" in text and "| +0.0 [+0.0, +0.0] | 90.0% [80.0, 100.0] |" in text
   assert "| teacher | 0.0% [0.0, 0.0] | 100.0% [100.0, 100.0] | +100.0 [+100.0, +100.0] | – |" \
       in text
+  assert "comparison (rewritten" not in text
+  text = study_report.counterfactual(test, rewritten, dev, [["a", "b"]], reference="sad",
+                                     rivals=["teacher"])
+  # sad's seeds win 75% and 25% of the rewritten games, the teacher all: −50 points
+  assert re.search(r"\| comparison \(rewritten test\) .*\n.*\n\| sad − teacher \| -50\.0 \[-\d+\.\d, "
+                   r"-\d+\.\d\] \| teacher ahead \|", text)
   with pytest.raises(ValueError, match="sad: the rewritten fold has"):
     study_report.counterfactual(test, {"sad": ref[:1]}, dev, [["a", "b"]])
 
@@ -239,17 +245,20 @@ def test_compare_runs_reproduces_each_reports_intervals_and_refuses_other_enviro
 
 
 def write_run(folder, *, teacher_seed: int, won: dict[str, list[list[int]]],
-              env: str = "twx:coin?numLocations=4") -> str:
-  """A finished run's results.jsonl (test games 1..G) and the report.md lines it is read by."""
+              env: str = "twx:coin?numLocations=4",
+              rewritten: dict[str, list[list[int]]] | None = None) -> str:
+  """A finished run's results.jsonl (test games 1..G; rewritten: the counterfactual fold's)
+  and the report.md lines it is read by."""
   folder.mkdir()
   lines = []
-  for arm, seeds in won.items():
-    for seed, games in enumerate(seeds):
-      teacher = arm == "teacher"
-      for task, w in enumerate(games, 1):
-        lines.append({"cell": arm if teacher else f"{arm}_s{seed}_n10", "arm": arm,
-                      "seed": None if teacher else seed, "steps": None if teacher else 10,
-                      "split": "test", "task": task, "won": bool(w)})
+  for split, outcomes in (("test", won), ("test_rewritten", rewritten or {})):
+    for arm, seeds in outcomes.items():
+      for seed, games in enumerate(seeds):
+        teacher = arm == "teacher"
+        for task, w in enumerate(games, 1):
+          lines.append({"cell": arm if teacher else f"{arm}_s{seed}_n10", "arm": arm,
+                        "seed": None if teacher else seed, "steps": None if teacher else 10,
+                        "split": split, "task": task, "won": bool(w)})
   (folder / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
   (folder / "report.md").write_text(
       f"CPU: Test CPU (2 cores)\nEnvironment: `{env}`. The teacher (1.74 M parameters, seed\n"
@@ -293,6 +302,18 @@ def test_pool_runs_over_teacher_draws_on_constructed_runs(tmp_path, capsys):
                 env="twx:coin?numLocations=6")
   assert cli.main(["pool-runs", a, d]) == 2
   assert "field 'env': the runs played different environments" in capsys.readouterr().err
+  # the counterfactual fold pools the same way, from its own lines; a run without it is named
+  assert cli.main(["pool-runs", a, b, "--split", "test_rewritten"]) == 2
+  assert "t0/results.jsonl, field 'arm': no teacher test_rewritten games" in \
+      capsys.readouterr().err
+  e = write_run(tmp_path / "r0", teacher_seed=0, won={"sad": [[0, 0, 0, 0]], "teacher": [[1] * 4]},
+                rewritten={"sad": [[1, 1, 1, 1]], "teacher": [[1, 1, 1, 0]]})
+  f = write_run(tmp_path / "r1", teacher_seed=1, won={"sad": [[0, 0, 0, 0]], "teacher": [[1] * 4]},
+                rewritten={"sad": [[1, 1, 0, 0]], "teacher": [[1, 1, 1, 1]]})
+  assert cli.main(["pool-runs", e, f, "--split", "test_rewritten"]) == 0
+  text = capsys.readouterr().out
+  assert "The same 4 rewritten test (the counterfactual fold" in text
+  assert "| sad | 10 / 10 | 1 / 1 | 75.0% [" in text and "| 100.0 / 50.0 |" in text
   assert cli.main(["pool-runs", a]) == 2
   # a report from before the seed was recorded: the code then always drew seed 0
   assert study.reference_run("docs/study/coin")["teacher_seed"] == 0
@@ -355,6 +376,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
                  "One teacher (one random draw) serves every arm",
                  "What the folds measure", "Test fold (2 games): ",
                  "## Counterfactual test fold", "| sad+pcgrad | ",
+                 "| comparison (rewritten test) |",
                  "Command: `sad-jax demo --quick`"):
     assert needle in report
   from sad_jax.metrics import cpu_model
