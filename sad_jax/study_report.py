@@ -210,7 +210,8 @@ def pool_runs(paths: list[str], *, reference: str = "sad", split: str = "test") 
   est = stats.nested_success(won)
   diffs = stats.nested_differences(won, [(reference, m) for m in models[1:]])
   seeds = [r["teacher_seed"] for r in runs]
-  rows = ["| model | steps per teacher | seeds per teacher | test success over teacher "
+  label = "rewritten test" if split == "test_rewritten" else split
+  rows = [f"| model | steps per teacher | seeds per teacher | {label} success over teacher "
           "draws [95% CI] | per teacher (seed " + " / ".join(map(str, seeds)) + ") |",
           "|---|---|---|---:|---|"]
   for m in models:
@@ -218,7 +219,7 @@ def pool_runs(paths: list[str], *, reference: str = "sad", split: str = "test") 
     n = " / ".join(str(len(r["seeds"][m])) for r in runs) if m != "teacher" else "1 each"
     per = " / ".join(f"{100 * np.mean(w):.1f}" for w in won[m])
     rows.append(f"| {m} | {steps} | {n} | {est[m].pct()} | {per} |")
-  drows = ["| comparison (test) | difference over teacher draws, points [95% CI] | per teacher "
+  drows = [f"| comparison ({label}) | difference over teacher draws, points [95% CI] | per teacher "
            "| verdict |", "|---|---:|---|---|"]
   lines = []
   for (a, b), d in diffs.items():
@@ -228,8 +229,8 @@ def pool_runs(paths: list[str], *, reference: str = "sad", split: str = "test") 
     lines.append(f"{a} − {b}: {d.points()} → {v}")
   left = sorted(set().union(*(set(r["won"]) for r in runs)) - common)
   primary = [f"{reference} − {m}" for m in rivals if not m.startswith(reference + "+")]
-  fold = ("rewritten test (the counterfactual fold: the test games, their observations "
-          "rewritten)" if split == "test_rewritten" else split)
+  fold = (f"{label} (the counterfactual fold: the test games, their observations rewritten)"
+          if split == "test_rewritten" else split)
   return f"""# Pooled over teacher draws: {len(runs)} runs
 
 Runs (teacher seed: folder · CPU): {'; '.join(f"{r['teacher_seed']}: `{r['path']}` · {r['cpu']}"

@@ -314,6 +314,7 @@ def test_pool_runs_over_teacher_draws_on_constructed_runs(tmp_path, capsys):
   text = capsys.readouterr().out
   assert "The same 4 rewritten test (the counterfactual fold" in text
   assert "| sad | 10 / 10 | 1 / 1 | 75.0% [" in text and "| 100.0 / 50.0 |" in text
+  assert "| comparison (rewritten test) | difference over" in text
   assert cli.main(["pool-runs", a]) == 2
   # a report from before the seed was recorded: the code then always drew seed 0
   assert study.reference_run("docs/study/coin")["teacher_seed"] == 0
