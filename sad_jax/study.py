@@ -297,14 +297,39 @@ def train(name: str, run: str, config, steps: int) -> bool:
   return True
 
 
-def stage_teacher(work: str, c, dataset: str) -> str:
-  seed = teacher_seed(c)
-  _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps, seed {seed}")
-  run = os.path.join(work, "teacher")
-  t = train_config(c, dataset, objective="sft", model=c.teacher.model, steps=c.teacher.steps,
-                   seed=seed, lr=c.teacher.lr, curriculum=c.teacher.curriculum)
-  train("teacher", run, t, c.teacher.steps)
-  return os.path.join(run, "final")
+def best_draw(wins: dict[int, int]) -> int:
+  """The teacher seed that won most dev games; the lower seed on a tie."""
+  return max(wins, key=lambda s: (wins[s], -s))
+
+
+def stage_teacher(work: str, c, dataset: str, ev: Evaluator) -> tuple[str, dict]:
+  """The teacher: SFT on the expert's episodes. With `teacher.draws` N > 1, N candidates
+  (seeds seed … seed+N−1) are trained and the one that wins most dev games is kept (the
+  lower seed on a tie): a teacher's quality varies between draws far more than the
+  students' (6 rooms: 2, 40 and 18 of 64 dev games for seeds 0–2). Returns its final/
+  folder and {"seed", "candidates": {seed: dev games won}}."""
+  seed, draws = teacher_seed(c), int(c.teacher.get("draws", 1))
+  if draws < 1:
+    raise DataError(f"teacher.draws must be at least 1, got {draws}", field="config.teacher.draws")
+  _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps, seed "
+       + (f"{seed}" if draws == 1 else f"{seed}–{seed + draws - 1}, the best on dev kept"))
+  wins: dict[int, int] = {}
+  for s in range(seed, seed + draws):
+    run = os.path.join(work, "teacher" if s == seed else f"teacher_s{s}")
+    t = train_config(c, dataset, objective="sft", model=c.teacher.model,
+                     steps=c.teacher.steps, seed=s, lr=c.teacher.lr,
+                     curriculum=c.teacher.curriculum)
+    train("teacher" if draws == 1 else f"teacher seed {s}", run, t, c.teacher.steps)
+    if draws > 1:
+      r = ev.play(f"teacher seed {s}", os.path.join(run, "final"), "dev", c.eval.dev_games,
+                  os.path.join(run, "dev.json"))
+      wins[s] = int(r["successes"])
+  best = best_draw(wins) if draws > 1 else seed
+  if draws > 1:
+    _say(f"  teacher: seed {best} kept (dev games won: "
+         + ", ".join(f"seed {s} {n}" for s, n in wins.items()) + ")")
+  run = os.path.join(work, "teacher" if best == seed else f"teacher_s{best}")
+  return os.path.join(run, "final"), {"seed": best, "candidates": wins}
 
 
 class Evaluator:
@@ -767,7 +792,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   _say("[2/8] tokenizer + prepared expert data")
   expert_ds = _prepare(work, "expert", expert, c)
   tok = tokenizer_of(expert_ds)
-  teacher = stage_teacher(work, c, expert_ds)
+  teacher, teacher_draw = stage_teacher(work, c, expert_ds, ev)
   train_jsonl, dev_jsonl, teacher_dev = stage_teacher_data(work, c, teacher, ev)
   _say("[5/8] datasets and teacher stores")
   if c.protocol == "teacher":
@@ -848,7 +873,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   text = study_report.write(work, c, arm_list=arm_list, records=records, chosen=chosen,
                             curves=curves, teacher={"dev": teacher_dev, "test": teacher_test,
                                                     "spans": teacher_spans,
-                                                    "folder": teacher,
+                                                    "folder": teacher, **teacher_draw,
                                                     **({"test_rewritten": teacher_rewritten}
                                                        if teacher_rewritten else {})},
                             seconds=time.perf_counter() - t0, command=command,

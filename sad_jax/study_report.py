@@ -444,6 +444,10 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
               if c.protocol == "teacher" else "the expert's (oracle's) trajectories: the "
               "oracle condition, not the method's protocol")
   fold_note = f"{FOLDS_NOTE} {fold_desc.describe(folds)}\n\n" if folds else ""
+  cands = teacher.get("candidates") or {}
+  chosen_teacher = (f" (kept as the best on dev of {len(cands)} draws; dev games won: "
+                    + ", ".join(f"seed {s} {n}/{c.eval.dev_games}" for s, n in cands.items())
+                    + "; its dev figure below is therefore optimistic)" if cands else "")
   md = f"""# sad-jax study: {c.name}
 
 Command: `{command}` · {when} · CPU: {metrics.cpu_model()} ({os.cpu_count()} cores) ·
@@ -452,8 +456,8 @@ jax {jax.__version__} · wall time: this invocation {seconds / 60:.1f} min, all
 done; each cell's own times are in its run folder).
 
 Environment: `{c.env}`. The teacher ({t_params / 1e6:.2f} M parameters, seed
-{study.teacher_seed(c)}) is trained
-{c.teacher.steps} steps on {c.expert.episodes} expert episodes; the students
+{teacher.get('seed', study.teacher_seed(c))}) is trained
+{c.teacher.steps} steps on {c.expert.episodes} expert episodes{chosen_teacher}; the students
 ({s_params / 1e6:.2f} M, {t_params / s_params:.1f}× fewer) learn from {protocol}, with the
 teacher's top-{c.store_k} log-probs on reason and action tokens. Every model plays the same
 {c.eval.test_games} test-fold games (and {c.eval.dev_games} dev-fold games), up to

@@ -266,6 +266,12 @@ def write_run(folder, *, teacher_seed: int, won: dict[str, list[list[int]]],
   return str(folder)
 
 
+def test_the_teacher_kept_is_the_draw_that_won_most_dev_games_the_lower_seed_on_a_tie():
+  assert study.best_draw({0: 2, 1: 40, 2: 18}) == 1
+  assert study.best_draw({3: 5, 4: 7, 5: 7}) == 4
+  assert study.best_draw({0: 0}) == 0
+
+
 def test_seeds_option_keeps_each_arms_first_seeds():
   arms = study.arms(configlib.load(CONFIG))
   cut = study.first_seeds(arms, 2)
@@ -341,6 +347,7 @@ def tiny_config(tmp_env_games: int = 2):
   c.more_budgets = (4,)  # sad's best is its smaller budget (asserted below): none is added
   c.eval.max_steps, c.eval.batch, c.eval.max_new_tokens = 1, 2, 8
   c.eval.test_rewrite = (study_coin.TABLE_TO_CUPBOARD,)
+  c.teacher.draws = 2  # two candidate teachers, the better on dev kept
   c.lock()
   return c
 
@@ -385,6 +392,10 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   # five cells trained (sad's two budgets, then token_kd, sft, sad+pcgrad), each stamped
   assert f"Students trained on: {cpu_model()}: 5 cells." in report
   assert re.search(r"^\[7/8\] .*\(at \d+\.\d min\)$", out, re.M)  # stage lines say when
+  kept = re.search(r"teacher: seed (\d) kept \(dev games won: seed 0 (\d), seed 1 (\d)\)", out)
+  assert kept and int(kept[1]) == study.best_draw({0: int(kept[2]), 1: int(kept[3])})
+  assert (f"seed\n{kept[1]}) is trained\n2 steps on 30 expert episodes (kept as the best on "
+          "dev of 2 draws; dev games won: seed 0") in report
   for png in ("learning_curves.png", "test_success.png"):
     assert (work / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   teacher_data = [json.loads(x) for x in (work / "teacher_data" / "train_success.jsonl")
@@ -394,7 +405,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert re.search(r"expert: \d+ trajectories already", out)
-  assert out.count("already trained") == 1 + 2 + 4  # teacher; 2 cells on dev, 4 on test
+  assert out.count("already trained") == 2 + 2 + 4  # 2 teachers; 2 cells on dev, 4 on test
   assert out.count("already done") == 3 and out.count("already complete") == 2
   assert "steps in" not in out and "episodes: success" not in out  # nothing retrained/replayed
   # a rerun keeps the processor that trained each cell, and sums both invocations' time
@@ -420,7 +431,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert "2 (earlier run's dev)" in report
   assert "sad+pcgrad" in (work / "report.md").read_text()  # the study's own report is kept
   assert study.reference_run(str(work / "replication"))["chosen"] == {"sad": 2, "sft": 2}
-  assert study.reference_run(str(work))["teacher_seed"] == 0  # the report names the draw
+  assert study.reference_run(str(work))["teacher_seed"] == int(kept[1])  # the kept draw
   other = ml_collections.ConfigDict(c.to_dict())
   other.env = other.env.replace("numLocations=4", "numLocations=6")
   with pytest.raises(DataError, match="field 'env': the runs played different environments: twx:coin"):
