@@ -259,10 +259,32 @@ def trained(run: str, steps: int) -> bool:
   return any(r.get("step") == steps and r.get("split") == "train" and "loss" in r for r in rows)
 
 
-def train(name: str, run: str, config, steps: int) -> bool:
-  """Trains unless the same config already finished; True if it trained."""
+def inputs_of(dataset: str, store: str = "") -> dict:
+  """What a run learns from, beyond its config (which names the dataset and store only by
+  path): the prepared data's fingerprint and the store's manifest and teacher. A run whose
+  inputs changed under the same paths (another teacher, its episodes) is trained again."""
+  from sad_jax.data import prepare
+  from sad_jax.teacher.store import file_sha256
+
+  out = {"dataset": prepare.load_prepared(dataset)[2]["fingerprint"]}
+  if store:
+    out["store"] = file_sha256(os.path.join(store, "manifest.json"))
+    out["teacher"] = (_read(os.path.join(store, STORE_TEACHER)) or {}).get("model_mtime")
+  return out
+
+
+def train(name: str, run: str, config, steps: int, *, inputs: dict | None = None) -> bool:
+  """Trains unless the same config already finished on the same `inputs` (`inputs_of`; a
+  run from before they were recorded is taken as is); True if it trained."""
   from sad_jax import train as train_lib
 
+  inputs_path = os.path.join(run, "study_inputs.json")
+  before = _read(inputs_path)
+  if inputs is not None and before is not None and before != inputs:
+    changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+    _say(f"  {name}: its inputs changed since it was trained ({', '.join(changed)}); "
+         "training again")
+    shutil.rmtree(run)
   cfg = _read(os.path.join(run, "config.json"))
   new = train_lib.config_dict(config)
   # the attention kernel computes the same attention (to float rounding, like another
@@ -292,6 +314,8 @@ def train(name: str, run: str, config, steps: int) -> bool:
     raise SystemExit(f"sad-jax study: {name} stopped at step {result.step} of {steps} "
                      f"({result.status}); its checkpoint is in {run}; run the same command "
                      "again to resume")
+  if inputs is not None:
+    _write(inputs_path, inputs)
   _say(f"  {name}: {steps} steps in {time.perf_counter() - t0:.0f} s, validation loss "
        f"{result.validation.get('loss', float('nan')):.3f}")
   return True
@@ -319,7 +343,8 @@ def stage_teacher(work: str, c, dataset: str, ev: Evaluator) -> tuple[str, dict]
     t = train_config(c, dataset, objective="sft", model=c.teacher.model,
                      steps=c.teacher.steps, seed=s, lr=c.teacher.lr,
                      curriculum=c.teacher.curriculum)
-    train("teacher" if draws == 1 else f"teacher seed {s}", run, t, c.teacher.steps)
+    train("teacher" if draws == 1 else f"teacher seed {s}", run, t, c.teacher.steps,
+          inputs=inputs_of(dataset))
     if draws > 1:
       r = ev.play(f"teacher seed {s}", os.path.join(run, "final"), "dev", c.eval.dev_games,
                   os.path.join(run, "dev.json"))
@@ -414,6 +439,9 @@ def stage_teacher_data(work: str, c, teacher: str, ev: Evaluator) -> tuple[str, 
   return paths["train"], paths["dev"], dev_result
 
 
+STORE_TEACHER = "study_teacher.json"
+
+
 def stage_store(work: str, name: str, c, dataset: str, teacher: str) -> str:
   from sad_jax.data import prepare
   from sad_jax.models.checkpoint_io import load_model
@@ -421,14 +449,23 @@ def stage_store(work: str, name: str, c, dataset: str, teacher: str) -> str:
   from sad_jax.teacher.store import Manifest
 
   out = os.path.join(work, "store", name)
+  # the manifest names the teacher only as "teacher": which one is recorded beside it
+  who = {"teacher": os.path.abspath(teacher),
+         "model_mtime": os.path.getmtime(os.path.join(teacher, "config.json"))}
+  recorded = _read(os.path.join(out, STORE_TEACHER))
   try:
     m = Manifest.read(out)
     if m.dataset_fingerprint == prepare.load_prepared(dataset)[2]["fingerprint"] and \
-        m.k == c.store_k:
+        m.k == c.store_k and recorded in (None, who):  # None: a store from before the record
       _say(f"  store {name}: {out} already complete (fingerprint checked)")
       return out
+    stale = True  # complete, but of other data or another teacher
   except DataError:
-    pass
+    stale = recorded not in (None, who)  # part of another teacher's store
+  if stale:  # precompute would resume its shards (or refuse the folder): start again
+    _say(f"  store {name}: {out} holds another teacher's or dataset's top-k; computing again")
+    shutil.rmtree(out)
+  _write(os.path.join(out, STORE_TEACHER), who)  # first: a resumed part is this teacher's
   cfg, params = load_model(teacher)
   t0 = time.perf_counter()
   m = precompute.precompute(dataset_dir=dataset, cfg=cfg, params=params, teacher_name="teacher",
@@ -553,7 +590,9 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
                    store=student_store if cell.objective != "sft" else "",
                    overrides=cell.overrides, curriculum=cell.curriculum)
   _say(f"[cell {index}] {cell.name}")
-  did_train = train(cell.name, run, t, cell.steps)
+  did_train = train(cell.name, run, t, cell.steps,
+                    inputs=inputs_of(shared["dataset"],
+                                     student_store if cell.objective != "sft" else ""))
   folder = os.path.join(run, "final")
   rec_path = os.path.join(work, "cells", cell.name + ".json")
   rec = _read(rec_path) or {}

@@ -437,6 +437,23 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   with pytest.raises(DataError, match="field 'env': the runs played different environments: twx:coin"):
     study.run(other, str(tmp_path / "other"), replicate=str(tmp_path / "earlier"))
 
+  # another teacher under the same paths: everything that learned from it is redone, the
+  # store from scratch (its shards would resume) and each KD cell (its config names the
+  # store only by path); each cell's inputs are recorded beside it
+  assert json.loads((work / "cells" / "sad_s0_n2" / "study_inputs.json").read_text())[
+      "teacher"] == json.loads((work / "store" / "train" / "study_teacher.json").read_text())[
+      "model_mtime"]
+  c3 = ml_collections.ConfigDict(c.to_dict())
+  c3.teacher.steps = 3
+  study.run(c3, str(work))
+  out = capsys.readouterr().out
+  assert "teacher seed 0: the plan changed" in out
+  assert "store train: " in out and "holds another teacher's or dataset's top-k" in out
+  assert "sad_s0_n2: its inputs changed since it was trained (" in out
+  assert "sad+pcgrad_s0_n2: already trained" not in out
+  study.run(c, str(work))  # and back: the first teacher's plan again, so all of it again
+  assert "sad_s0_n2: its inputs changed" in capsys.readouterr().out
+
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
   run = str(work / "cells" / "sft_s0_n2")
