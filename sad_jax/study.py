@@ -120,6 +120,11 @@ def _read(path: str) -> dict | None:
     return None
 
 
+def model_stamp(folder: str) -> float:
+  """Which export of a model folder this is: a result or store made from it records this."""
+  return os.path.getmtime(os.path.join(folder, "config.json"))
+
+
 def _write(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with atomic_write(path) as f:
@@ -338,23 +343,24 @@ def stage_teacher(work: str, c, dataset: str, ev: Evaluator) -> tuple[str, dict]
   _say(f"[3/8] teacher: SFT on the expert trajectories, {c.teacher.steps} steps, seed "
        + (f"{seed}" if draws == 1 else f"{seed}–{seed + draws - 1}, the best on dev kept"))
   wins: dict[int, int] = {}
+  finals: dict[int, str] = {}
   for s in range(seed, seed + draws):
     run = os.path.join(work, "teacher" if s == seed else f"teacher_s{s}")
+    finals[s] = os.path.join(run, "final")
     t = train_config(c, dataset, objective="sft", model=c.teacher.model,
                      steps=c.teacher.steps, seed=s, lr=c.teacher.lr,
                      curriculum=c.teacher.curriculum)
     train("teacher" if draws == 1 else f"teacher seed {s}", run, t, c.teacher.steps,
           inputs=inputs_of(dataset))
     if draws > 1:
-      r = ev.play(f"teacher seed {s}", os.path.join(run, "final"), "dev", c.eval.dev_games,
+      r = ev.play(f"teacher seed {s}", finals[s], "dev", c.eval.dev_games,
                   os.path.join(run, "dev.json"))
       wins[s] = int(r["successes"])
   best = best_draw(wins) if draws > 1 else seed
   if draws > 1:
     _say(f"  teacher: seed {best} kept (dev games won: "
          + ", ".join(f"seed {s} {n}" for s, n in wins.items()) + ")")
-  run = os.path.join(work, "teacher" if best == seed else f"teacher_s{best}")
-  return os.path.join(run, "final"), {"seed": best, "candidates": wins}
+  return finals[best], {"seed": best, "candidates": wins}
 
 
 class Evaluator:
@@ -376,7 +382,7 @@ class Evaluator:
     from sad_jax.agent import evaluate, folds
     from sad_jax.agent.env import make_env
 
-    stamp = os.path.getmtime(os.path.join(folder, "config.json"))
+    stamp = model_stamp(folder)
     rules = [list(x) for x in rewrite or []]
     r = _read(out)
     if r and r.get("episodes") == games and r.get("model_mtime") == stamp and \
@@ -451,7 +457,7 @@ def stage_store(work: str, name: str, c, dataset: str, teacher: str) -> str:
   out = os.path.join(work, "store", name)
   # the manifest names the teacher only as "teacher": which one is recorded beside it
   who = {"teacher": os.path.abspath(teacher),
-         "model_mtime": os.path.getmtime(os.path.join(teacher, "config.json"))}
+         "model_mtime": model_stamp(teacher)}
   recorded = _read(os.path.join(out, STORE_TEACHER))
   try:
     m = Manifest.read(out)
@@ -596,7 +602,7 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
   folder = os.path.join(run, "final")
   rec_path = os.path.join(work, "cells", cell.name + ".json")
   rec = _read(rec_path) or {}
-  stamp = os.path.getmtime(os.path.join(folder, "config.json"))
+  stamp = model_stamp(folder)
   if rec.get("model_mtime") != stamp:
     rec = {"cell": dataclasses.asdict(cell), "model_mtime": stamp}
   if did_train:  # figures depend on the processor: say which one trained the model
@@ -901,7 +907,7 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
                          os.path.join(work, "teacher_data", "test.json"))
   teacher_rewritten = stage_counterfactual(work, c, final, records, teacher, ev)
   spans_path = os.path.join(work, "teacher_data", "spans.json")
-  stamp = os.path.getmtime(os.path.join(teacher, "config.json"))
+  stamp = model_stamp(teacher)
   teacher_spans = (_read(spans_path) or {}).get(str(stamp))
   if teacher_spans is None:
     teacher_spans = span_metrics(teacher, c, dev, ev)

@@ -394,12 +394,11 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   dtable, verdicts = comparisons(test, c.reference, rivals)
   cf = ""
   if "test_rewritten" in teacher:  # the counterfactual fold: the same games, text rewritten
-    rew_evals = {f"{a} (rewritten)": [r["test_rewritten"]
-                                      for r in _arm_records(records, a, chosen[a])]
+    rew_evals = {a: [r["test_rewritten"] for r in _arm_records(records, a, chosen[a])]
                  for a in names}
-    rew_evals["teacher (rewritten)"] = [teacher["test_rewritten"]]
-    same_games({**test_evals, **rew_evals})
-    rewritten = {a: won_matrix(rew_evals[f"{a} (rewritten)"]) for a in test}  # test's order
+    rew_evals["teacher"] = [teacher["test_rewritten"]]
+    same_games({**test_evals, **{f"{a} (rewritten)": es for a, es in rew_evals.items()}})
+    rewritten = {a: won_matrix(rew_evals[a]) for a in test}  # in the test table's order
     cf = counterfactual(test, rewritten, dev_est, teacher["test_rewritten"]["rewrite"],
                         reference=c.reference, rivals=rivals)
 
