@@ -478,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these arms (the reference among them)")
   stu.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train only each arm's first N seeds")
+  stu.add_argument("--teachers", action="store_true",
+                   help="train only the teacher draws (teacher.draws seeds from teacher.seed), "
+                   "score each on dev and test, and write teacher_draws.md: how far the "
+                   "teacher varies between draws; no students")
   stu.set_defaults(func=_cmd_study, takes_overrides=True)
 
   cmp = sub.add_parser("compare-runs", help="two finished runs of one study (e.g. two "

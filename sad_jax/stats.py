@@ -158,3 +158,26 @@ def nested_differences(won: Mapping[str, Sequence[np.ndarray]], pairs: list[tupl
   draws = nested_replicates(won, reps=reps, seed=seed)
   return {(a, b): interval(nested_mean(won[a]) - nested_mean(won[b]), draws[a] - draws[b])
           for a, b in pairs}
+
+
+def draw_coverage(n: int) -> float:
+  """P(a new draw lies within [min, max] of n exchangeable draws) = (n − 1)/(n + 1): the
+  ranks of n + 1 draws are uniform, and the new one is extreme with probability 2/(n + 1)
+  (with ties, at least this). No other assumption on the distribution."""
+  if n < 2:
+    raise ValueError(f"a range needs at least two draws, got {n}")
+  return (n - 1) / (n + 1)
+
+
+def best_of_k(dev: Sequence[float], test: Sequence[float], k: int) -> np.ndarray:
+  """The test score of the draw kept as the best on dev (the first on a tie), for every
+  k-subset of the draws, in itertools order. Their mean estimates, without bias, the
+  expected test score of `teacher.draws = k` (a U-statistic over the measured draws)."""
+  import itertools
+
+  if len(dev) != len(test):
+    raise ValueError(f"{len(dev)} dev scores but {len(test)} test scores")
+  if not 1 <= k <= len(dev):
+    raise ValueError(f"k must be between 1 and {len(dev)}, got {k}")
+  return np.array([test[max(s, key=lambda i: (dev[i], -i))]
+                   for s in itertools.combinations(range(len(dev)), k)], np.float64)

@@ -331,12 +331,15 @@ def best_draw(wins: dict[int, int]) -> int:
   return max(wins, key=lambda s: (wins[s], -s))
 
 
-def stage_teacher(work: str, c, dataset: str, ev: Evaluator) -> tuple[str, dict]:
+def stage_teacher(work: str, c, dataset: str, ev: Evaluator, *,
+                  score: bool = False) -> tuple[str, dict]:
   """The teacher: SFT on the expert's episodes. With `teacher.draws` N > 1, N candidates
   (seeds seed … seed+N−1) are trained and the one that wins most dev games is kept (the
   lower seed on a tie): a teacher's quality varies between draws far more than the
-  students' (6 rooms: 2, 40 and 18 of 64 dev games for seeds 0–2). Returns its final/
-  folder and {"seed", "candidates": {seed: dev games won}}."""
+  students' (6 rooms: 2, 40 and 18 of 64 dev games for seeds 0–2). Every candidate also
+  plays the test fold, reported and never used to choose: how far the draws spread.
+  score: play dev and test with a single draw too (`--teachers`). Returns the kept final/
+  folder and {"seed", "candidates": {seed: dev games won}, "scores": {seed: (dev, test)}}."""
   seed, draws = teacher_seed(c), int(c.teacher.get("draws", 1))
   if draws < 1:
     raise DataError(f"teacher.draws must be at least 1, got {draws}", field="config.teacher.draws")
@@ -344,6 +347,7 @@ def stage_teacher(work: str, c, dataset: str, ev: Evaluator) -> tuple[str, dict]
        + (f"{seed}" if draws == 1 else f"{seed}–{seed + draws - 1}, the best on dev kept"))
   wins: dict[int, int] = {}
   finals: dict[int, str] = {}
+  scores: dict[int, tuple[dict, dict]] = {}
   for s in range(seed, seed + draws):
     run = os.path.join(work, "teacher" if s == seed else f"teacher_s{s}")
     finals[s] = os.path.join(run, "final")
@@ -352,15 +356,18 @@ def stage_teacher(work: str, c, dataset: str, ev: Evaluator) -> tuple[str, dict]
                      curriculum=c.teacher.curriculum)
     train("teacher" if draws == 1 else f"teacher seed {s}", run, t, c.teacher.steps,
           inputs=inputs_of(dataset))
-    if draws > 1:
-      r = ev.play(f"teacher seed {s}", finals[s], "dev", c.eval.dev_games,
-                  os.path.join(run, "dev.json"))
-      wins[s] = int(r["successes"])
+    if draws > 1 or score:
+      scores[s] = tuple(ev.play(f"teacher seed {s}", finals[s], split, games,
+                                os.path.join(run, f"{split}.json"))
+                        for split, games in (("dev", c.eval.dev_games),
+                                             ("test", c.eval.test_games)))
+      wins[s] = int(scores[s][0]["successes"])
   best = best_draw(wins) if draws > 1 else seed
   if draws > 1:
     _say(f"  teacher: seed {best} kept (dev games won: "
          + ", ".join(f"seed {s} {n}" for s, n in wins.items()) + ")")
-  return finals[best], {"seed": best, "candidates": wins}
+  return finals[best], {"seed": best, "candidates": wins if draws > 1 else {},
+                        "scores": scores}
 
 
 class Evaluator:
@@ -775,13 +782,18 @@ def select_arms(arm_list: list, names: list[str] | None, reference: str) -> list
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
         replicate: str | None = None, only: list[str] | None = None,
-        seeds: int | None = None) -> str:
+        seeds: int | None = None, teachers_only: bool = False) -> str:
   """The whole study; returns the report's text. `command`: what the report says ran it.
 
   replicate: an earlier run's results (another CPU's): train and test the arms it tested
   at its budgets and seeds (no dev cells), and report this run against its intervals.
   only: run these arms (names), not all of the config's.
-  seeds: train only each arm's first `seeds` seeds."""
+  seeds: train only each arm's first `seeds` seeds.
+  teachers_only: train and score the teacher draws (`teacher.draws` seeds) on dev and test,
+  write teacher_draws.md, and stop: no students (`--teachers`)."""
+  if teachers_only and (replicate or only or seeds):
+    raise DataError("--teachers trains no students: --replicate, --arms and --seeds do not "
+                    "apply", field="teachers")
   t0 = _START[0] = time.perf_counter()
   work = os.path.abspath(workdir)
   os.makedirs(work, exist_ok=True)
@@ -801,7 +813,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
   started = time.time()
   try:
     return _run(work, config, ev, t0, command or f"sad-jax study ({config.name})",
-                ref=reference_run(replicate) if replicate else None, only=only, seeds=seeds)
+                ref=reference_run(replicate) if replicate else None, only=only, seeds=seeds,
+                teachers_only=teachers_only)
   finally:
     ev.close()
     # a study resumed over days: its report sums the wall time of every invocation
@@ -813,7 +826,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
 
 
 def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | None,
-         only: list[str] | None, seeds: int | None) -> str:
+         only: list[str] | None, seeds: int | None, teachers_only: bool = False) -> str:
   arm_list = arms(c)
   if ref is None:
     arm_list = select_arms(arm_list, only, c.reference)
@@ -837,7 +850,15 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   _say("[2/8] tokenizer + prepared expert data")
   expert_ds = _prepare(work, "expert", expert, c)
   tok = tokenizer_of(expert_ds)
-  teacher, teacher_draw = stage_teacher(work, c, expert_ds, ev)
+  teacher, teacher_draw = stage_teacher(work, c, expert_ds, ev, score=teachers_only)
+  if teachers_only:
+    from sad_jax import study_report
+
+    text = study_report.teacher_draws(work, c, teacher_draw, command=command,
+                                      seconds=time.perf_counter() - t0)
+    _say(text)
+    _say(f"report: {os.path.join(work, 'teacher_draws.md')}")
+    return text
   train_jsonl, dev_jsonl, teacher_dev = stage_teacher_data(work, c, teacher, ev)
   _say("[5/8] datasets and teacher stores")
   if c.protocol == "teacher":
@@ -903,8 +924,9 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
   for i, cell in enumerate(final):
     records[cell.name] = run_cell(work, c, cell, shared, ev, ("test",),
                                   f"test {i + 1}/{len(final)}")
+  # beside its checkpoint, where stage_teacher scored the candidates: played once
   teacher_test = ev.play("teacher", teacher, "test", c.eval.test_games,
-                         os.path.join(work, "teacher_data", "test.json"))
+                         os.path.join(os.path.dirname(teacher), "test.json"))
   teacher_rewritten = stage_counterfactual(work, c, final, records, teacher, ev)
   spans_path = os.path.join(work, "teacher_data", "spans.json")
   stamp = model_stamp(teacher)
@@ -935,11 +957,12 @@ def main_args(args, overrides) -> int:
   config = configlib.load(args.config, overrides)
   extra = ([f"--replicate {args.replicate}"] if args.replicate else []) + (
       [f"--arms {args.arms}"] if args.arms else []) + (
-      [f"--seeds {args.seeds}"] if args.seeds else [])
+      [f"--seeds {args.seeds}"] if args.seeds else []) + (
+      ["--teachers"] if args.teachers else [])
   run(config, args.workdir or os.path.join(
       "runs", "study", config.name + ("_replication" if args.replicate else "")),
       command=" ".join(["sad-jax study --config", args.config, *extra, *overrides]),
       replicate=args.replicate,
       only=[n.strip() for n in args.arms.split(",")] if args.arms else None,
-      seeds=args.seeds)
+      seeds=args.seeds, teachers_only=args.teachers)
   return 0

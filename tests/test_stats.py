@@ -149,3 +149,27 @@ def test_teacher_variation_widens_the_interval_that_one_teacher_hides():
   assert one.hi - one.lo < 0.2
   assert pooled.mean == pytest.approx(0.5)
   assert pooled.lo < 0.3 and pooled.hi > 0.7
+
+
+def test_a_new_draw_lies_in_the_range_of_n_draws_with_probability_n_minus_1_over_n_plus_1():
+  assert stats.draw_coverage(2) == pytest.approx(1 / 3)
+  assert stats.draw_coverage(8) == pytest.approx(7 / 9)
+  # checked against simulation: 9 draws of a continuous variable, the 9th against the 8
+  x = np.random.default_rng(0).normal(size=(200_000, 9))
+  inside = (x[:, 8] >= x[:, :8].min(1)) & (x[:, 8] <= x[:, :8].max(1))
+  assert inside.mean() == pytest.approx(7 / 9, abs=0.005)
+  with pytest.raises(ValueError, match="at least two draws"):
+    stats.draw_coverage(1)
+
+
+def test_best_of_k_keeps_the_best_on_dev_of_every_subset_by_hand():
+  # the 6-room teacher draws' dev wins (2, 40, 18) with made-up test figures
+  dev, test = [2, 40, 18], [0.06, 0.62, 0.30]
+  np.testing.assert_allclose(stats.best_of_k(dev, test, 1), [0.06, 0.62, 0.30])
+  # {0,1} → 1, {0,2} → 2, {1,2} → 1
+  np.testing.assert_allclose(stats.best_of_k(dev, test, 2), [0.62, 0.30, 0.62])
+  np.testing.assert_allclose(stats.best_of_k(dev, test, 3), [0.62])
+  # a tie on dev keeps the lower seed (the first), as study.best_draw does
+  np.testing.assert_allclose(stats.best_of_k([5, 5], [0.1, 0.9], 2), [0.1])
+  with pytest.raises(ValueError, match="between 1 and 3"):
+    stats.best_of_k(dev, test, 4)
