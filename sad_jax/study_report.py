@@ -283,10 +283,11 @@ def teacher_draws(work: str, c, info: dict, *, command: str, seconds: float) -> 
                    test_range=[min(test), max(test)], range_coverage=cover)
     lines.append(f"Test success over the {n} draws: mean {100 * np.mean(test):.1f}%, SD "
                  f"{100 * np.std(test, ddof=1):.1f} points, range {100 * min(test):.1f}–"
-                 f"{100 * max(test):.1f}%. Another draw of this recipe (another seed, or the "
-                 f"same seed on another processor) lies within that range with probability "
-                 f"{cover:.0%}, (n − 1)/(n + 1) for n = {n} exchangeable draws, with no "
-                 "assumption on their distribution.")
+                 f"{100 * max(test):.1f}%. Another draw of this recipe lies within that range "
+                 f"with probability {cover:.0%}: (n − 1)/(n + 1) for n = {n} exchangeable "
+                 "draws, with no assumption on their distribution (another seed here; a "
+                 "teacher trained on another processor, if its kernels do not shift the "
+                 "distribution).")
     krows = ["| draws k (best on dev kept) | kept teacher's test success: mean over all "
              "k-subsets | worst subset | subsets whose kept teacher wins under half the "
              "test games |", "|---:|---:|---:|---:|"]
@@ -305,7 +306,8 @@ def teacher_draws(work: str, c, info: dict, *, command: str, seconds: float) -> 
   md = f"""# Teacher draws: {c.name}
 
 Command: `{command}` · {when} · CPU: {metrics.cpu_model()} ({os.cpu_count()} cores) ·
-jax {jax.__version__} · {seconds / 60:.1f} min.
+jax {jax.__version__} · this invocation {seconds / 60:.1f} min (a rerun skips the draws it
+finds trained and played).
 
 Environment: `{c.env}`. One recipe ({c.teacher.steps} steps of SFT at {c.teacher.lr} on the
 same {c.expert.episodes} expert episodes and tokenizer), {n} seeds; each plays the same

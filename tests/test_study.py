@@ -396,6 +396,12 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert kept and int(kept[1]) == study.best_draw({0: int(kept[2]), 1: int(kept[3])})
   assert (f"seed\n{kept[1]}) is trained\n2 steps on 30 expert episodes (kept as the best on "
           "dev of 2 draws; dev games won: seed 0") in report
+  # every candidate also played the test fold, reported and not used to choose
+  cand = {s: json.loads((work / d / "test.json").read_text())
+          for s, d in ((0, "teacher"), (1, "teacher_s1"))}
+  assert all(r["split"] == "test" and r["episodes"] == 2 for r in cand.values())
+  assert ("optimistic; on the test fold, not used to choose: " + ", ".join(
+      f"seed {s} {100 * r['success_rate']:.1f}%" for s, r in cand.items()) + ")") in report
   for png in ("learning_curves.png", "test_success.png"):
     assert (work / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   teacher_data = [json.loads(x) for x in (work / "teacher_data" / "train_success.jsonl")
@@ -453,6 +459,25 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert "sad+pcgrad_s0_n2: already trained" not in out
   study.run(c, str(work))  # and back: the first teacher's plan again, so all of it again
   assert "sad_s0_n2: its inputs changed" in capsys.readouterr().out
+
+  # --teachers: the two draws (trained and played above) are tabled, nothing is retrained,
+  # and best-of-2 keeps the draw the study kept
+  with pytest.raises(DataError, match="--teachers trains no students"):
+    study.run(c, str(work), teachers_only=True, seeds=1)
+  text = study.run(c, str(work), teachers_only=True)
+  out = capsys.readouterr().out
+  assert "steps in" not in out and "episodes: success" not in out
+  dev_won = {s: json.loads((work / d / "dev.json").read_text())["successes"]
+             for s, d in ((0, "teacher"), (1, "teacher_s1"))}
+  cand = {s: json.loads((work / d / "test.json").read_text())  # the retrained teachers'
+          for s, d in ((0, "teacher"), (1, "teacher_s1"))}
+  for s in (0, 1):
+    assert (f"| {s} | {dev_won[s]}/2 | {100 * cand[s]['success_rate']:.1f}% "
+            f"({cand[s]['successes']}/2) |") in text
+  summary = json.loads((work / "teacher_draws.json").read_text())
+  assert summary["range_coverage"] == pytest.approx(1 / 3)
+  assert summary["best_of_k"]["2"]["mean"] == cand[study.best_draw(dev_won)]["success_rate"]
+  assert (work / "teacher_draws.md").read_text() == text
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
