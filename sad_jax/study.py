@@ -820,7 +820,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, command: str = "",
     # a study resumed over days: its report sums the wall time of every invocation
     with open(os.path.join(work, "invocations.jsonl"), "a") as f:
       f.write(json.dumps({"started": started, "seconds": time.perf_counter() - t0,
-                          "command": command}) + "\n")
+                          "command": command, "teachers": teachers_only}) + "\n")
     for k, v in saved.items():
       jax.config.update(k, v)
 

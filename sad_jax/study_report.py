@@ -303,11 +303,16 @@ def teacher_draws(work: str, c, info: dict, *, command: str, seconds: float) -> 
               "k-subset, its best on dev; the mean is unbiased for k draws of this recipe):",
               "", *krows]
   when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  # older lines lack the flag; their command names it
+  before = [x for x in study.invocations(work)
+            if x.get("teachers", "--teachers" in (x.get("command") or ""))]
+  total = (sum(x["seconds"] for x in before) + seconds) / 60
   md = f"""# Teacher draws: {c.name}
 
 Command: `{command}` · {when} · CPU: {metrics.cpu_model()} ({os.cpu_count()} cores) ·
-jax {jax.__version__} · this invocation {seconds / 60:.1f} min (a rerun skips the draws it
-finds trained and played).
+jax {jax.__version__} · wall time: this invocation {seconds / 60:.1f} min, all {len(before) + 1}
+recorded `--teachers` invocations {total:.1f} min (a rerun skips the draws it finds trained
+and played, those a study trained too).
 
 Environment: `{c.env}`. One recipe ({c.teacher.steps} steps of SFT at {c.teacher.lr} on the
 same {c.expert.episodes} expert episodes and tokenizer), {n} seeds; each plays the same
