@@ -169,6 +169,11 @@ def draw_coverage(n: int) -> float:
   return (n - 1) / (n + 1)
 
 
+def best_draw(wins: dict[int, float]) -> int:
+  """The teacher seed that won most dev games; the lower seed on a tie."""
+  return max(wins, key=lambda s: (wins[s], -s))
+
+
 def best_of_k(dev: Sequence[float], test: Sequence[float], k: int) -> np.ndarray:
   """The test score of the draw kept as the best on dev (the first on a tie), for every
   k-subset of the draws, in itertools order. Their mean estimates, without bias, the
@@ -179,5 +184,5 @@ def best_of_k(dev: Sequence[float], test: Sequence[float], k: int) -> np.ndarray
     raise ValueError(f"{len(dev)} dev scores but {len(test)} test scores")
   if not 1 <= k <= len(dev):
     raise ValueError(f"k must be between 1 and {len(dev)}, got {k}")
-  return np.array([test[max(s, key=lambda i: (dev[i], -i))]
+  return np.array([test[best_draw({i: dev[i] for i in s})]
                    for s in itertools.combinations(range(len(dev)), k)], np.float64)

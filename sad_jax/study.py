@@ -42,6 +42,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from sad_jax import stats
 from sad_jax.errors import DataError
 from sad_jax.fileio import atomic_write
 
@@ -326,11 +327,6 @@ def train(name: str, run: str, config, steps: int, *, inputs: dict | None = None
   return True
 
 
-def best_draw(wins: dict[int, int]) -> int:
-  """The teacher seed that won most dev games; the lower seed on a tie."""
-  return max(wins, key=lambda s: (wins[s], -s))
-
-
 def stage_teacher(work: str, c, dataset: str, ev: Evaluator, *,
                   score: bool = False) -> tuple[str, dict]:
   """The teacher: SFT on the expert's episodes. With `teacher.draws` N > 1, N candidates
@@ -362,7 +358,7 @@ def stage_teacher(work: str, c, dataset: str, ev: Evaluator, *,
                         for split, games in (("dev", c.eval.dev_games),
                                              ("test", c.eval.test_games)))
       wins[s] = int(scores[s][0]["successes"])
-  best = best_draw(wins) if draws > 1 else seed
+  best = stats.best_draw(wins) if draws > 1 else seed
   if draws > 1:
     _say(f"  teacher: seed {best} kept (dev games won: "
          + ", ".join(f"seed {s} {n}" for s, n in wins.items()) + ")")

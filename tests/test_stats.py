@@ -169,7 +169,7 @@ def test_best_of_k_keeps_the_best_on_dev_of_every_subset_by_hand():
   # {0,1} → 1, {0,2} → 2, {1,2} → 1
   np.testing.assert_allclose(stats.best_of_k(dev, test, 2), [0.62, 0.30, 0.62])
   np.testing.assert_allclose(stats.best_of_k(dev, test, 3), [0.62])
-  # a tie on dev keeps the lower seed (the first), as study.best_draw does
+  # a tie on dev keeps the lower seed (the first), as stats.best_draw does
   np.testing.assert_allclose(stats.best_of_k([5, 5], [0.1, 0.9], 2), [0.1])
   with pytest.raises(ValueError, match="between 1 and 3"):
     stats.best_of_k(dev, test, 4)

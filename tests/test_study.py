@@ -267,9 +267,9 @@ def write_run(folder, *, teacher_seed: int, won: dict[str, list[list[int]]],
 
 
 def test_the_teacher_kept_is_the_draw_that_won_most_dev_games_the_lower_seed_on_a_tie():
-  assert study.best_draw({0: 2, 1: 40, 2: 18}) == 1
-  assert study.best_draw({3: 5, 4: 7, 5: 7}) == 4
-  assert study.best_draw({0: 0}) == 0
+  assert stats.best_draw({0: 2, 1: 40, 2: 18}) == 1
+  assert stats.best_draw({3: 5, 4: 7, 5: 7}) == 4
+  assert stats.best_draw({0: 0}) == 0
 
 
 def test_seeds_option_keeps_each_arms_first_seeds():
@@ -393,7 +393,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert f"Students trained on: {cpu_model()}: 5 cells." in report
   assert re.search(r"^\[7/8\] .*\(at \d+\.\d min\)$", out, re.M)  # stage lines say when
   kept = re.search(r"teacher: seed (\d) kept \(dev games won: seed 0 (\d), seed 1 (\d)\)", out)
-  assert kept and int(kept[1]) == study.best_draw({0: int(kept[2]), 1: int(kept[3])})
+  assert kept and int(kept[1]) == stats.best_draw({0: int(kept[2]), 1: int(kept[3])})
   assert (f"seed\n{kept[1]}) is trained\n2 steps on 30 expert episodes (kept as the best on "
           "dev of 2 draws; dev games won: seed 0") in report
   # every candidate also played the test fold, reported and not used to choose
@@ -476,7 +476,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
             f"({cand[s]['successes']}/2) |") in text
   summary = json.loads((work / "teacher_draws.json").read_text())
   assert summary["range_coverage"] == pytest.approx(1 / 3)
-  assert summary["best_of_k"]["2"]["mean"] == cand[study.best_draw(dev_won)]["success_rate"]
+  assert summary["best_of_k"]["2"]["mean"] == cand[stats.best_draw(dev_won)]["success_rate"]
   assert (work / "teacher_draws.md").read_text() == text
 
   c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
