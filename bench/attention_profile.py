@@ -38,13 +38,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import glob
-import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -54,13 +49,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.step_kinds import PARTS, hlo_ops, part_of, traced_op_ns
+from sad_jax.common import fileio
 from sad_jax.models import flash, transformer
 from sad_jax.models.config import ModelConfig
-
-PARTS = ("embedding", "attention core: matmuls", "attention core: element-wise, layout",
-         "QKV/O projections", "RoPE", "MLP", "norms", "residual adds", "head + loss",
-         "optimizer", "unattributed")
-
 
 # ----------------------------------------------------------------------------- previous
 
@@ -190,7 +182,7 @@ def build_compiled(s: dict, attn: Callable):
   """(compiled step, its state, device batch, weights, mesh, rules) with `attn` as the
   reference attention."""
   from bench import train_step
-  from sad_jax import sharding
+  from sad_jax.common import sharding
 
   with attention_impl(attn):  # swapped in where the model calls the reference
     step, _, mesh, rules, init, state_sh, batch, data_sh = train_step.build_step(
@@ -231,100 +223,9 @@ def step_ab(name: str, s: dict, repeats: int, steps: int) -> dict:
 # ----------------------------------------------------------------------------- profile
 
 
-def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, bool]]:
-  """HLO instruction name → (opcode, op_name metadata, whether it is a matmul: a dot or a
-  fusion around one) of a compiled module's text."""
-  with_dot, computation = set(), None
-  for line in hlo_text.splitlines():
-    head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
-    if head:
-      computation = head.group(1)
-    elif " dot(" in line and computation:
-      with_dot.add(computation)
-  ops = {}
-  for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
-    if m:
-      meta = re.search(r'op_name="([^"]*)"', line)
-      calls = re.search(r"calls=%([\w.\-]+)", line)
-      matmul = m.group(2) == "dot" or bool(calls and calls.group(1) in with_dot)
-      ops[m.group(1)] = (m.group(2), meta.group(1) if meta else "", matmul)
-  return ops
-
-
-def part_of(op_name: str, matmul: bool = False) -> str:
-  """The step part an op belongs to, from its name stack (see the module docstring)."""
-  in_model = "Transformer.hidden" in op_name or re.search(r"/layers(_\d+)?/", op_name)
-  if in_model:
-    if "/attn/core/" in op_name:
-      return "attention core: " + ("matmuls" if matmul else "element-wise, layout")
-    if "/attn/rope/" in op_name:
-      return "RoPE"
-    if "/attn/" in op_name:
-      return "QKV/O projections"
-    if "/mlp/" in op_name:
-      return "MLP"
-    if re.search(r"_norm/", op_name):
-      return "norms"
-    if re.search(r"/layers(_\d+)?/", op_name):
-      return "residual adds"
-    return "embedding"
-  if "/while/body/" in op_name or "closed_call" in op_name:
-    return "head + loss"
-  if op_name.startswith("jit(train_step)"):
-    return "optimizer"
-  return "unattributed"
-
-
-def traced_op_ns(runs: dict[str, Callable[[], object]], ops: dict[str, dict],
-                 rounds: int) -> dict[str, dict]:
-  """Per variant: each executed op's least time over `rounds` traced rounds (ns), each
-  round's op times and wall seconds, and the best wall and CPU seconds of its step. One
-  jax.profiler trace; each round runs every variant's `run` once in turn, after one untimed
-  run each. The least over the rounds drops most of what other work on the machine added
-  (an op preempted in one round rarely is in all). `ops`: per variant, hlo_ops of its
-  compiled module."""
-  from jax.profiler import ProfileData
-
-  walls, cpus = collections.defaultdict(list), collections.defaultdict(list)
-  for run in runs.values():
-    jax.block_until_ready(run())
-  folder = tempfile.mkdtemp(prefix="step_profile_")
-  with jax.profiler.trace(folder):
-    for i in range(rounds):
-      for name, run in runs.items():
-        t0, c0 = time.perf_counter(), time.process_time()
-        with jax.profiler.TraceAnnotation(f"profiled_step|{name}|{i}"):
-          jax.block_until_ready(run())
-        walls[name].append(time.perf_counter() - t0)
-        cpus[name].append(time.process_time() - c0)
-  path = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
-  events = [ev for plane in ProfileData.from_file(path).planes for line in plane.lines
-            for ev in line.events]
-  shutil.rmtree(folder, ignore_errors=True)
-  spans = sorted((ev.start_ns, ev.end_ns, ev.name.split("|")[1]) for ev in events
-                  if ev.name.startswith("profiled_step|"))
-  per_round = [collections.Counter() for _ in spans]  # op → ns in that round
-  for ev in events:
-    for counter, (lo, hi, name) in zip(per_round, spans, strict=True):
-      if lo <= ev.start_ns <= hi:
-        opcode = ops[name].get(ev.name, (None,))[0]
-        # control flow (a while loop's thunk spans its body's ops) would count them twice
-        if opcode is not None and opcode not in ("while", "call", "conditional"):
-          counter[ev.name] += ev.duration_ns
-        break
-  out = {}
-  for name in runs:
-    mine = [c for c, r in zip(per_round, spans, strict=True) if r[2] == name]
-    out[name] = {"op_ns": {op: min(c[op] for c in mine) for op in set().union(*mine)},
-                 "rounds": mine, "walls": walls[name],
-                 "wall_s": min(walls[name]), "cpu_s": min(cpus[name])}
-  return out
-
-
 def profile_steps(s: dict, impls: list[str], rounds: int) -> dict[str, dict]:
   """Per-part op time of the step with each attention in `impls` (traced_op_ns)."""
-  from sad_jax import sharding
+  from sad_jax.common import sharding
 
   built = {impl: build_compiled(s, IMPLS[impl]) for impl in impls}
   ops = {impl: hlo_ops(b[0].as_text()) for impl, b in built.items()}
@@ -413,8 +314,7 @@ def main() -> None:
       print_profile(name, profiles)
       out["results"].append({"shape": name, "what": "profile", **profiles})
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    fileio.json_dump(args.json, out, indent=1)  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train_step import build_step  # noqa: E402
 
-from sad_jax import sharding  # noqa: E402
-from sad_jax.metrics import cpu_model  # noqa: E402
+from sad_jax.common import sharding  # noqa: E402
+from sad_jax.trainer.metrics import cpu_model  # noqa: E402
 
 SHAPE = dict(vocab=8192, d=256, heads=4, kv=2, ffn=704, seq=256, batch=2)
 

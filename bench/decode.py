@@ -19,7 +19,6 @@ that agree to rounding pick the same tokens unless two logits tie to within it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sad_jax.common import fileio
 from sad_jax.models import generate as G
 from sad_jax.models import hf
 from sad_jax.models import transformer as T
@@ -135,8 +135,7 @@ def main():
                      "heads": CFG.num_heads, "kv": CFG.num_kv_heads,
                      "ffn": CFG.intermediate_size},
            "rows": rows}
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    fileio.json_dump(args.json, out, indent=1)  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sad_jax import configlib, metrics, study
-from sad_jax import train as train_lib
+from sad_jax.common import configlib
+from sad_jax.experiment.study import grid
+from sad_jax.trainer import metrics
+from sad_jax.trainer import train as train_lib
 
 
 def cell_config(demo: str, *, objective: str, steps: int, seed: int):
   c = configlib.load("configs/study_coin.py:demo", [])
   store = os.path.join(demo, "store", "train") if objective != "sft" else ""
-  return study.train_config(c, os.path.join(demo, "prepared", "train"), objective=objective,
+  return grid.train_config(c, os.path.join(demo, "prepared", "train"), objective=objective,
                             model=c.student.model, steps=steps, seed=seed, lr=c.student.lr,
                             store=store)
 

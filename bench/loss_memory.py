@@ -26,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sad_jax import losses
-from sad_jax import objectives as O
-from sad_jax.types import SpanKind
+from sad_jax.common import fileio
+from sad_jax.common.types import SpanKind
+from sad_jax.distill import losses
+from sad_jax.distill import objectives as O
 
 
 def make_inputs(B, T, V, D, k, seed=0):
@@ -157,8 +158,7 @@ def main():
                     "rel_loss_diff": loss_err, "rel_grad_diff": grad_err},
            "pcgrad": {"B": 1, "T": 1024, "V": V, "d": 512, "k": k, "seconds": pc,
                       "best_s": pbest, "ratio_best": pbest["pcgrad"] / pbest["plain"]}}
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    fileio.json_dump(args.json, out, indent=1)  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import prepare_base
+from sad_jax.common import fileio
+from sad_jax.configs import prepare_base
 from sad_jax.data import importers, prepare, render, schema
 from sad_jax.data.tokenizer import train_sentencepiece
-from sad_jax.metrics import cpu_model
+from sad_jax.trainer.metrics import cpu_model
 
 FIREACT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fireact",
                        "hotpotqa_react_alpaca.json")
@@ -111,8 +112,7 @@ def main() -> None:
            "python": platform.python_version(), "file_trajectories": len(trajs),
            "tokenizer_vocab": 2000, "max_len": 1024, "tokenizer_train_s": train_s,
            "target_traj_per_s": TARGET, "stages": stages}
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    fileio.json_dump(args.json, out, indent=1)  # whole or not at all
 
 
 if __name__ == "__main__":

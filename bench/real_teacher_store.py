@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import prepare_base
-from sad_jax import losses
+from sad_jax.configs import prepare_base
 from sad_jax.data import importers, prepare, schema, tfds_builder
+from sad_jax.distill import losses
 from sad_jax.models import checkpoint_io, gguf, hf
 from sad_jax.models import transformer as T
 from sad_jax.models.generate import length_bucket

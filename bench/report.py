@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sad_jax.metrics import cpu_model  # noqa: E402
+from sad_jax.trainer.metrics import cpu_model  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
 

@@ -34,16 +34,17 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.real_teacher_store import FIREACT, converted_teacher, prepared
-from configs import distill_smollm2
-from sad_jax import configlib, metrics, train
+from sad_jax.common import configlib
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
+from sad_jax.configs import distill_smollm2
 from sad_jax.data import prepare
-from sad_jax.errors import DataError
 from sad_jax.models import checkpoint_io, hf
 from sad_jax.models import transformer as T
 from sad_jax.models.generate import length_bucket
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher.store import Manifest
-from sad_jax.types import SpanKind
+from sad_jax.trainer import metrics, train
 
 OBJECTIVES = ("sad", "token_kd", "sft")
 

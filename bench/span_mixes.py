@@ -5,8 +5,8 @@ own packing (`pipeline.TrainIterator`: its first batch at seed 0).
   synthetic  random kinds per token, 40% reason / 20% action / 40% observation, two
              trajectories per row (the figures before issue 23)
   demo       the demo's expert trajectories: TextWorld-Express coin oracle episodes made by
-             `study.stage_expert` with configs/study_coin.py:demo's settings, prepared by
-             `study._prepare` as the demo prepares them (its sentencepiece tokenizer, vocab
+             `study.stages.stage_expert` with configs/study_coin.py:demo's settings, prepared by
+             `study.stages._prepare` as the demo prepares them (its sentencepiece tokenizer, vocab
              600 with multi-word pieces, max_len = seq + 1) and packed as the demo packs
              (`pack_lookahead` 1). The demo's students learn from the teacher's own
              episodes, which imitate these; making those needs a trained teacher.
@@ -27,9 +27,9 @@ import os
 
 import numpy as np
 
-from sad_jax import curriculum
-from sad_jax.data import pipeline
-from sad_jax.types import SpanKind
+from sad_jax.common.types import SpanKind
+from sad_jax.distill import curriculum
+from sad_jax.trainer import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIREACT = os.path.join(ROOT, "..", "shared", "data", "fireact")
@@ -37,7 +37,7 @@ MIXES = ("synthetic", "demo", "fireact")
 SHARE_KINDS = {"reason": (SpanKind.REASON,), "action": (SpanKind.ACTION,),
                "answer": (SpanKind.ANSWER,), "observation": (SpanKind.OBSERVATION,),
                "other": (SpanKind.SYSTEM, SpanKind.TASK), "padding": (SpanKind.PAD,)}
-# the kinds of the `sad` objective's two loss groups (sad_jax.losses.REASON / ACTION)
+# the kinds of the `sad` objective's two loss groups (sad_jax.distill.losses.REASON / ACTION)
 REASON_KINDS = (int(SpanKind.REASON),)
 ACTION_KINDS = (int(SpanKind.ACTION), int(SpanKind.ANSWER))
 
@@ -57,16 +57,16 @@ def demo_dataset(seq: int, work: str, *, episodes: int | None = None) -> str:
 
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # configs/
-  from configs import study_coin
-  from sad_jax import study
+  from sad_jax.configs import study_coin
+  from sad_jax.experiment.study import stages
 
   c = study_coin.get_config("demo")
   c.data.seq_len = seq
   if episodes is not None:
     c.expert.episodes = episodes
   with contextlib.redirect_stderr(io.StringIO()):  # the stages' progress bars
-    expert = study.stage_expert(work, c)
-    return study._prepare(work, f"expert_{c.expert.episodes}_len{seq + 1}", expert, c)
+    expert = stages.stage_expert(work, c)
+    return stages._prepare(work, f"expert_{c.expert.episodes}_len{seq + 1}", expert, c)
 
 
 def fireact_dataset(seq: int, work: str) -> str:
@@ -75,7 +75,7 @@ def fireact_dataset(seq: int, work: str) -> str:
 
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-  from configs import prepare_fireact
+  from sad_jax.configs import prepare_fireact
   from sad_jax.data import prepare
 
   out = os.path.join(work, f"fireact_len{seq + 1}")

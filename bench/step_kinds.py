@@ -9,7 +9,7 @@ step's wall time that no op accounts for (Python, dispatch, thread hand-offs, wa
 ops ran at the same time, their times sum past the wall time ("overlap_s").
 
 sad_jax: one jax.profiler trace; each executed XLA op (a thunk of the CPU runtime) is a
-kind by its HLO name stack (bench/attention_profile.part_of) and whether it is a matmul (a
+kind by its HLO name stack (part_of) and whether it is a matmul (a
 dot or a fusion around one). The peer: one torch.profiler trace; each op's self time, the
 step's phases marked with record_function (peer_torch.make_step(ranges=True)): everything
 inside "optimizer" (clipping and AdamW) is the optimizer; outside it, matmul ops (mm, addmm,
@@ -22,6 +22,11 @@ least wall time of `rounds`.
 from __future__ import annotations
 
 import collections
+import glob
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -32,7 +37,7 @@ TORCH_WRAPPERS = ("aten::linear", "aten::matmul")
 
 
 def jax_kind(part: str, matmul: bool) -> str:
-  """The kind of an XLA op from its step part (bench/attention_profile.part_of)."""
+  """The kind of an XLA op from its step part (part_of)."""
   if part.startswith("attention core"):
     return KINDS[1]
   if part == "optimizer":
@@ -52,15 +57,13 @@ def jax_kinds(compiled, run: Callable[[], object], rounds: int) -> dict:
   """{wall_s, kinds_s, overlap_s, attention_core_matmuls_s} of the least-wall round of the
   jitted step `run` (`compiled` its compiled executable), under the mesh context the caller
   set. The last: the part of the attention core spent in its matmuls."""
-  from bench import attention_profile
-
-  ops = attention_profile.hlo_ops(compiled.as_text())
-  t = attention_profile.traced_op_ns({"step": run}, {"step": ops}, rounds)["step"]
+  ops = hlo_ops(compiled.as_text())
+  t = traced_op_ns({"step": run}, {"step": ops}, rounds)["step"]
   best = min(range(len(t["walls"])), key=t["walls"].__getitem__)
   kinds, core_matmuls = collections.Counter(), 0.0
   for op, ns in t["rounds"][best].items():
     op_name, matmul = ops[op][1:]
-    part = attention_profile.part_of(op_name, matmul)
+    part = part_of(op_name, matmul)
     kinds[jax_kind(part, matmul)] += ns / 1e9
     if part == "attention core: matmuls":
       core_matmuls += ns / 1e9
@@ -130,3 +133,104 @@ def kinds_rows(row: dict) -> list[list[str]]:
       cells.append((f"{sec:.2f} s" if sec >= 1 else f"{1e3 * sec:.0f} ms") + share + rate)
     out.append(cells)
   return [["kind of work", *(label for label, _ in fws)], *out] if fws else []
+
+
+# ----------------------------------------------------------------------------- XLA op times
+# (shared with bench/attention_profile.py, which reports them per step part)
+
+PARTS = ("embedding", "attention core: matmuls", "attention core: element-wise, layout",
+         "QKV/O projections", "RoPE", "MLP", "norms", "residual adds", "head + loss",
+         "optimizer", "unattributed")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, bool]]:
+  """HLO instruction name → (opcode, op_name metadata, whether it is a matmul: a dot or a
+  fusion around one) of a compiled module's text."""
+  with_dot, computation = set(), None
+  for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      computation = head.group(1)
+    elif " dot(" in line and computation:
+      with_dot.add(computation)
+  ops = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
+    if m:
+      meta = re.search(r'op_name="([^"]*)"', line)
+      calls = re.search(r"calls=%([\w.\-]+)", line)
+      matmul = m.group(2) == "dot" or bool(calls and calls.group(1) in with_dot)
+      ops[m.group(1)] = (m.group(2), meta.group(1) if meta else "", matmul)
+  return ops
+
+
+def part_of(op_name: str, matmul: bool = False) -> str:
+  """The step part an op belongs to, from its name stack (bench/attention_profile.py's
+  docstring names the scopes)."""
+  in_model = "Transformer.hidden" in op_name or re.search(r"/layers(_\d+)?/", op_name)
+  if in_model:
+    if "/attn/core/" in op_name:
+      return "attention core: " + ("matmuls" if matmul else "element-wise, layout")
+    if "/attn/rope/" in op_name:
+      return "RoPE"
+    if "/attn/" in op_name:
+      return "QKV/O projections"
+    if "/mlp/" in op_name:
+      return "MLP"
+    if re.search(r"_norm/", op_name):
+      return "norms"
+    if re.search(r"/layers(_\d+)?/", op_name):
+      return "residual adds"
+    return "embedding"
+  if "/while/body/" in op_name or "closed_call" in op_name:
+    return "head + loss"
+  if op_name.startswith("jit(train_step)"):
+    return "optimizer"
+  return "unattributed"
+
+
+def traced_op_ns(runs: dict[str, Callable[[], object]], ops: dict[str, dict],
+                 rounds: int) -> dict[str, dict]:
+  """Per variant: each executed op's least time over `rounds` traced rounds (ns), each
+  round's op times and wall seconds, and the best wall and CPU seconds of its step. One
+  jax.profiler trace; each round runs every variant's `run` once in turn, after one untimed
+  run each. The least over the rounds drops most of what other work on the machine added
+  (an op preempted in one round rarely is in all). `ops`: per variant, hlo_ops of its
+  compiled module."""
+  import jax
+  from jax.profiler import ProfileData
+
+  walls, cpus = collections.defaultdict(list), collections.defaultdict(list)
+  for run in runs.values():
+    jax.block_until_ready(run())
+  folder = tempfile.mkdtemp(prefix="step_profile_")
+  with jax.profiler.trace(folder):
+    for i in range(rounds):
+      for name, run in runs.items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        with jax.profiler.TraceAnnotation(f"profiled_step|{name}|{i}"):
+          jax.block_until_ready(run())
+        walls[name].append(time.perf_counter() - t0)
+        cpus[name].append(time.process_time() - c0)
+  path = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
+  events = [ev for plane in ProfileData.from_file(path).planes for line in plane.lines
+            for ev in line.events]
+  shutil.rmtree(folder, ignore_errors=True)
+  spans = sorted((ev.start_ns, ev.end_ns, ev.name.split("|")[1]) for ev in events
+                  if ev.name.startswith("profiled_step|"))
+  per_round = [collections.Counter() for _ in spans]  # op → ns in that round
+  for ev in events:
+    for counter, (lo, hi, name) in zip(per_round, spans, strict=True):
+      if lo <= ev.start_ns <= hi:
+        opcode = ops[name].get(ev.name, (None,))[0]
+        # control flow (a while loop's thunk spans its body's ops) would count them twice
+        if opcode is not None and opcode not in ("while", "call", "conditional"):
+          counter[ev.name] += ev.duration_ns
+        break
+  out = {}
+  for name in runs:
+    mine = [c for c, r in zip(per_round, spans, strict=True) if r[2] == name]
+    out[name] = {"op_ns": {op: min(c[op] for c in mine) for op in set().union(*mine)},
+                 "rounds": mine, "walls": walls[name],
+                 "wall_s": min(walls[name]), "cpu_s": min(cpus[name])}
+  return out

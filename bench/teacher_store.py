@@ -33,15 +33,16 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import prepare_fireact
-from sad_jax import losses
-from sad_jax import objectives as O
+from sad_jax.common import fileio
+from sad_jax.common.types import SpanKind
+from sad_jax.configs import prepare_fireact
 from sad_jax.data import prepare
+from sad_jax.distill import losses
+from sad_jax.distill import objectives as O
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as S
-from sad_jax.types import SpanKind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,8 +256,7 @@ def main():
            "reader": {"traj_s": read_rate, "batch": 8, "length": 1024, "k": 64},
            "train": {"traj_s": train_rate, "batch": B, "length": L, "step_s": times},
            "reader_vs_train": read_rate / train_rate, "reader_target": 20.0}
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    fileio.json_dump(args.json, out, indent=1)  # whole or not at all
   shutil.rmtree(work)
 
 

@@ -66,10 +66,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import span_mixes, step_kinds
-from sad_jax import losses, metrics, objectives, sharding, train
-from sad_jax import step as step_lib
+from sad_jax.common import fileio, sharding
+from sad_jax.distill import losses, objectives
 from sad_jax.models import flash, transformer
 from sad_jax.models.config import ModelConfig
+from sad_jax.trainer import metrics, train
+from sad_jax.trainer import setup as train_setup
+from sad_jax.trainer import step as step_lib
 
 SHAPES = {
     "S": dict(vocab=8192, d=256, layers=4, heads=4, kv=2, ffn=704, seq=512, batch=4),
@@ -431,7 +434,7 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--remat", default="none", choices=train.REMAT,
+  ap.add_argument("--remat", default="none", choices=train_setup.REMAT,
                   help="sad_jax's model.remat for the step (attention: recompute the "
                        "attention scores in the backward instead of keeping them)")
   ap.add_argument("--attention", default=DEFAULT_ATTENTION, choices=("reference", "flash"),
@@ -533,8 +536,7 @@ def main() -> None:
            "steps": args.steps, "shapes": args.shapes, "mixes": mixes, "peer": args.peer,
            "peer_variants": variants, "full_head": args.full_head, "profile": args.profile,
            "results": results}
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    fileio.json_dump(args.json, out, indent=1)  # whole or not at all
 
 
 if __name__ == "__main__":

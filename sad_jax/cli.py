@@ -12,8 +12,8 @@ import errno
 import os
 import sys
 
-from sad_jax import fileio
-from sad_jax.errors import DiskFull, SadJaxError, SkipReport
+from sad_jax.common import fileio
+from sad_jax.common.errors import DiskFull, SadJaxError, SkipReport
 
 
 def _cmd_import(args) -> int:
@@ -49,7 +49,7 @@ def _cmd_tokenizer_train(args) -> int:
 
 
 def _cmd_prepare(args, overrides) -> int:
-  from sad_jax import configlib
+  from sad_jax.common import configlib
   from sad_jax.data import prepare
 
   extra = list(overrides)
@@ -91,8 +91,8 @@ def _cmd_teacher_precompute(args, overrides) -> int:
   import jax
   import jax.numpy as jnp
 
-  from sad_jax import configlib, sharding
-  from sad_jax.errors import DataError
+  from sad_jax.common import configlib, sharding
+  from sad_jax.common.errors import DataError
   from sad_jax.models.checkpoint_io import load_model
   from sad_jax.teacher import precompute
 
@@ -162,8 +162,8 @@ def _cmd_teacher_import(args) -> int:
 
 
 def _cmd_train(args, overrides) -> int:
-  from sad_jax import configlib
-  from sad_jax import train as train_lib
+  from sad_jax.common import configlib
+  from sad_jax.trainer import train as train_lib
 
   config = configlib.load(args.config, [*overrides, *_distributed_overrides(args)])
   try:
@@ -174,7 +174,7 @@ def _cmd_train(args, overrides) -> int:
   except OSError as e:
     if e.errno != errno.ENOSPC:
       raise
-    from sad_jax.checkpoint import latest_complete
+    from sad_jax.trainer.checkpoint import latest_complete
 
     step = latest_complete(fileio.join(args.workdir, "checkpoints"))
     intact = ("no checkpoint was complete yet" if step is None else
@@ -188,8 +188,8 @@ def _cmd_train(args, overrides) -> int:
 
 
 def _cmd_plan(args, overrides) -> int:
-  from sad_jax import configlib
-  from sad_jax import plan as plan_lib
+  from sad_jax.common import configlib
+  from sad_jax.trainer import plan as plan_lib
 
   config = configlib.load(args.config, overrides)
   print(plan_lib.plan(config, devices=args.devices, vocab=args.vocab).table())
@@ -225,12 +225,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-  import json
 
   from sad_jax.agent import evaluate, folds
-  from sad_jax.agent.env import make_env
-  from sad_jax.errors import DataError
-  from sad_jax.fileio import atomic_write
+  from sad_jax.agent.envs.registry import make_env
+  from sad_jax.common.errors import DataError
 
   rules = [folds.parse_rewrite(r) for r in args.rewrite or []]
   policy = evaluate.load_policy(args.checkpoint, tokenizer=args.tokenizer,
@@ -260,8 +258,7 @@ def _cmd_eval(args) -> int:
   if args.json:
     import dataclasses
 
-    with atomic_write(args.json) as f:
-      json.dump(dataclasses.asdict(result), f, indent=1)
+    fileio.json_dump(args.json, dataclasses.asdict(result), indent=1)
   return 0
 
 
@@ -286,46 +283,63 @@ def _cmd_convert_gguf(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-  from sad_jax import demo
+  from sad_jax.experiment import demo
 
   return demo.main_args(args)
 
 
-def _cmd_compare_runs(args) -> int:
-  from sad_jax import study_report
-  from sad_jax.fileio import atomic_write
+def _print_and_save(text: str, out: str | None) -> int:
+  """A study-level report: printed, and written to `out` (atomically) when given."""
+  from sad_jax.common.fileio import atomic_write
 
-  text = study_report.compare_runs(args.earlier, args.this, reference=args.reference)
   print(text)
-  if args.out:
-    with atomic_write(args.out) as f:
+  if out:
+    with atomic_write(out) as f:
       f.write(text)
   return 0
+
+
+def _cmd_compare_runs(args) -> int:
+  from sad_jax.experiment.study import replication
+
+  return _print_and_save(
+      replication.compare_runs(args.earlier, args.this, reference=args.reference), args.out)
 
 
 def _cmd_pool_runs(args) -> int:
-  from sad_jax import study_report
-  from sad_jax.fileio import atomic_write
+  from sad_jax.experiment.study import pooling
 
-  text = study_report.pool_runs(args.runs, reference=args.reference, split=args.split)
-  print(text)
-  if args.out:
-    with atomic_write(args.out) as f:
-      f.write(text)
-  return 0
+  return _print_and_save(
+      pooling.pool_runs(args.runs, reference=args.reference, split=args.split), args.out)
 
 
 def _cmd_study(args, overrides) -> int:
-  from sad_jax import study
+  from sad_jax.experiment.study import runner
 
-  return study.main_args(args, overrides)
+  return runner.main_args(args, overrides)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+  """argparse measures subcommand names one indent level shallower than it prints them, so
+  the longest name (compare-runs) would push its help onto a second line."""
+
+  def __init__(self, prog: str):
+    super().__init__(prog, max_help_position=30, width=90)
+
+  def add_argument(self, action) -> None:
+    super().add_argument(action)
+    if isinstance(action, argparse._SubParsersAction):
+      self._action_max_length += self._indent_increment
 
 
 def build_parser() -> argparse.ArgumentParser:
   from sad_jax.data.importers import FORMATS
 
-  p = argparse.ArgumentParser(prog="sad-jax", description="Structured agent distillation.")
-  sub = p.add_subparsers(dest="command", required=True)
+  p = argparse.ArgumentParser(
+      prog="sad-jax", description="Structured agent distillation.",
+      formatter_class=_HelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                       title="commands, in pipeline order")
 
   imp = sub.add_parser("import", help="trajectories in any supported format → schema JSONL")
   imp.add_argument("--format", choices=FORMATS, default="auto")
@@ -333,7 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("inputs", nargs="+", metavar="IN")
   imp.add_argument("output", metavar="OUT.jsonl")
   imp.set_defaults(func=_cmd_import)
-
+  gen = sub.add_parser("generate", help="teacher trajectories in an environment (oracle or LLM)")
+  gen.add_argument("--env", required=True, help="twx:GAME | textworld:CHALLENGE | math:DATASET")
+  gen.add_argument("--split", default="train", choices=("train", "dev", "test"))
+  gen.add_argument("--episodes", type=int, default=100)
+  gen.add_argument("--start", type=int, default=0, help="first task index in the fold")
+  gen.add_argument("--teacher", default="oracle", choices=("oracle", "llm"))
+  gen.add_argument("--endpoint", default="http://localhost:8000/v1")
+  gen.add_argument("--model", default="")
+  gen.add_argument("--no-first-thought", action="store_true",
+                   help="llm: do not seed the first thought from the teacher's own CoT")
+  gen.add_argument("--keep-failed", action="store_true", help="llm: keep failed episodes")
+  gen.add_argument("--max-steps", type=int, default=30)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--output", "-o", required=True, metavar="OUT.jsonl")
+  gen.set_defaults(func=_cmd_generate)
   tok = sub.add_parser("tokenizer", help="tokenizer tools")
   tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
   tr = tok_sub.add_parser("train", help="train a sentencepiece model with an exact round trip")
@@ -347,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("inputs", nargs="+", metavar="IN")
   tr.add_argument("output", metavar="OUT.model")
   tr.set_defaults(func=_cmd_tokenizer_train)
-
   pre = sub.add_parser("prepare", help="trajectories → tokenized TFDS/ArrayRecord dataset",
                        epilog="Override config fields with --config.a.b=value.")
   pre.add_argument("--config", required=True, help="configs/X.py[:arg]")
@@ -355,7 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
   pre.add_argument("--on-error", choices=("raise", "skip"), default=None)
   pre.add_argument("--quiet", action="store_true", help="no progress bar")
   pre.set_defaults(func=_cmd_prepare, takes_overrides=True)
-
+  ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
+  ins.add_argument("path", metavar="DATASET_OR_JSONL")
+  ins.add_argument("--index", type=int, default=0)
+  ins.add_argument("--split", default="train")
+  ins.add_argument("--format", choices=FORMATS, default="auto")
+  ins.add_argument("--tokenizer", default=None, help="for token counts of a JSONL file")
+  ins.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+  ins.set_defaults(func=_cmd_inspect)
+  conv = sub.add_parser("convert", help="another format's model → a Hugging Face folder")
+  conv_sub = conv.add_subparsers(dest="convert_command", required=True)
+  cg = conv_sub.add_parser("gguf", help="a llama.cpp GGUF file (llama; F32/F16/BF16/Q8_0/"
+                           "Q4_0/Q4_1) → config, safetensors, tokenizer and chat template")
+  cg.add_argument("input", metavar="IN.gguf")
+  cg.add_argument("out_dir", metavar="OUT_DIR")
+  cg.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="of the written weights (the dequantized values are float32)")
+  cg.set_defaults(func=_cmd_convert_gguf)
   tea = sub.add_parser("teacher", help="teacher top-k store: precompute, verify, import")
   tea_sub = tea.add_subparsers(dest="teacher_command", required=True)
   tp = tea_sub.add_parser("precompute", help="run the teacher once, keep top-k (resumable)",
@@ -379,7 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
   ti.add_argument("--teacher-vocab-size", type=int, required=True)
   ti.add_argument("--span-kinds", default="reason")
   ti.set_defaults(func=_cmd_teacher_import)
-
+  pln = sub.add_parser("plan", help="per-device memory of a config on N devices, from shapes",
+                       epilog="Override config fields with --config.a.b=value.")
+  pln.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  pln.add_argument("--devices", type=int, required=True, help="devices of the mesh (all hosts)")
+  pln.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary when model.hf_config.vocab_size is 0 (default 32000)")
+  pln.set_defaults(func=_cmd_plan, takes_overrides=True)
   trn = sub.add_parser("train", help="span-level distillation (or a baseline) on a mesh",
                        epilog="Override config fields with --config.a.b=value. Rerunning with "
                        "the same workdir resumes from its latest checkpoint.")
@@ -387,33 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
   trn.add_argument("--workdir", required=True)
   _add_distributed_flags(trn)
   trn.set_defaults(func=_cmd_train, takes_overrides=True)
-
-  pln = sub.add_parser("plan", help="per-device memory of a training config on N devices, "
-                       "from abstract shapes (no devices, data or weights)",
-                       epilog="Override config fields with --config.a.b=value.")
-  pln.add_argument("--config", required=True, help="configs/X.py[:arg]")
-  pln.add_argument("--devices", type=int, required=True, help="devices of the mesh (all hosts)")
-  pln.add_argument("--vocab", type=int, default=None,
-                   help="vocabulary when model.hf_config.vocab_size is 0 (default 32000)")
-  pln.set_defaults(func=_cmd_plan, takes_overrides=True)
-
-  gen = sub.add_parser("generate", help="teacher trajectories in an environment (oracle or "
-                       "an OpenAI-compatible LLM endpoint)")
-  gen.add_argument("--env", required=True, help="twx:GAME | textworld:CHALLENGE | math:DATASET")
-  gen.add_argument("--split", default="train", choices=("train", "dev", "test"))
-  gen.add_argument("--episodes", type=int, default=100)
-  gen.add_argument("--start", type=int, default=0, help="first task index in the fold")
-  gen.add_argument("--teacher", default="oracle", choices=("oracle", "llm"))
-  gen.add_argument("--endpoint", default="http://localhost:8000/v1")
-  gen.add_argument("--model", default="")
-  gen.add_argument("--no-first-thought", action="store_true",
-                   help="llm: do not seed the first thought from the teacher's own CoT")
-  gen.add_argument("--keep-failed", action="store_true", help="llm: keep failed episodes")
-  gen.add_argument("--max-steps", type=int, default=30)
-  gen.add_argument("--seed", type=int, default=0)
-  gen.add_argument("--output", "-o", required=True, metavar="OUT.jsonl")
-  gen.set_defaults(func=_cmd_generate)
-
   ev = sub.add_parser("eval", help="run a checkpoint as a ReAct agent; success rate and more")
   ev.add_argument("--checkpoint", required=True,
                   help="a training run, its final/, or an HF folder; prompts use the template "
@@ -436,9 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "a counterfactual fold, e.g. a test-only sentence put back as train has it")
   ev.add_argument("--quiet", action="store_true")
   ev.set_defaults(func=_cmd_eval)
-
-  exp = sub.add_parser("export", help="a trained model as a Hugging Face folder: weights, "
-                       "tokenizer, chat template")
+  exp = sub.add_parser("export", help="a trained model as a Hugging Face folder, for serving")
   exp.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                    help="a training run (its final/), a final/ folder, or an HF folder")
   exp.add_argument("out_dir", metavar="OUT_DIR")
@@ -448,25 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--max-shard-bytes", type=int, default=None,
                    help="split the weights into files of at most this size (default 2 GiB)")
   exp.set_defaults(func=_cmd_export)
-
-  conv = sub.add_parser("convert", help="another format's model → a Hugging Face folder")
-  conv_sub = conv.add_subparsers(dest="convert_command", required=True)
-  cg = conv_sub.add_parser("gguf", help="a llama.cpp GGUF file (llama; F32/F16/BF16/Q8_0/"
-                           "Q4_0/Q4_1) → config, safetensors, tokenizer and chat template")
-  cg.add_argument("input", metavar="IN.gguf")
-  cg.add_argument("out_dir", metavar="OUT_DIR")
-  cg.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="of the written weights (the dequantized values are float32)")
-  cg.set_defaults(func=_cmd_convert_gguf)
-
-  dem = sub.add_parser("demo", help="the whole method end to end on TextWorld-Express: "
-                       "SAD vs token-level KD vs SFT, with a report and plots")
+  dem = sub.add_parser("demo", help="the whole method on TextWorld-Express, with a report")
   dem.add_argument("--quick", action="store_true", help="one seed, fewer steps (≈3 min)")
   dem.add_argument("--workdir", default="runs/demo")
   dem.set_defaults(func=_cmd_demo)
-
-  stu = sub.add_parser("study", help="the comparison as a grid (objective × seed × budget × "
-                       "overrides), dev-fold choices, paired statistics, report",
+  stu = sub.add_parser("study", help="the comparison as a grid of cells, decided on paired stats",
                        description="Extra --config.a.b=v arguments override the study config.")
   stu.add_argument("--config", required=True, metavar="configs/study_X.py[:arg]")
   stu.add_argument("--workdir", default=None, help="default: runs/study/NAME")
@@ -483,17 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "score each on dev and test, and write teacher_draws.md: how far the "
                    "teacher varies between draws; no students")
   stu.set_defaults(func=_cmd_study, takes_overrides=True)
-
-  cmp = sub.add_parser("compare-runs", help="two finished runs of one study (e.g. two "
-                       "CPUs): each figure of THIS against EARLIER's 95% intervals")
+  cmp = sub.add_parser("compare-runs", help="two runs of one study: THIS in EARLIER's intervals")
   cmp.add_argument("earlier", metavar="EARLIER", help="a study folder or its results.jsonl[.gz]")
   cmp.add_argument("this", metavar="THIS")
   cmp.add_argument("--reference", default="sad")
   cmp.add_argument("--out", default=None, help="also write the markdown here")
   cmp.set_defaults(func=_cmd_compare_runs)
-
-  pool = sub.add_parser("pool-runs", help="runs of one study with different teacher draws "
-                        "(--config.teacher.seed): intervals over games, teachers and seeds")
+  pool = sub.add_parser("pool-runs", help="runs with different teacher draws, pooled")
   pool.add_argument("runs", nargs="+", metavar="RUN",
                     help="study folders or their results.jsonl[.gz]")
   pool.add_argument("--reference", default="sad")
@@ -501,15 +503,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="test_rewritten: the counterfactual fold (eval.test_rewrite)")
   pool.add_argument("--out", default=None, help="also write the markdown here")
   pool.set_defaults(func=_cmd_pool_runs)
-
-  ins = sub.add_parser("inspect", help="show one trajectory's spans and token counts")
-  ins.add_argument("path", metavar="DATASET_OR_JSONL")
-  ins.add_argument("--index", type=int, default=0)
-  ins.add_argument("--split", default="train")
-  ins.add_argument("--format", choices=FORMATS, default="auto")
-  ins.add_argument("--tokenizer", default=None, help="for token counts of a JSONL file")
-  ins.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-  ins.set_defaults(func=_cmd_inspect)
   return p
 
 

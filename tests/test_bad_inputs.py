@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from sad_jax import cli
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
 from sad_jax.data import prepare, schema
-from sad_jax.errors import DataError
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as store_lib
 from sad_jax.teacher import verify as verify_lib
-from sad_jax.types import SpanKind
 from tests import helpers
 from tests.data.test_prepare import make_config
 
@@ -192,7 +192,7 @@ def with_copy(name: str, source: str):
 
 # ----------------------------------------------------------------------------- cases
 
-PREPARE = ("prepare", "--config", "{repo}/configs/prepare_base.py", "--out", "{tmp}/out",
+PREPARE = ("prepare", "--config", "{repo}/sad_jax/configs/prepare_base.py", "--out", "{tmp}/out",
            "--quiet")
 PREPARE_WITH_TOK = PREPARE + ("--config.tokenizer.path={tok}",)
 
@@ -300,12 +300,12 @@ CONFIGS = [
          (CONFIG_FILE + "no_get_config.py: config file has no get_config",)),
     Case("config_not_found", ("prepare", "--config", CONFIG_FILE + "missing.py"),
          (CONFIG_FILE + "missing.py: config file not found",)),
-    Case("arg_not_accepted", ("prepare", "--config", "{repo}/configs/prepare_base.py:fast"),
-         ("{repo}/configs/prepare_base.py, field 'get_config': get_config('fast'): line 11: "
+    Case("arg_not_accepted", ("prepare", "--config", "{repo}/sad_jax/configs/prepare_base.py:fast"),
+         ("{repo}/sad_jax/configs/prepare_base.py, field 'get_config': get_config('fast'): line 11: "
           "this config takes no argument",)),
-    Case("arg_unknown", ("train", "--config", "{repo}/configs/train_sad.py:fast", "--workdir",
+    Case("arg_unknown", ("train", "--config", "{repo}/sad_jax/configs/train_sad.py:fast", "--workdir",
                          "{tmp}/work"),
-         ("{repo}/configs/train_sad.py, field 'get_config'", "unknown argument 'fast'"),
+         ("{repo}/sad_jax/configs/train_sad.py, field 'get_config'", "unknown argument 'fast'"),
          output="{tmp}/work"),
     Case("unknown_key", PREPARE + ("--config.nope=1",),
          ("field 'nope': unknown config key 'nope'",), output="{tmp}/out"),
@@ -323,7 +323,7 @@ CONFIGS = [
     Case("missing_required_inputs", PREPARE, ("field 'config.inputs': required",),
          output="{tmp}/out"),
     Case("missing_required_teacher",
-         ("teacher", "precompute", "--config", "{repo}/configs/teacher_precompute.py",
+         ("teacher", "precompute", "--config", "{repo}/sad_jax/configs/teacher_precompute.py",
           "--config.dataset={ds}", "--config.out={tmp}/out", "--quiet"),
          ("field 'config.teacher': required",), output="{tmp}/out"),
     Case("bad_enum_value", PREPARE + (prepare_inputs("sad_no_action.jsonl"),
@@ -416,12 +416,12 @@ DATASETS = [
          (f"{DS_COPY}/{TRAIN_AR}, record 1: damaged record", "hash mismatch"),
          build=copy_of("ds", flip(TRAIN_AR, 150))),
     Case("missing_array_record",
-         ("train", "--config", "{repo}/configs/train_sft.py", "--workdir", "{tmp}/work",
+         ("train", "--config", "{repo}/sad_jax/configs/train_sft.py", "--workdir", "{tmp}/work",
           f"--config.dataset={DS_COPY}"),
          (DS_COPY + "/*-train.array_record-*: the record file of split 'train' is missing",),
          build=copy_of("ds", remove(TRAIN_AR)), output="{tmp}/work"),
     Case("truncated_array_record_training",
-         ("train", "--config", "{repo}/configs/train_sft.py", "--workdir", "{tmp}/work",
+         ("train", "--config", "{repo}/sad_jax/configs/train_sft.py", "--workdir", "{tmp}/work",
           f"--config.dataset={DS_COPY}"),
          (f"{DS_COPY}/{TRAIN_AR}, record 1: damaged record",),
          build=copy_of("ds", truncate(TRAIN_AR, 0.3)), output="{tmp}/work"),
@@ -443,7 +443,7 @@ DATASETS = [
 
 ST_COPY = "{tmp}/store"
 VERIFY = ("teacher", "verify", ST_COPY, "{ds}")
-TRAIN_SAD = ("train", "--config", "{repo}/configs/train_sad.py", "--workdir", "{tmp}/work",
+TRAIN_SAD = ("train", "--config", "{repo}/sad_jax/configs/train_sad.py", "--workdir", "{tmp}/work",
              "--config.dataset={ds}")
 IMPORT = ("teacher", "import", "--dataset", "{ds}", "--out", "{tmp}/imported", "--k", str(K),
           "--teacher-name", "t", "--teacher-vocab-size", "1000")
@@ -503,7 +503,7 @@ STORES = [
          ("field 'teacher_vocab_size': teacher vocabulary 10 is smaller",),
          output="{tmp}/imported"),
     Case("precompute_teacher_vocab_smaller",
-         ("teacher", "precompute", "--config", "{repo}/configs/teacher_precompute.py",
+         ("teacher", "precompute", "--config", "{repo}/sad_jax/configs/teacher_precompute.py",
           "--config.dataset={ds}", "--config.teacher={small_hf}", "--config.out={tmp}/out",
           "--quiet"),
          ("{small_hf}, field 'vocab_size': teacher vocabulary 64 is smaller",),

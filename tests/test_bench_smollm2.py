@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bench.smollm2_students import METRICS, action_spans, summarise
-from sad_jax.types import SpanKind
+from sad_jax.common.types import SpanKind
 
 
 def test_action_spans_are_the_contiguous_runs_of_action_labels():

@@ -13,7 +13,7 @@ import pytest
 
 from bench import span_mixes
 from bench.train_step import SHAPES, model_config
-from sad_jax.types import SpanKind
+from sad_jax.common.types import SpanKind
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ XS = SHAPES["XS"]
 
 @pytest.fixture(scope="module")
 def prepared(spm_path, tmp_path_factory) -> str:
-  from configs import prepare_base
+  from sad_jax.configs import prepare_base
   from sad_jax.data import prepare, schema
 
   work = tmp_path_factory.mktemp("mix")
@@ -36,7 +36,7 @@ def prepared(spm_path, tmp_path_factory) -> str:
 
 
 def test_mix_rows_and_shares_come_from_the_prepared_trajectories(prepared):
-  from sad_jax.data import pipeline
+  from sad_jax.trainer import pipeline
 
   b, rows = span_mixes.packed(prepared, rows=XS["batch"], seq=XS["seq"], lookahead=8)
   split = pipeline.open_split(prepared, "train")
@@ -151,7 +151,7 @@ def test_previous_peer_attends_across_trajectories_because_of_the_kv_cache(prepa
 
 def test_executed_flops_count_the_head_and_the_causal_triangle():
   from bench import peer_torch
-  from sad_jax import metrics
+  from sad_jax.trainer import metrics
 
   s = dict(XS)
   model = metrics.model_flops_per_token(model_config(s), s["seq"])

@@ -172,3 +172,21 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path):
   assert digests(work) == digests(str(tmp_path / "clean"))
   # the dead writer's temporary folder is gone after the rerun
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".killed.")], leftovers
+
+
+def test_help_lists_the_commands_in_pipeline_order_one_line_each(capsys):
+  """`sad-jax --help` (it once crashed: a bare % in a help string)."""
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--help"])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  listed = text.split("commands, in pipeline order:", 1)[1].splitlines()[2:]
+  names = [line.split()[0] for line in listed if line.strip()]
+  assert names == ["import", "generate", "tokenizer", "prepare", "inspect", "convert",
+                   "teacher", "plan", "train", "eval", "export", "demo", "study",
+                   "compare-runs", "pool-runs"]
+  assert all(len(line.split(None, 1)) == 2 for line in listed if line.strip())  # one line each
+  for name in names:  # every subcommand's own help renders too
+    with pytest.raises(SystemExit) as e:
+      cli.main([name, "--help"])
+    assert e.value.code == 0

@@ -1,14 +1,15 @@
-"""Every config in configs/ builds (with each documented argument) and locks."""
+"""Every config in sad_jax/configs/ builds (with each documented argument) and locks."""
 
 import glob
 import os
 
 import pytest
 
-from sad_jax import configlib
+from sad_jax.common import configlib
+from sad_jax.common.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "sad_jax", "configs", "*.py"))
                  if not p.endswith("__init__.py"))
 ARGS = {"prepare_fireact.py": ["", "alpaca", "chat"],
         **{f"train_{o}.py": ["", "runlocal"] for o in ("sad", "token_kd", "sft")},
@@ -28,7 +29,7 @@ def test_config_builds(path):
 
 
 def test_overrides_are_typed():
-  config = configlib.load(os.path.join(REPO, "configs", "prepare_base.py"),
+  config = configlib.load(os.path.join(REPO, "sad_jax", "configs", "prepare_base.py"),
                           ["--config.max_len=64", "--config.add_bos=false",
                            "--config.val_fraction=0", "--config.inputs=('a', 'b')",
                            "--config.tokenizer.vocab_size=100"])
@@ -39,7 +40,7 @@ def test_overrides_are_typed():
 def test_every_training_config_is_listed():
   names = {os.path.basename(p) for p in CONFIGS}
   trainers = {n for n in names
-              if "objective" in configlib.load(os.path.join(REPO, "configs", n))}
+              if "objective" in configlib.load(os.path.join(REPO, "sad_jax", "configs", n))}
   assert trainers == set(TRAIN)
 
 
@@ -47,9 +48,9 @@ def test_every_training_config_is_listed():
 def test_train_step_lowers_abstractly(name):
   """The train step of each training config lowers on an abstract mesh of its intended
   size (the pod example: 256 TPU chips), parameters and batch sharded by its rules."""
-  from sad_jax import train
+  from sad_jax.trainer import train
 
-  config = configlib.load(os.path.join(REPO, "configs", name))
+  config = configlib.load(os.path.join(REPO, "sad_jax", "configs", name))
   lowered = train.lower_abstract(config, devices=TRAIN[name],
                                  platform="tpu" if TRAIN[name] > 8 else "cpu", vocab=2000)
   text = lowered.as_text()
@@ -69,3 +70,23 @@ def test_train_step_lowers_abstractly(name):
     assert 'kernel_name = "splash_mha_fwd_segmented_residuals"' in text
     assert 'kernel_name = "splash_mha_dkv_segmented_no_residuals"' in text
     assert "sdy.manual_computation" in text
+
+
+def test_a_packaged_config_by_name_from_any_folder(tmp_path, monkeypatch):
+  """`--config` takes a path or a packaged name (`train_sad`, `train_sad.py`, or the docs'
+  `configs/train_sad.py` where no such file is), from a folder outside the repository."""
+  monkeypatch.chdir(tmp_path)
+  want = configlib.load(os.path.join(REPO, "sad_jax", "configs", "train_sad.py") + ":runlocal")
+  for spec in ("train_sad:runlocal", "train_sad.py:runlocal", "configs/train_sad.py:runlocal"):
+    assert configlib.load(spec).to_dict() == want.to_dict(), spec
+  # a file of the user's own wins over the packaged config of the same name
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "train_sad.py").write_text(
+      "import ml_collections\n\ndef get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict({'mine': 1})\n")
+  assert configlib.load("configs/train_sad.py").to_dict() == {"mine": 1}
+  with pytest.raises(DataError, match=r"config file not found \(a path, or a packaged config: "
+                                      r"distill_smollm2, .*train_sft"):
+    configlib.load("configs/no_such.py")
+  with pytest.raises(DataError, match="config file not found"):
+    configlib.load("elsewhere/train_sad.py")  # only a configs/ folder or a bare name

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sad_jax import curriculum
-from sad_jax.errors import DataError
+from sad_jax.common.errors import DataError
+from sad_jax.distill import curriculum
 
 
 def test_stage_at_is_a_pure_function_of_step():

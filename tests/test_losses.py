@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sad_jax import losses as L
-from sad_jax.errors import DataError
-from sad_jax.types import SpanKind
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
+from sad_jax.distill import losses as L
 from tests import helpers
 
 K = SpanKind

@@ -6,9 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sad_jax import losses as L
-from sad_jax import objectives as O
-from sad_jax.types import SpanKind
+from sad_jax.common.types import SpanKind
+from sad_jax.distill import losses as L
+from sad_jax.distill import objectives as O
 from tests.test_losses import np_log_softmax, random_case, ref_divergence
 
 K = SpanKind

@@ -1,4 +1,4 @@
-"""`sad-jax plan` (sad_jax/plan.py): the per-device memory estimate against XLA's compiled
+"""`sad-jax plan` (sad_jax/trainer/plan.py): the per-device memory estimate against XLA's compiled
 memory analysis of the same train step, and the pod config's plan."""
 
 import math
@@ -8,7 +8,8 @@ import re
 import jax
 import pytest
 
-from sad_jax import configlib, plan, train
+from sad_jax.common import configlib
+from sad_jax.trainer import plan, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.model.hf_config.hidden_size=64", "--config.model.hf_config.intermediate_size=192",
@@ -26,7 +27,7 @@ def test_plan_matches_the_compiled_step_on_a_mesh():
   bytes exactly (but for the loss weights); the total (with gradients and activations estimated) is within
   0.75–1.5× XLA's arguments + temporaries (measured here: 1.42× at this size; 1.13–1.29×
   at d_model 128, 4 layers, seq 512; remat none 0.81–0.95×)."""
-  config = configlib.load(f"{REPO}/configs/train_sad.py",
+  config = configlib.load(f"{REPO}/sad_jax/configs/train_sad.py",
                           [*SMALL, "--config.model.remat=block",
                            "--config.model.scan_layers=true"])
   p = plan.plan(config, devices=8)
@@ -67,7 +68,7 @@ def test_pod_plan_fits_a_chip():
   them per chip, float32), AdamW's two moments, and well under a v5p chip's 95 GiB. Its
   resident part is the train step lowered on the 256-device AbstractMesh's argument bytes,
   read from the StableHLO shardings (not from the NamedShardings the plan sums)."""
-  config = configlib.load(f"{REPO}/configs/pod_qwen7b_to_qwen0p5b.py")
+  config = configlib.load(f"{REPO}/sad_jax/configs/pod_qwen7b_to_qwen0p5b.py")
   p = plan.plan(config, devices=256)
   lowered = train.lower_abstract(config, devices=256, platform="tpu")
   assert lowered_argument_bytes(lowered.as_text(), p.mesh) == p.state

@@ -4,7 +4,7 @@ constructed results."""
 import numpy as np
 import pytest
 
-from sad_jax import stats
+from sad_jax.experiment import stats
 
 
 def test_two_games_one_seed_gives_the_enumerated_bootstrap_distribution():

@@ -9,9 +9,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import study_coin
-from sad_jax import cli, configlib, stats, study, study_report
-from sad_jax.errors import DataError
+from sad_jax import cli
+from sad_jax.common import configlib
+from sad_jax.common.errors import DataError
+from sad_jax.configs import study_coin
+from sad_jax.experiment import stats
+from sad_jax.experiment.study import cache as study_cache
+from sad_jax.experiment.study import cells as study_cells
+from sad_jax.experiment.study import grid as study_grid
+from sad_jax.experiment.study import replication as study_replication
+from sad_jax.experiment.study import report as study_report
+from sad_jax.experiment.study import results as study_results
+from sad_jax.experiment.study import runner as study_runner
 from sad_jax.models import transformer as T
 from sad_jax.models.config import from_hf_dict
 
@@ -19,7 +28,7 @@ CONFIG = "configs/study_coin.py"
 
 
 def count(model: dict) -> int:
-  from configs import train_base
+  from sad_jax.configs import train_base
 
   cfg = from_hf_dict({**train_base.DEMO_STUDENT, **model, "vocab_size": 600})
   shapes = jax.eval_shape(lambda: T.init_params(cfg, jax.random.key(0)))
@@ -29,7 +38,7 @@ def count(model: dict) -> int:
 @pytest.mark.parametrize("arg", [None, "rooms6", "demo", "quick"])
 def test_every_study_config_builds_a_valid_grid(arg):
   c = configlib.load(f"{CONFIG}:{arg}" if arg else CONFIG)
-  arms = study.arms(c)
+  arms = study_grid.arms(c)
   assert count(c.teacher.model) >= 4 * count(c.student.model)
   assert {a.name for a in arms} >= {"sad", "token_kd", "sft"} and c.reference == "sad"
   if arg in (None, "rooms6"):  # the issue's power: ≥ 128 shared test games, ≥ 5 seeds,
@@ -41,8 +50,8 @@ def test_every_study_config_builds_a_valid_grid(arg):
     assert {a.name for a in arms} >= {"sad+learnable", "sad+pcgrad", "sad+curriculum"}
   # each cell's training config builds (overrides are real keys)
   for a in arms:
-    cell = study.cells_of(a, a.budgets or (10,))[0]
-    t = study.train_config(c, "DATA", objective=cell.objective, model=c.student.model,
+    cell = study_grid.cells_of(a, a.budgets or (10,))[0]
+    t = study_grid.train_config(c, "DATA", objective=cell.objective, model=c.student.model,
                            steps=cell.steps, seed=cell.seed, lr=c.student.lr,
                            overrides=cell.overrides, curriculum=cell.curriculum)
     assert t.train.steps == cell.steps and t.objective.name == a.objective
@@ -54,7 +63,7 @@ def test_every_study_config_builds_a_valid_grid(arg):
 def test_a_bad_grid_is_refused_by_name():
   c = configlib.load(f"{CONFIG}:quick", ["--config.reference=nope"])
   with pytest.raises(Exception, match="reference 'nope'"):
-    study.arms(c)
+    study_grid.arms(c)
 
 
 def _rec(arm, seed, steps, dev, test=None):
@@ -70,14 +79,14 @@ def _rec(arm, seed, steps, dev, test=None):
 def test_the_budget_is_chosen_on_dev_the_smaller_on_a_tie():
   recs = [_rec("sad", s, n, dev) for s in (0, 1) for n, dev in
           ((100, [0, 0, 1, 0]), (200, [1, 1, 1, 0]), (300, [1, 1, 0, 1]), (400, [0, 1, 0, 0]))]
-  best, curve = study.choose_budget(recs)
+  best, curve = study_grid.choose_budget(recs)
   assert curve == {100: 0.25, 200: 0.75, 300: 0.75, 400: 0.25} and best == 200
   # 10 games, seeds winning 3/2/1 and 1/2/3: a tie; means of float rates once differed in
   # the last bit (0.19999999999999998 against 0.20000000000000004) and chose 200
   won = lambda k: [1] * k + [0] * (10 - k)
   recs = [_rec("sad", s, n, won(k)) for n, ks in ((100, (3, 2, 1)), (200, (1, 2, 3)))
           for s, k in enumerate(ks)]
-  assert study.choose_budget(recs)[0] == 100
+  assert study_grid.choose_budget(recs)[0] == 100
 
 
 def test_an_arm_whose_best_budget_is_its_largest_trains_the_next_one():
@@ -91,26 +100,26 @@ def test_an_arm_whose_best_budget_is_its_largest_trains_the_next_one():
       for n, won in dev.items():
         records[f"{name}_s{s}_n{n}"] = _rec(name, s, n, won)
   budgets = {"sad": [100, 200], "sft": [100, 200]}
-  assert [a.name for a in study.still_rising(own, budgets, records, 400)] == ["sft"]
-  assert study.still_rising(own, budgets, records, 200) == []   # no larger budget to add
+  assert [a.name for a in study_grid.still_rising(own, budgets, records, 400)] == ["sft"]
+  assert study_grid.still_rising(own, budgets, records, 200) == []   # no larger budget to add
   for s in (0, 1):   # after 400 steps sft is best at 200: no further budget
     records[f"sft_s{s}_n400"] = _rec("sft", s, 400, [1, 0, 0])
   budgets["sft"].append(400)
-  assert study.still_rising(own, budgets, records, 800) == []
+  assert study_grid.still_rising(own, budgets, records, 800) == []
 
 
 def test_results_lines_hold_one_line_per_cell_and_game_and_mismatched_games_are_refused():
   records = {"sad_s0_n100": _rec("sad", 0, 100, [1, 0], [1, 1, 0])}
   teacher = {"dev": {"games": [{"task": 7, "won": True, "steps": 2}] * 2}}
-  lines = study_report.results_lines(records, teacher)
+  lines = study_results.results_lines(records, teacher)
   assert len(lines) == 2 + 2 + 3
   assert {(x["cell"], x["split"]) for x in lines} == {("teacher", "dev"), ("sad_s0_n100", "dev"),
                                                        ("sad_s0_n100", "test")}
-  m = study_report.won_matrix([records["sad_s0_n100"]["test"]] * 2)
+  m = study_results.won_matrix([records["sad_s0_n100"]["test"]] * 2)
   assert m.shape == (2, 3) and m.sum() == 4
   other = _rec("sad", 1, 100, [1, 0], [1, 1])["test"]
   with pytest.raises(ValueError, match="same games"):
-    study_report.won_matrix([records["sad_s0_n100"]["test"], other])
+    study_results.won_matrix([records["sad_s0_n100"]["test"], other])
 
 
 def test_verdict_lines_on_constructed_results():
@@ -119,7 +128,7 @@ def test_verdict_lines_on_constructed_results():
   ref = np.array([[1.0, 1.0, 0.0, 1.0] * 8] * 3)
   won = {"sad": ref, "sft": np.zeros((3, 32)), "token_kd": np.ones((3, 32)),
          "twin": ref.copy(), "teacher": ref[:1].copy()}
-  table, lines = study_report.comparisons(won, "sad", ["sft", "token_kd", "twin", "teacher"])
+  table, lines = study_results.comparisons(won, "sad", ["sft", "token_kd", "twin", "teacher"])
   assert lines == ["sad − sft: +75.0 [+59.4, +87.5] → sad ahead",
                    "sad − token_kd: -25.0 [-40.6, -12.5] → token_kd ahead",
                    "sad − twin: +0.0 [+0.0, +0.0] → no significant difference",
@@ -153,11 +162,11 @@ def test_the_counterfactual_section_on_constructed_results():
 
 def test_the_report_refuses_models_that_played_other_games():
   ev = lambda tasks: {"games": [{"task": t, "won": True, "steps": 1} for t in tasks]}
-  study_report.same_games({"sad": [ev([1, 2]), ev([1, 2])], "teacher": [ev([1, 2])]})
+  study_results.same_games({"sad": [ev([1, 2]), ev([1, 2])], "teacher": [ev([1, 2])]})
   with pytest.raises(ValueError, match="did not play the same games: teacher differ"):
-    study_report.same_games({"sad": [ev([1, 2])], "teacher": [ev([2, 1])]})
+    study_results.same_games({"sad": [ev([1, 2])], "teacher": [ev([2, 1])]})
   with pytest.raises(ValueError, match="the seeds of sad did not play"):
-    study_report.same_games({"sad": [ev([1, 2]), ev([1, 3])], "teacher": [ev([1, 2])]})
+    study_results.same_games({"sad": [ev([1, 2]), ev([1, 3])], "teacher": [ev([1, 2])]})
 
 
 def test_the_replication_table_on_constructed_results():
@@ -166,7 +175,7 @@ def test_the_replication_table_on_constructed_results():
   the teacher's rows are reported apart (one draw each)."""
   ref = np.array([[1.0, 1.0, 0.0, 1.0] * 8] * 3)
   earlier = {"sad": ref, "sft": np.zeros((3, 32)), "teacher": ref[:1].copy()}
-  table, found = study_report.replication_table(earlier, dict(earlier), "sad",
+  table, found = study_replication.replication_table(earlier, dict(earlier), "sad",
                                                 ["sft", "teacher"])
   assert found["outside"] == found["shifted"] == [] and len(found["teacher"]) == 2
   assert "| sad success | 75.0% [59.4, 87.5] | 75.0% [59.4, 87.5] | yes | +0.0 [+0.0, +0.0] |" \
@@ -175,7 +184,7 @@ def test_the_replication_table_on_constructed_results():
   assert "| sad − sft, points | +75.0 [+59.4, +87.5] → sad ahead | +75.0 [+59.4, +87.5] → " \
       "sad ahead | yes | +0.0 [+0.0, +0.0] |" in table.splitlines()
   here = {**earlier, "sft": ref.copy()}
-  table, found = study_report.replication_table(earlier, here, "sad", ["sft", "teacher"])
+  table, found = study_replication.replication_table(earlier, here, "sad", ["sft", "teacher"])
   assert found["outside"] == ["sft 75.0% (earlier 0.0% [0.0, 0.0])",
                               "sad − sft +0.0 [+0.0, +0.0] (earlier +75.0 [+59.4, +87.5])"]
   # this − earlier: sft +75 points paired over the same 32 games (its seeds are identical,
@@ -185,10 +194,10 @@ def test_the_replication_table_on_constructed_results():
   assert "| sft success | 0.0% [0.0, 0.0] | 75.0% [59.4, 87.5] | **no** | +75.0 [+59.4, " \
       "+87.5] |" in table.splitlines()
   assert "no significant difference (verdict differs)" in table
-  words = study_report.replication_verdict(found)
+  words = study_replication.replication_verdict(found)
   assert words.startswith("2 of the students' figures lie outside")
   assert "The teacher rows compare one teacher with another" in words
-  assert study_report.replication_verdict({"outside": [], "shifted": [], "teacher": []}) == (
+  assert study_replication.replication_verdict({"outside": [], "shifted": [], "teacher": []}) == (
       "Every student figure of this run lies inside the earlier run's 95% interval. No "
       "student figure's this − earlier interval excludes zero. Each interval is 95% on its "
       "own, with no correction for the number of rows.")
@@ -196,7 +205,7 @@ def test_the_replication_table_on_constructed_results():
 
 def test_an_earlier_run_is_read_from_its_results_and_bad_records_are_named(tmp_path):
   """The coin study's own results (its report: sad 66.9%, sft 600 steps, 5 and 3 seeds)."""
-  ref = study.reference_run("docs/study/coin")
+  ref = study_results.reference_run("docs/study/coin")
   assert ref["chosen"] == {"sad": 400, "token_kd": 400, "sft": 600, "sad+learnable": 400,
                            "sad+pcgrad": 400, "sad+curriculum": 400}
   assert ref["seeds"]["sad"] == [0, 1, 2, 3, 4] and ref["seeds"]["sad+pcgrad"] == [0, 1, 2]
@@ -210,16 +219,16 @@ def test_an_earlier_run_is_read_from_its_results_and_bad_records_are_named(tmp_p
   bad.write_text(json.dumps(line) + "\n" + json.dumps({**line, "won": None} | {"x": 1})[:-1]
                  + "\n")
   with pytest.raises(DataError, match=r"results.jsonl, record 2: not JSON"):
-    study.reference_run(str(tmp_path))
+    study_results.reference_run(str(tmp_path))
   del line["task"]
   bad.write_text(json.dumps(line) + "\n")
   with pytest.raises(DataError, match=r"record 1, field 'task': missing"):
-    study.reference_run(str(bad))
+    study_results.reference_run(str(bad))
   (tmp_path / "empty").mkdir()
   with pytest.raises(DataError, match="not a study's output folder"):
-    study.reference_run(str(tmp_path / "empty"))
+    study_results.reference_run(str(tmp_path / "empty"))
   with pytest.raises(DataError, match="nothing: cannot read"):
-    study.reference_run(str(tmp_path / "nothing"))
+    study_results.reference_run(str(tmp_path / "nothing"))
 
 
 def test_compare_runs_reproduces_each_reports_intervals_and_refuses_other_environments(
@@ -273,12 +282,12 @@ def test_the_teacher_kept_is_the_draw_that_won_most_dev_games_the_lower_seed_on_
 
 
 def test_seeds_option_keeps_each_arms_first_seeds():
-  arms = study.arms(configlib.load(CONFIG))
-  cut = study.first_seeds(arms, 2)
+  arms = study_grid.arms(configlib.load(CONFIG))
+  cut = study_grid.first_seeds(arms, 2)
   assert [a.seeds for a in cut] == [(0, 1)] * len(arms) and arms[0].seeds == tuple(range(5))
-  assert study.first_seeds(arms, None) is arms
+  assert study_grid.first_seeds(arms, None) is arms
   with pytest.raises(DataError, match="--seeds must be at least 1"):
-    study.first_seeds(arms, 0)
+    study_grid.first_seeds(arms, 0)
 
 
 def test_pool_runs_over_teacher_draws_on_constructed_runs(tmp_path, capsys):
@@ -323,7 +332,7 @@ def test_pool_runs_over_teacher_draws_on_constructed_runs(tmp_path, capsys):
   assert "| comparison (rewritten test) | difference over" in text
   assert cli.main(["pool-runs", a]) == 2
   # a report from before the seed was recorded: the code then always drew seed 0
-  assert study.reference_run("docs/study/coin")["teacher_seed"] == 0
+  assert study_results.reference_run("docs/study/coin")["teacher_seed"] == 0
 
 
 def tiny_config(tmp_env_games: int = 2):
@@ -360,7 +369,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   data → prepare → teacher → the teacher's own episodes → stores → cells on dev → the
   budget choice → test → results.jsonl and report.md; a rerun checks and skips every stage;
   a changed plan retrains."""
-  from sad_jax import demo
+  from sad_jax.experiment import demo
 
   c = tiny_config()
   monkeypatch.setattr(demo, "config", lambda quick: c)
@@ -387,7 +396,7 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
                  "| comparison (rewritten test) |",
                  "Command: `sad-jax demo --quick`"):
     assert needle in report
-  from sad_jax.metrics import cpu_model
+  from sad_jax.trainer.metrics import cpu_model
 
   # five cells trained (sad's two budgets, then token_kd, sft, sad+pcgrad), each stamped
   assert f"Students trained on: {cpu_model()}: 5 cells." in report
@@ -417,16 +426,16 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   # a rerun keeps the processor that trained each cell, and sums both invocations' time
   report = (work / "report.md").read_text()
   assert f"Students trained on: {cpu_model()}: 5 cells." in report
-  assert "all\n2 recorded invocations" in report and len(study.invocations(str(work))) == 2
+  assert "all\n2 recorded invocations" in report and len(study_cells.invocations(str(work))) == 2
 
   # replicating a run (here: itself, in its own workdir) trains nothing new, plays no dev
   # cell, and every figure lies inside its intervals; an arm it did not test is refused
   (tmp_path / "earlier").mkdir()
-  for name in ("results.jsonl", "report.md"):  # the report names the CPU that trained it
+  for name in ("results.jsonl", "report.md", "run.json"):  # run.json: the CPU that trained it
     (tmp_path / "earlier" / name).write_bytes((work / name).read_bytes())
   with pytest.raises(DataError, match=r"arms \['nope'\] are not arms of both"):
-    study.run(c, str(work), replicate=str(tmp_path / "earlier"), only=["sad", "nope"])
-  text = study.run(c, str(work), replicate=str(tmp_path / "earlier"), only=["sad", "sft"])
+    study_runner.run(c, str(work), replicate=str(tmp_path / "earlier"), only=["sad", "nope"])
+  text = study_runner.run(c, str(work), replicate=str(tmp_path / "earlier"), only=["sad", "sft"])
   out = capsys.readouterr().out
   assert "replicating" in out and "sad 2 steps × 1 seeds, sft 2 steps × 1 seeds" in out
   assert "[6/8] cells on the dev fold: none" in out and "steps in" not in out
@@ -436,12 +445,14 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert "| sad − sft, points |" in report and "sad+pcgrad" not in report
   assert "2 (earlier run's dev)" in report
   assert "sad+pcgrad" in (work / "report.md").read_text()  # the study's own report is kept
-  assert study.reference_run(str(work / "replication"))["chosen"] == {"sad": 2, "sft": 2}
-  assert study.reference_run(str(work))["teacher_seed"] == int(kept[1])  # the kept draw
+  assert study_results.reference_run(str(work / "replication"))["chosen"] == {"sad": 2, "sft": 2}
+  assert study_results.reference_run(str(work))["teacher_seed"] == int(kept[1])  # the kept draw
+  meta = json.loads((work / "run.json").read_text())  # recorded, not read out of report.md
+  assert meta["teacher_seed"] == int(kept[1]) and meta["cpu"] == cpu_model() and meta["env"] == c.env
   other = ml_collections.ConfigDict(c.to_dict())
   other.env = other.env.replace("numLocations=4", "numLocations=6")
   with pytest.raises(DataError, match="field 'env': the runs played different environments: twx:coin"):
-    study.run(other, str(tmp_path / "other"), replicate=str(tmp_path / "earlier"))
+    study_runner.run(other, str(tmp_path / "other"), replicate=str(tmp_path / "earlier"))
 
   # another teacher under the same paths: everything that learned from it is redone, the
   # store from scratch (its shards would resume) and each KD cell (its config names the
@@ -451,20 +462,20 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
       "model_mtime"]
   c3 = ml_collections.ConfigDict(c.to_dict())
   c3.teacher.steps = 3
-  study.run(c3, str(work))
+  study_runner.run(c3, str(work))
   out = capsys.readouterr().out
   assert "teacher seed 0: the plan changed" in out
   assert "store train: " in out and "holds another teacher's or dataset's top-k" in out
   assert "sad_s0_n2: its inputs changed since it was trained (" in out
   assert "sad+pcgrad_s0_n2: already trained" not in out
-  study.run(c, str(work))  # and back: the first teacher's plan again, so all of it again
+  study_runner.run(c, str(work))  # and back: the first teacher's plan again, so all of it again
   assert "sad_s0_n2: its inputs changed" in capsys.readouterr().out
 
   # --teachers: the two draws (trained and played above) are tabled, nothing is retrained,
   # and best-of-2 keeps the draw the study kept
   with pytest.raises(DataError, match="--teachers trains no students"):
-    study.run(c, str(work), teachers_only=True, seeds=1)
-  text = study.run(c, str(work), teachers_only=True)
+    study_runner.run(c, str(work), teachers_only=True, seeds=1)
+  text = study_runner.run(c, str(work), teachers_only=True)
   out = capsys.readouterr().out
   assert "steps in" not in out and "episodes: success" not in out
   dev_won = {s: json.loads((work / d / "dev.json").read_text())["successes"]
@@ -479,10 +490,10 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert summary["best_of_k"]["2"]["mean"] == cand[stats.best_draw(dev_won)]["success_rate"]
   assert (work / "teacher_draws.md").read_text() == text
 
-  c2 = study.train_config(c, str(work / "prepared" / "train"), objective="sft",
+  c2 = study_grid.train_config(c, str(work / "prepared" / "train"), objective="sft",
                           model=c.student.model, steps=3, seed=0, lr=c.student.lr)
   run = str(work / "cells" / "sft_s0_n2")
-  study.train("sft_s0_n2", run, c2, 3)
+  study_cache.train("sft_s0_n2", run, c2, 3)
   assert "the plan changed" in capsys.readouterr().out
   # a run from before a config key existed (the key is missing from its config.json) is
   # still the same plan; a key whose value differs is not (above)
@@ -490,17 +501,17 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   old = json.loads(cfg_path.read_text())
   del old["model.attention"]
   cfg_path.write_text(json.dumps(old))
-  assert not study.train("sft_s0_n2", run, c2, 3)
+  assert not study_cache.train("sft_s0_n2", run, c2, 3)
   assert "config keys added since: model.attention" in capsys.readouterr().out
   # a cell trained with another attention kernel (the same computation) is the same plan
   old["model.attention"] = "reference"
   cfg_path.write_text(json.dumps(old))
-  assert not study.train("sft_s0_n2", run, c2, 3)
+  assert not study_cache.train("sft_s0_n2", run, c2, 3)
   assert "trained with attention 'reference'" in capsys.readouterr().out
 
   # a signal during a run stops the study (later stages need the export), and a rerun
   # resumes it: the signal arrives as training starts, so one step is saved
-  from sad_jax import train as train_lib
+  from sad_jax.trainer import train as train_lib
 
   install = train_lib._install_signal_handlers
 
@@ -512,7 +523,22 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   monkeypatch.setattr(train_lib, "_install_signal_handlers", signalled)
   run = str(work / "cells" / "interrupted")
   with pytest.raises(SystemExit, match=r"interrupted stopped at step 1 of 3 \(preempted\)"):
-    study.train("interrupted", run, c2, 3)
-  assert not study.trained(run, 3)
+    study_cache.train("interrupted", run, c2, 3)
+  assert not study_cache.trained(run, 3)
   monkeypatch.setattr(train_lib, "_install_signal_handlers", install)
-  assert study.train("interrupted", run, c2, 3) and study.trained(run, 3)
+  assert study_cache.train("interrupted", run, c2, 3) and study_cache.trained(run, 3)
+
+
+def test_run_metadata_is_read_from_run_json_not_scraped(tmp_path):
+  """A run records its CPU, environment and teacher seed in run.json; report.md's text is
+  read only for runs written before run.json (the committed docs/study ones)."""
+  folder = write_run(tmp_path / "r", teacher_seed=3, won={"sad": [[1, 0]], "teacher": [[1, 1]]})
+  old = study_results.reference_run(folder)
+  assert (old["cpu"], old["env"], old["teacher_seed"]) == ("Test CPU", "twx:coin?numLocations=4", 3)
+  (tmp_path / "r" / "run.json").write_text(json.dumps(
+      {"cpu": "Other CPU", "cores": 2, "env": "twx:coin?numLocations=6", "teacher_seed": 5}))
+  new = study_results.reference_run(folder)
+  assert (new["cpu"], new["env"], new["teacher_seed"]) == ("Other CPU", "twx:coin?numLocations=6", 5)
+  (tmp_path / "r" / "run.json").write_text("{}")
+  with pytest.raises(DataError, match=r"run.json.*cannot read the run's metadata"):
+    study_results.reference_run(folder)

@@ -12,14 +12,15 @@ import dataclasses
 import math
 from typing import Any
 
-from sad_jax import fileio
 from sad_jax.agent import react
-from sad_jax.agent.env import act, make_env
-from sad_jax.agent.math_env import parse_action as math_action
+from sad_jax.agent.envs.base import act, start_episode
+from sad_jax.agent.envs.math_env import parse_action as math_action
+from sad_jax.agent.envs.registry import make_env
 from sad_jax.agent.tools import SandboxLimits, run_python
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
 from sad_jax.data import schema
 from sad_jax.data.schema import Segment, Trajectory
-from sad_jax.errors import DataError
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -100,10 +101,7 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
       slots[i] = None
       return
     order, task = queue.pop(0)
-    obs, info = envs[i].reset(task=task)
-    segs = [Segment("task", info["goal"])]
-    if obs and obs != info["goal"]:
-      segs.append(Segment("observation", obs))
+    segs, _, _ = start_episode(envs[i], task=task)
     traj = Trajectory(id=f"{env_spec}#{task}", segments=segs, source=f"eval:{env_spec}",
                       success=None, meta={"env": env_spec, "task": int(task), "split": split})
     slots[i] = {"order": order, "traj": traj, "steps": 0, "won": False}

@@ -15,8 +15,8 @@ import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 
+from sad_jax.common.errors import DataError
 from sad_jax.data.schema import Trajectory
-from sad_jax.errors import DataError
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 

@@ -1,5 +1,5 @@
 """Teacher trajectories from an LLM behind an OpenAI-compatible endpoint (vLLM, a hosted
-API), in the environments of `sad_jax.agent.env`.
+API), in the environments of `sad_jax.agent.envs`.
 
 First-thought prefix (Kang et al. 2025): before the episode, the teacher answers the task
 with free chain-of-thought; the first sentence of that answer seeds its first ReAct
@@ -18,10 +18,11 @@ import urllib.request
 from collections.abc import Iterator
 
 from sad_jax.agent import react
-from sad_jax.agent.env import Env, act, make_env
+from sad_jax.agent.envs.base import Env, act, start_episode
+from sad_jax.agent.envs.registry import make_env
+from sad_jax.common.errors import DataError
 from sad_jax.data import render
 from sad_jax.data.schema import Segment, Trajectory
-from sad_jax.errors import DataError
 
 SYSTEM = ("You are an agent acting in an environment. At every turn reply with exactly two "
           "lines:\nThought: <your reasoning: the goal, what is still missing, where it is, "
@@ -83,11 +84,7 @@ def first_sentence(text: str) -> str:
 
 def episode(client: Client, env: Env, task: int, *, first_thought: bool = True,
             max_steps: int = 30, temperature: float = 0.0) -> Trajectory:
-  obs, info = env.reset(task=task)
-  goal = info["goal"]
-  segments = [Segment("task", goal)]
-  if obs and obs != goal:
-    segments.append(Segment("observation", obs))
+  segments, obs, goal = start_episode(env, task=task)
   kind = env.spec.split(":")[0]
   system = SYSTEM.format(actions=ACTION_HELP.get(kind, ACTION_HELP["default"]))
   prefix = ""

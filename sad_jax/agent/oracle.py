@@ -14,7 +14,8 @@ import random
 import re
 from collections.abc import Iterator
 
-from sad_jax.agent.env import Env, act, make_env
+from sad_jax.agent.envs.base import Env, act, start_episode
+from sad_jax.agent.envs.registry import make_env
 from sad_jax.data.schema import Segment, Trajectory
 
 _DIRECTIONS = {"north", "south", "east", "west", "up", "down"}
@@ -137,11 +138,7 @@ def oracle_episode(env: Env, task: int, *, seed: int = 0, max_steps: int = 60,
   drawn at random per thought (else always the first). `noise`, `vary`: see
   `_search_episode` (TWX coin only)."""
   rng = random.Random(f"{env.spec}:{task}:{seed}") if varied else _FirstPhrasing()
-  obs, info = env.reset(task=task)
-  goal = info["goal"]
-  segments = [Segment("task", goal)]
-  if obs and obs != goal:
-    segments.append(Segment("observation", obs))
+  segments, obs, goal = start_episode(env, task=task)
   if env.spec.startswith("math:"):
     return _math_episode(env, task, segments, rng)
   if env.spec.split("?")[0] == "twx:coin":

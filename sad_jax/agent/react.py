@@ -98,20 +98,7 @@ class Policy:
     return [int(i) for i in enc.ids[enc.starts < start]]
 
   def stop_ids(self) -> list[int]:
-    """EOS and, with a chat template, its end-of-turn token (the first token of the
-    markup it writes after an assistant turn's content, e.g. <|im_end|>)."""
-    stop = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
-    if self.template is not None:
-      probe = Trajectory(id="probe", segments=[Segment("task", "q"), Segment("reason", "r"),
-                                               Segment("action", "a")])
-      r = self.template.render(probe)
-      after = np.flatnonzero((r.segment == 2) & r.markup)
-      if len(after):
-        j = int(after[-1])
-        ids = self.tokenizer.encode(r.text[r.starts[j]: r.span_end(j)], parse_special=True).ids
-        if len(ids) and int(ids[0]) in self.tokenizer.special_tokens.values():
-          stop.append(int(ids[0]))
-    return sorted(set(stop))
+    return render.stop_ids(self.tokenizer, self.template)
 
   def turns(self, trajs: list[Trajectory], *, samples: int = 1, temperature: float | None = None,
             seed: int = 0, min_batch: int = 1) -> list[list[Turn]]:

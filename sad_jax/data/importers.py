@@ -25,8 +25,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from sad_jax.common.errors import DataError, SkipReport
 from sad_jax.data.schema import Segment, Trajectory, content_id, iter_records
-from sad_jax.errors import DataError, SkipReport
 
 FORMATS = ("react", "chat", "openai", "smolagents", "sad", "evallog", "auto")
 

@@ -9,11 +9,11 @@ import collections
 
 import numpy as np
 
-from sad_jax import fileio
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SUPERVISED_KINDS, SpanKind
 from sad_jax.data import importers, prepare, render, segment, tfds_builder
 from sad_jax.data.tokenizer import load_tokenizer
-from sad_jax.errors import DataError
-from sad_jax.types import SUPERVISED_KINDS, SpanKind
 
 COLOURS = {
     SpanKind.PAD: "2", SpanKind.SYSTEM: "90", SpanKind.TASK: "36", SpanKind.REASON: "33",

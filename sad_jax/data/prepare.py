@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from sad_jax import fileio
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError, SkipReport
+from sad_jax.common.fileio import atomic_dir
+from sad_jax.common.types import SpanKind
 from sad_jax.data import importers, render, segment, tfds_builder
 from sad_jax.data.schema import Trajectory
 from sad_jax.data.tokenizer import (
@@ -32,9 +35,6 @@ from sad_jax.data.tokenizer import (
   load_tokenizer,
   train_sentencepiece,
 )
-from sad_jax.errors import DataError, SkipReport
-from sad_jax.fileio import atomic_dir, atomic_write
-from sad_jax.types import SpanKind
 
 LENGTH_POLICIES = ("truncate", "drop")
 # Actions that end the episode rather than call a tool (ReAct, CodeAgent, JSON tool call).
@@ -269,8 +269,7 @@ def prepare(config, out_dir: str, *, progress: bool = True) -> Report:
     for name in os.listdir(ds_dir):
       os.replace(os.path.join(ds_dir, name), os.path.join(tmp, name))
     shutil.rmtree(build_dir)
-    with atomic_write(os.path.join(tmp, "prepare_report.json")) as f:
-      json.dump(report.to_dict(), f, indent=1)
+    fileio.json_dump(os.path.join(tmp, "prepare_report.json"), report.to_dict(), indent=1)
     write_template(os.path.join(tmp, TEMPLATE_FILE), template)
   return report
 
@@ -284,8 +283,7 @@ def write_template(path: str | os.PathLike, template: render.ChatTemplate | None
   record: dict = {"template": render.template_fingerprint(template)}
   if template is not None:
     record.update(dataclasses.asdict(template))
-  with atomic_write(path) as f:
-    json.dump(record, f, indent=1)
+  fileio.json_dump(path, record, indent=1)
 
 
 def load_template(folder: str | os.PathLike, tok: Tokenizer | None = None

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SEGMENT_KINDS, SUPERVISED_KINDS, SpanKind
 from sad_jax.data.schema import Segment, Trajectory
-from sad_jax.errors import DataError
-from sad_jax.types import SEGMENT_KINDS, SUPERVISED_KINDS, SpanKind
 
 _KIND = {name: SpanKind.from_name(name) for name in SEGMENT_KINDS}
 
@@ -296,3 +296,20 @@ def as_dict(r: Rendered) -> dict[str, Any]:
   ends = list(r.starts[1:]) + [len(r.text)]
   return {"spans": [(SpanKind(k).name.lower(), r.text[s:e])
                     for s, e, k in zip(r.starts, ends, r.kinds)]}
+
+
+def stop_ids(tokenizer, template: ChatTemplate | None) -> list[int]:
+  """Where generation stops: EOS and, with a chat template, its end-of-turn token (the first
+  token of the markup it writes after an assistant turn's content, e.g. <|im_end|>)."""
+  stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  if template is not None:
+    probe = Trajectory(id="probe", segments=[Segment("task", "q"), Segment("reason", "r"),
+                                             Segment("action", "a")])
+    r = template.render(probe)
+    after = np.flatnonzero((r.segment == 2) & r.markup)
+    if len(after):
+      j = int(after[-1])
+      ids = tokenizer.encode(r.text[r.starts[j]: r.span_end(j)], parse_special=True).ids
+      if len(ids) and int(ids[0]) in tokenizer.special_tokens.values():
+        stop.append(int(ids[0]))
+  return sorted(set(stop))

@@ -1,4 +1,4 @@
-"""The trajectory schema (DESIGN.md): a task and an ordered list of typed segments.
+"""The trajectory schema (docs/design.md): a task and an ordered list of typed segments.
 
 A segment's `text` holds the content only; the markers that a template puts around it
 ("Thought: ", "Action: ", a chat role header) are the renderer's business.
@@ -14,10 +14,10 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sad_jax import fileio
-from sad_jax.errors import DataError, SkipReport
-from sad_jax.fileio import atomic_write
-from sad_jax.types import SEGMENT_KINDS
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError, SkipReport
+from sad_jax.common.fileio import atomic_write
+from sad_jax.common.types import SEGMENT_KINDS
 
 SCHEMA_VERSION = 1
 ACTION_FORMATS = ("react", "code", "json")

@@ -14,9 +14,9 @@ import dataclasses
 
 import numpy as np
 
+from sad_jax.common.types import SUPERVISED_KINDS, SpanKind
 from sad_jax.data.render import Rendered
 from sad_jax.data.tokenizer import Encoding, Tokenizer
-from sad_jax.types import SUPERVISED_KINDS, SpanKind
 
 # Hard-boundary groups by kind: context 0, supervised 1, observation 2.
 _GROUP = np.array([1 if k in SUPERVISED_KINDS else 2 if k == SpanKind.OBSERVATION else 0

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sad_jax import fileio
-from sad_jax.errors import DataError
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
 
 FORMAT_VERSION = 1
 # Per-trajectory numbers, stored as one int32 vector `stats` (one feature instead of

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from sad_jax import fileio
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_write
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.common.fileio import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,15 @@ def byte_to_char(text: str) -> np.ndarray | None:
   return out
 
 
-class SentencePieceTokenizer:
+class _EncodeOne:
+  """`encode` of one text, through the tokenizer's `encode_batch` (both kinds share it)."""
+
+  def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
+    return self.encode_batch([text], special_regions=[[(0, len(text))]] if parse_special
+                             else None)[0]
+
+
+class SentencePieceTokenizer(_EncodeOne):
   """A sentencepiece model; `special_tokens` are split out of the text before encoding."""
 
   kind = "sentencepiece"
@@ -166,10 +174,6 @@ class SentencePieceTokenizer:
         ends.append(at + e)
     return Encoding(np.array(ids, np.int32), np.array(starts, np.int32),
                     np.array(ends, np.int32))
-
-  def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
-    return self.encode_batch([text], special_regions=[[(0, len(text))]] if parse_special
-                             else None)[0]
 
   def decode(self, ids: Iterable[int]) -> str:
     # Decode runs of ordinary pieces with sentencepiece (byte pieces must be joined
@@ -296,7 +300,7 @@ def _chunks(text: str, cuts: Sequence[int] | None, regions: Sequence[tuple[int, 
   return out
 
 
-class HFTokenizer:
+class HFTokenizer(_EncodeOne):
   """A Hugging Face `tokenizer.json`, with `tokenizer_config.json` when it is beside it."""
 
   kind = "hf"
@@ -387,10 +391,6 @@ class HFTokenizer:
       cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
       out.append(Encoding(cat(ids), cat(starts), cat(ends)))
     return out
-
-  def encode(self, text: str, *, parse_special: bool = False) -> Encoding:
-    return self.encode_batch([text], special_regions=[[(0, len(text))]] if parse_special
-                             else None)[0]
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -12,7 +12,7 @@
 
 Both kernels take packed rows: segment ids keep attention inside one trajectory, and
 causality (and a sliding window) is by index, which equals the reference's by-position
-rule because a packed trajectory's positions rise by one per index (data/pipeline.py).
+rule because a packed trajectory's positions rise by one per index (trainer/pipeline.py).
 Padding tokens (segment 0) attend among themselves instead of to nothing; their outputs
 carry zero loss weight, so losses and gradients are unchanged. KV-cache decoding and
 prefill always use the reference.
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from sad_jax import sharding
+from sad_jax.common import sharding
 from sad_jax.models.config import ModelConfig
 
 IMPLEMENTATIONS = ("reference", "flash", "splash", "splash_interpret", "cudnn")

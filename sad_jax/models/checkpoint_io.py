@@ -13,11 +13,10 @@ import re
 
 import jax
 
-from sad_jax import fileio, sharding
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_write
+from sad_jax.common import fileio, sharding
+from sad_jax.common.errors import DataError
 from sad_jax.models import hf, safetensors_io
-from sad_jax.models.config import ModelConfig, load_config, to_hf_dict
+from sad_jax.models.config import ModelConfig, model_config, to_hf_dict
 from sad_jax.models.transformer import param_axes, unstack_layers
 
 
@@ -34,8 +33,8 @@ def save_params(path: str | os.PathLike, cfg: ModelConfig, params) -> None:
   # config.json last: load_model needs it, so a folder whose params are still being written
   # (or failed) is never read as a model
   if jax.process_index() == 0:  # every process saves its shards; one writes the config
-    with atomic_write(fileio.join(path, "config.json")) as f:
-      json.dump({**to_hf_dict(cfg), "vocab_multiple": cfg.vocab_multiple}, f, indent=1)
+    fileio.json_dump(fileio.join(path, "config.json"),
+                     {**to_hf_dict(cfg), "vocab_multiple": cfg.vocab_multiple}, indent=1)
 
 
 def load_model(path: str | os.PathLike, mesh=None, dtype=None):
@@ -61,23 +60,6 @@ def load_model(path: str | os.PathLike, mesh=None, dtype=None):
   except (FileNotFoundError, ValueError) as e:
     raise DataError(f"cannot restore parameters: {e}", path=path) from None
   return cfg, params
-
-
-def model_config(path: str | os.PathLike) -> ModelConfig:
-  """load_config for a local or gs:// model folder (or config.json): a remote config is
-  read from a staged copy, and its errors name the remote file."""
-  path = os.fspath(path)
-  if not fileio.is_remote(path):
-    return load_config(path)
-  cfg_path = fileio.join(path, "config.json") if fileio.isdir(path) else path
-  try:
-    local = fileio.local_copy(cfg_path)
-  except OSError as e:
-    raise DataError(f"cannot read model config: {e.strerror or e}", path=cfg_path) from None
-  try:
-    return load_config(local)
-  except DataError as e:
-    raise DataError(e.message, path=cfg_path, record=e.record, field=e.field) from None
 
 
 TEACHER_LAYERS = "teacher_layers:"

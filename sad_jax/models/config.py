@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any
 
-from sad_jax.errors import DataError
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
 
 SUPPORTED = ("llama", "qwen2", "mistral", "phi3", "gemma", "gemma2")
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -241,3 +242,20 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
   if hf.get("model_type") in ("gemma2", "gemma") and hf.get("text_config"):
     hf = {**hf, **hf["text_config"]}
   return from_hf_dict(hf, where=cfg_path)
+
+
+def model_config(path: str | os.PathLike) -> ModelConfig:
+  """load_config for a local or gs:// model folder (or config.json): a remote config is
+  read from a staged copy, and its errors name the remote file."""
+  path = os.fspath(path)
+  if not fileio.is_remote(path):
+    return load_config(path)
+  cfg_path = fileio.join(path, "config.json") if fileio.isdir(path) else path
+  try:
+    local = fileio.local_copy(cfg_path)
+  except OSError as e:
+    raise DataError(f"cannot read model config: {e.strerror or e}", path=cfg_path) from None
+  try:
+    return load_config(local)
+  except DataError as e:
+    raise DataError(e.message, path=cfg_path, record=e.record, field=e.field) from None

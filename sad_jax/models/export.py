@@ -23,9 +23,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from sad_jax import fileio
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_dir
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.common.fileio import atomic_dir
 from sad_jax.models import hf, safetensors_io
 from sad_jax.models.checkpoint_io import check_model_dir, load_model, resolve_source
 from sad_jax.models.config import ModelConfig, to_hf_dict
@@ -164,9 +164,9 @@ def write_folder(out_dir: str | os.PathLike, *, cfg: ModelConfig, params, tok, t
   tok_config["model_max_length"] = cfg.max_position_embeddings
   # Generation stops where the model was taught to stop: EOS, and with a chat template its
   # end-of-turn token.
-  from sad_jax.agent.react import Policy
+  from sad_jax.data.render import stop_ids
 
-  stop = Policy(cfg=cfg, params=None, tokenizer=tok, template=template).stop_ids()
+  stop = stop_ids(tok, template)
   hf_cfg = {**to_hf_dict(cfg), "torch_dtype": dtype}
   for key, value in (("bos_token_id", tok.bos_id), ("pad_token_id", tok.pad_id)):
     if value is not None:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from sad_jax.errors import DataError
+from sad_jax.common.errors import DataError
 
 ARCHITECTURES = ("llama",)
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sad_jax import sharding
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_dir
+from sad_jax.common import sharding
+from sad_jax.common.errors import DataError
+from sad_jax.common.fileio import atomic_dir
 from sad_jax.models import safetensors_io
-from sad_jax.models.config import ModelConfig, to_hf_dict
+from sad_jax.models.config import ModelConfig, model_config, to_hf_dict
 from sad_jax.models.transformer import Transformer, is_stacked, param_axes, unstack_layers
 
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
@@ -104,7 +104,6 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=N
          *, rules=sharding.DEFAULT_RULES, vocab_multiple: int = 1):
   """(cfg, params) from an HF folder; missing, extra or mis-shaped tensors are errors
   naming the tensor. On a mesh, parameters are created in their shardings."""
-  from sad_jax.models.checkpoint_io import model_config  # a gs:// folder too
 
   path = os.fspath(path)
   return from_tensors(model_config(path), safetensors_io.read_checkpoint(path), where=path,

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from sad_jax import fileio
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_write
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.common.fileio import atomic_write
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

@@ -2,7 +2,7 @@
 
 `Transformer(cfg).apply({"params": p}, ids_bt, …)` is the pure functional apply used by
 the jitted steps. Parameters are plain arrays; `param_axes(params)` gives their logical
-axis names (sad_jax/sharding.py maps them to the mesh), and activations are constrained
+axis names (sad_jax/common/sharding.py maps them to the mesh), and activations are constrained
 at block boundaries.
 
 Sequences may be packed: `segment_ids_bt` (0 = padding) keeps attention inside one
@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sad_jax.common.sharding import constrain
 from sad_jax.models import attention, flash
 from sad_jax.models.config import ModelConfig
 from sad_jax.models.flash import attention_mask, heads_rows, keys_major
-from sad_jax.sharding import constrain
 
 _NEG = -1e30  # masked attention logits / padded vocabulary: exp() is exactly 0
 ATTN_BLOCK = 256  # query block of the training-time (no cache) causal attention

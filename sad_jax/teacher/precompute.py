@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sad_jax import fileio, sharding
+from sad_jax.common import fileio, sharding
+from sad_jax.common.errors import DataError
+from sad_jax.common.fileio import atomic_write
 from sad_jax.data import prepare, tfds_builder
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_write
 from sad_jax.models.config import ModelConfig
 from sad_jax.models.generate import length_bucket
 from sad_jax.models.transformer import Transformer, is_stacked, param_axes
@@ -209,8 +209,7 @@ def precompute(*, dataset_dir: str, cfg: ModelConfig, params, teacher_name: str,
       raise DataError(f"an earlier precompute in this folder used other settings ({diff}); "
                       "use a new folder", path=settings_path)
   else:
-    with atomic_write(settings_path) as f:
-      json.dump(settings, f, indent=1)
+    fileio.json_dump(settings_path, settings, indent=1)
 
   if mesh is not None:
     shardings = sharding.tree_shardings(params, param_axes(params), mesh)

@@ -1,5 +1,5 @@
 """The teacher-logit store: per trajectory, the teacher's top-k log-probs at the target
-positions the loss needs, in ArrayRecord shards with a manifest (DESIGN.md).
+positions the loss needs, in ArrayRecord shards with a manifest (docs/design.md).
 
 Layout of a store folder:
   manifest.json                    written last: teacher, k, τ, vocab sizes, tokenizer and
@@ -46,10 +46,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from sad_jax import fileio
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_write
-from sad_jax.types import SpanKind
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
 
 FORMAT_VERSION = 1          # top-k stores (older readers keep reading them)
 SAMPLED_FORMAT_VERSION = 2  # sampled stores: older readers refuse them, not misuse them
@@ -327,8 +326,7 @@ def write_shard(folder: str, name: str, records: Iterable[bytes], ids: Sequence[
               "sha256": file_sha256(tmp)}
     if remote:  # no rename: the shard first, its marker last
       fileio.copyfile(tmp, fileio.join(folder, name))
-    with atomic_write(fileio.join(folder, marker_name)) as f:
-      json.dump(marker, f)
+    fileio.json_dump(fileio.join(folder, marker_name), marker)
     if not remote:
       os.replace(tmp, os.path.join(folder, name))
   finally:

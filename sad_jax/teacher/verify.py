@@ -17,11 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sad_jax import fileio
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.common.fileio import atomic_write
 from sad_jax.data import prepare, tfds_builder
 from sad_jax.data.schema import iter_records
-from sad_jax.errors import DataError
-from sad_jax.fileio import atomic_write
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as store_lib
 

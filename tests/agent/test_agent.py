@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from sad_jax.agent import evaluate, llm, react
-from sad_jax.agent.env import make_env
+from sad_jax.agent.envs.registry import make_env
 from sad_jax.agent.tools import ToolResult
 from sad_jax.data import schema
 from sad_jax.models import checkpoint_io
@@ -97,7 +97,7 @@ def server():
 
 
 def test_llm_teacher_first_thought_prefix_and_filtering(server, tmp_path):
-  from sad_jax.agent.env import make_env
+  from sad_jax.agent.envs.registry import make_env
 
   env = make_env("math:basic_arithmetic")
   tasks = env.tasks("train")[:2]
@@ -136,7 +136,7 @@ def test_llm_teacher_first_thought_prefix_and_filtering(server, tmp_path):
 
 
 def test_llm_client_errors_name_the_endpoint():
-  from sad_jax.errors import DataError
+  from sad_jax.common.errors import DataError
 
   client = llm.Client("http://127.0.0.1:9/v1", model="x", retries=0, timeout=2)
   with pytest.raises(DataError, match="cannot reach") as e:

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from sad_jax.agent import oracle
-from sad_jax.agent.env import make_env, parse_spec
+from sad_jax.agent.envs.base import parse_spec
+from sad_jax.agent.envs.registry import make_env
+from sad_jax.common.errors import DataError
 from sad_jax.data import prepare, render, schema
-from sad_jax.errors import DataError
 from tests.data.test_prepare import make_config
 
 

@@ -3,8 +3,8 @@
 import pytest
 
 from sad_jax.agent import folds
+from sad_jax.common.errors import DataError
 from sad_jax.data.schema import Segment, Trajectory
-from sad_jax.errors import DataError
 
 
 def traj(*observations: str) -> Trajectory:
@@ -45,7 +45,7 @@ def test_twx_coin_test_fold_shows_furniture_its_train_and_dev_folds_never_do():
   test-fold kitchens with objects (a dining table) absent from train and dev, so every test
   game begins with an unseen sentence and no dev game does."""
   from sad_jax.agent import oracle
-  from sad_jax.agent.env import make_env
+  from sad_jax.agent.envs.registry import make_env
 
   spec = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
   trajs = list(oracle.generate(spec, split="train", episodes=100, varied=False, noise=0.0,
@@ -80,7 +80,7 @@ def test_rewritten_twx_coin_test_fold_reads_as_train_and_plays_as_test():
   have it, no test game shows an unseen sentence any more, while the game is unchanged (the
   oracle's path wins it in the same number of steps, with the same rewards)."""
   from sad_jax.agent import oracle
-  from sad_jax.agent.env import make_env
+  from sad_jax.agent.envs.registry import make_env
 
   spec = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
   trajs = list(oracle.generate(spec, split="train", episodes=100, varied=False, noise=0.0,

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from sad_jax.agent import evaluate, react
-from sad_jax.agent.env import make_env
+from sad_jax.agent.envs.registry import make_env
 from sad_jax.data import schema
 
 COIN = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"

@@ -15,18 +15,20 @@ import jax
 import numpy as np
 import pytest
 
-from sad_jax import cli, configlib, fileio
-from sad_jax import metrics as metrics_lib
-from sad_jax import train as train_lib
-from sad_jax.checkpoint import latest_complete
+from sad_jax import cli
+from sad_jax.common import configlib, fileio
+from sad_jax.common.errors import DataError
 from sad_jax.data import inspect as inspect_lib
-from sad_jax.data import pipeline, prepare, schema
-from sad_jax.errors import DataError
+from sad_jax.data import prepare, schema
 from sad_jax.models import checkpoint_io
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as store_lib
+from sad_jax.trainer import metrics as metrics_lib
+from sad_jax.trainer import pipeline
+from sad_jax.trainer import train as train_lib
+from sad_jax.trainer.checkpoint import latest_complete
 from tests import helpers
 from tests.train.conftest import REPO, TINY
 
@@ -110,6 +112,105 @@ def test_append_file_and_local_copy_on_gcs(gcs, tmp_path):
   assert second != first and open(second).read() == "new\n"
 
 
+def _record_uploads(monkeypatch, fs) -> list:
+  """Every upload request gcsfs sends from now on, as (args, kwargs), for a replay."""
+  sent, call = [], fs._call
+
+  async def recording(method, path, *args, **kwargs):
+    if method == "POST" and "/upload/" in path:
+      sent.append(((method, path, *args), dict(kwargs)))
+    return await call(method, path, *args, **kwargs)
+
+  monkeypatch.setattr(fs, "_call", recording)
+  return sent
+
+
+def test_a_delayed_duplicate_upload_cannot_put_older_rows_back(gcs, monkeypatch):
+  """The CI race (TensorBoard steps [1..5] where metrics.jsonl had [1..6]), forced: a client
+  retry whose first attempt reaches the single-threaded server late replays an older
+  upload after a newer one. Each upload is conditional on the generation it replaces, so
+  the server refuses the late one and the newer rows stay."""
+  from fsspec.asyn import sync
+
+  root = _fresh(gcs, "dup")
+  fs = fileio._fs(root)
+  sent = _record_uploads(monkeypatch, fs)
+  f = fileio.AppendFile(f"{root}/tb/events", binary=True, interval=3600)
+  f.write(b"step 1\n")
+  f.flush()
+  f.write(b"step 2\n")
+  f.close()
+  assert len(sent) == 2
+  (args, kwargs), _ = sent
+  with pytest.raises(FileExistsError):  # the server's 412
+    sync(fs.loop, fs._call, *args, **kwargs)
+  assert fileio.read_bytes(f"{root}/tb/events") == b"step 1\nstep 2\n"
+
+
+def test_a_retry_of_an_upload_that_landed_is_taken_as_success(gcs):
+  root = _fresh(gcs, "retry")
+  path = f"{root}/m.jsonl"
+  first = fileio.put_if_generation(path, b"a\n", 0)
+  # the same upload again, as a retry would send it: refused (412), but the live object is
+  # this content, so it is this writer's own
+  assert fileio.put_if_generation(path, b"a\n", 0) == first
+  with pytest.raises(OSError, match="another writer replaced"):
+    fileio.put_if_generation(path, b"b\n", 0)
+
+
+def test_two_writers_of_one_object_fail_loudly_not_silently(gcs):
+  root = _fresh(gcs, "two")
+  a = fileio.AppendFile(f"{root}/metrics.jsonl", interval=3600)
+  b = fileio.AppendFile(f"{root}/metrics.jsonl", interval=3600)
+  a.write("a\n")
+  a.close()
+  with pytest.raises(OSError, match=r"metrics.jsonl: another writer replaced"):
+    b.write("b\n")  # its first write uploads at once
+    b.close()
+  assert fileio.read_text(f"{root}/metrics.jsonl") == "a\n"
+
+
+def test_two_event_writers_in_one_second_and_process_keep_both(gcs, monkeypatch):
+  """Event file names were second + host + pid: two writers in the same second and process
+  (or a restarted container with the same pid) shared one object, and the last to close
+  dropped the other's steps."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  monkeypatch.setattr(metrics_lib.time, "time", lambda: 1_700_000_000.0)
+  logdir = f"{_fresh(gcs, 'ev')}/tb/train"
+  first, second = metrics_lib.EventWriter(logdir), metrics_lib.EventWriter(logdir)
+  assert first.path != second.path
+  first.scalars(1, {"loss": 1.0})
+  second.scalars(2, {"loss": 2.0})
+  second.close()
+  first.close()
+  steps = []
+  for path in fileio.glob(logdir, "events.out.tfevents.*"):
+    ea = event_accumulator.EventAccumulator(fileio.local_copy(path))
+    ea.Reload()
+    steps += [s.step for s in ea.Scalars("loss")]
+  assert sorted(steps) == [1, 2]
+
+
+def test_local_copy_reads_again_when_the_object_changes_mid_read(gcs, monkeypatch):
+  root = _fresh(gcs, "mid")
+  path = f"{root}/tok.model"
+  fs = fileio._fs(path)
+  fs.pipe_file(path, b"old")
+  get_file, changed = fs.get_file, []
+
+  def get_then_rewrite(rpath, lpath, **kw):
+    get_file(rpath, lpath, **kw)
+    if not changed:  # a writer replaces the object right after the first download
+      changed.append(True)
+      fs.pipe_file(rpath, b"newer")
+
+  monkeypatch.setattr(fs, "get_file", get_then_rewrite)
+  local = fileio.local_copy(path)
+  assert open(local, "rb").read() == b"newer"
+  assert len(fileio.glob(os.path.dirname(local), "*")) == 1  # no copy kept under old key
+
+
 def test_emulator_keeps_generations_and_preconditions(gcs):
   """What tensorstore relies on (gcs_emulator.py adds it): a new generation per write,
   `ifGenerationMatch` (0: must not exist) answered 412, `ifGenerationNotMatch` on a read
@@ -159,7 +260,7 @@ _KILLED_SAVER = """
 import os, signal, sys, time
 import numpy as np
 import orbax.checkpoint as ocp
-from sad_jax import fileio
+from sad_jax.common import fileio
 directory = sys.argv[1]
 tree = {f"a{i}": np.arange(i + 3, dtype=np.float32) * i for i in range(100)}
 mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
@@ -240,7 +341,7 @@ def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_
   # where a signal is needed): nothing local may be named after a gs:// argument
   monkeypatch.chdir(tmp_path)
 
-  assert cli.main(["prepare", "--config", os.path.join(REPO, "configs", "prepare_base.py"),
+  assert cli.main(["prepare", "--config", os.path.join(REPO, "sad_jax", "configs", "prepare_base.py"),
                    "--out", ds, f"--config.inputs=('{inputs}',)",
                    f"--config.tokenizer.path={tok}", "--config.max_len=256",
                    "--config.val_fraction=0.2", "--quiet"]) == 0
@@ -276,7 +377,7 @@ def test_prepare_teacher_train_resume_export_eval_all_on_gcs(gcs, tmp_path, spm_
                f"--config.train.steps={total}", "--config.train.checkpoint_every=2",
                "--config.train.log_every=1", "--config.train.eval_every=3",
                "--config.train.eval_batches=1", "--config.checkpoint.use_async=true"]
-  config_arg = os.path.join(REPO, "configs", "train_sad.py") + ":runlocal"
+  config_arg = os.path.join(REPO, "sad_jax", "configs", "train_sad.py") + ":runlocal"
   config = configlib.load(config_arg, overrides)
   clean, killed = f"{root}/runs/clean", f"{root}/runs/killed"
   result = train_lib.train_and_evaluate(config, clean)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from sad_jax.common.errors import DataError, SkipReport
 from sad_jax.data import importers, render
 from sad_jax.data.schema import Segment
-from sad_jax.errors import DataError, SkipReport
 from tests import helpers
 
 

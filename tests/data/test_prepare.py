@@ -8,10 +8,10 @@ import grain
 import numpy as np
 import pytest
 
-from configs import prepare_base, prepare_fireact
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
+from sad_jax.configs import prepare_base, prepare_fireact
 from sad_jax.data import importers, prepare, render, schema, segment, tfds_builder
-from sad_jax.errors import DataError
-from sad_jax.types import SpanKind
 from tests import helpers
 from tests.data.test_render_segment import REACT_FORM
 

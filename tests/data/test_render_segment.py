@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SUPERVISED_KINDS, SpanKind
 from sad_jax.data import importers, render, segment
 from sad_jax.data.render import ChatTemplate
 from sad_jax.data.schema import Segment, Trajectory
 from sad_jax.data.tokenizer import Encoding
-from sad_jax.errors import DataError
-from sad_jax.types import SUPERVISED_KINDS, SpanKind
 from tests import helpers
 
 K = SpanKind

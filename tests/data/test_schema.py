@@ -2,10 +2,10 @@
 
 import pytest
 
+from sad_jax.common.errors import DataError, SkipReport
+from sad_jax.common.fileio import atomic_write
 from sad_jax.data import schema
 from sad_jax.data.schema import Segment, Trajectory
-from sad_jax.errors import DataError, SkipReport
-from sad_jax.fileio import atomic_write
 from tests import helpers
 
 
@@ -59,7 +59,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 def test_atomic_outputs_get_ordinary_permissions(tmp_path):
   import os
 
-  from sad_jax.fileio import atomic_dir
+  from sad_jax.common.fileio import atomic_dir
   old = os.umask(0o022)
   try:
     with atomic_write(tmp_path / "f.txt") as f:

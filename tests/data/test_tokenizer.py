@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sad_jax.common.errors import DataError
 from sad_jax.data.tokenizer import (
   SentencePieceTokenizer,
   byte_to_char,
   load_tokenizer,
   train_sentencepiece,
 )
-from sad_jax.errors import DataError
 from tests import helpers
 
 TRICKY = [

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bench.attention_profile import previous_attention
-from sad_jax import sharding
+from sad_jax.common import sharding
 from sad_jax.models import attention, flash
 from sad_jax.models import transformer as T
 from tests.models.test_model import GEMMA2, LLAMA, random_params

@@ -12,10 +12,10 @@ import pytest
 
 from sad_jax import cli
 from sad_jax.agent import evaluate, react
+from sad_jax.common.errors import DataError
 from sad_jax.data import prepare, schema
 from sad_jax.data.schema import Segment
 from sad_jax.data.tokenizer import load_tokenizer
-from sad_jax.errors import DataError
 from sad_jax.models import checkpoint_io, export, hf
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
@@ -273,7 +273,7 @@ def test_a_dataset_without_a_template_record_is_matched_by_fingerprint(chat_run,
 
 def test_a_sharded_model_exports_the_same_bytes(spm_run, tmp_path):
   """Parameters split over (2, 2, 2) devices are gathered one at a time into the same file."""
-  from sad_jax import sharding
+  from sad_jax.common import sharding
 
   mesh = sharding.make_mesh((2, 2, 2))
   a = export.export(spm_run, tmp_path / "a", dtype="bfloat16")

@@ -12,7 +12,7 @@ import pytest
 gguf_lib = pytest.importorskip("gguf", reason="the `hf` extra (gguf) is needed")
 
 from sad_jax import cli  # noqa: E402
-from sad_jax.errors import DataError  # noqa: E402
+from sad_jax.common.errors import DataError  # noqa: E402
 from sad_jax.models import checkpoint_io, gguf, hf  # noqa: E402
 from sad_jax.models import transformer as T  # noqa: E402
 from sad_jax.models.config import ModelConfig  # noqa: E402

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sad_jax.errors import DataError
+from sad_jax.common.errors import DataError
 from sad_jax.models import hf, safetensors_io
 from sad_jax.models.generate import generate
 from tests.models.families import FAMILIES, V, checkpoint

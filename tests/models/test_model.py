@@ -10,8 +10,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sad_jax import losses, sharding
-from sad_jax import objectives as O
+from sad_jax.common import sharding
+from sad_jax.distill import losses
+from sad_jax.distill import objectives as O
 from sad_jax.models import generate as G
 from sad_jax.models import hf
 from sad_jax.models import transformer as T
@@ -298,7 +299,7 @@ def test_sharded_loss_and_grads_equal_one_device(cfg, shape):
 
 
 def test_fsdp_tp_chain_with_output_constraint_is_right_on_222():
-  """DESIGN.md's minimal case: grad of sum(sin((x@W1)@W2)), x on (data, fsdp), both W on
+  """docs/design.md's minimal case: grad of sum(sin((x@W1)@W2)), x on (data, fsdp), both W on
   (fsdp, tensor). With the output constrained (as the model constrains every block), the
   (2,2,2) gradients equal the one-device ones."""
   rng = np.random.default_rng(0)
@@ -321,7 +322,7 @@ def test_fsdp_tp_chain_with_output_constraint_is_right_on_222():
 
 
 # Whether the installed JAX computes wrong gradients for the unconstrained chain below on
-# (2,2,2) CPU (DESIGN.md's trap), by version, as measured; the model constrains every
+# (2,2,2) CPU (docs/design.md's trap), by version, as measured; the model constrains every
 # block boundary either way.
 TRAP_SEEN = {"0.10.2": False}  # max relative gradient error 3e-7 without the constraint
 

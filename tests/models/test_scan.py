@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sad_jax import sharding
+from sad_jax.common import sharding
 from sad_jax.models import checkpoint_io, export, hf
 from sad_jax.models import transformer as T
 from tests.models.test_model import GEMMA2, LLAMA, QWEN, random_params

@@ -21,13 +21,15 @@ torch = pytest.importorskip("torch", reason="the `hf` extra (torch + transformer
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers loads GGUF files with accelerate")
 
-from sad_jax import cli, configlib, train  # noqa: E402
-from sad_jax import metrics as metrics_lib  # noqa: E402
+from sad_jax import cli  # noqa: E402
+from sad_jax.common import configlib  # noqa: E402
+from sad_jax.common.errors import DataError  # noqa: E402
 from sad_jax.data import importers, prepare, render  # noqa: E402
 from sad_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from sad_jax.errors import DataError  # noqa: E402
 from sad_jax.models import checkpoint_io, gguf, hf  # noqa: E402
 from sad_jax.models.generate import generate  # noqa: E402
+from sad_jax.trainer import metrics as metrics_lib  # noqa: E402
+from sad_jax.trainer import train  # noqa: E402
 
 # every test here loads the 135M model, ours and transformers' (> 20 s with the fixtures)
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -223,7 +225,7 @@ def student_run(converted, tmp_path_factory):
   from sad_jax.data import schema
 
   schema.write_jsonl(jsonl, trajs)
-  from configs import prepare_base
+  from sad_jax.configs import prepare_base
 
   pc = prepare_base.get_config()
   pc.inputs = (jsonl,)
@@ -233,7 +235,7 @@ def student_run(converted, tmp_path_factory):
   pc.val_fraction = 0.2
   ds = str(root / "ds")
   prepare.prepare(pc, ds, progress=False)
-  config = configlib.load(os.path.join(REPO, "configs", "train_sft.py:runlocal"), [
+  config = configlib.load(os.path.join(REPO, "sad_jax", "configs", "train_sft.py:runlocal"), [
       f"--config.dataset={ds}", "--config.teacher_store=",
       f"--config.model.init=teacher_layers:{','.join(map(str, LAYERS))}",
       f"--config.model.path={converted}", "--config.data.seq_len=128",

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sad_jax import losses
+from sad_jax.common.errors import DataError
 from sad_jax.data import prepare, schema
-from sad_jax.errors import DataError
+from sad_jax.distill import losses
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
 from sad_jax.teacher import precompute as pc

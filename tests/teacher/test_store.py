@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
 from sad_jax.data import prepare, schema
-from sad_jax.errors import DataError
 from sad_jax.models import transformer as T
 from sad_jax.models.config import ModelConfig
 from sad_jax.models.generate import length_bucket
 from sad_jax.teacher import precompute as pc
 from sad_jax.teacher import store as S
 from sad_jax.teacher import verify as V
-from sad_jax.types import SpanKind
 from tests import helpers
 from tests.data.test_prepare import make_config
 
@@ -380,7 +380,7 @@ def test_sigkill_mid_precompute_then_rerun_is_byte_identical(dataset, teacher, t
 @pytest.mark.fireact
 def test_fireact_precompute_verify_read(tmp_path):
   """End to end on the prepared FireAct data with a small teacher."""
-  from configs import prepare_fireact
+  from sad_jax.configs import prepare_fireact
 
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   cfgp = prepare_fireact.get_config()
@@ -403,7 +403,7 @@ def test_fireact_precompute_verify_read(tmp_path):
 
 def test_precompute_on_a_mesh_equals_one_device(dataset, teacher, tmp_path):
   """The teacher runs sharded (data, fsdp, tensor) = (2, 2, 2); the store is the same."""
-  from sad_jax import sharding
+  from sad_jax.common import sharding
 
   run(dataset, teacher, tmp_path / "one", batch_size=8)
   run(dataset, teacher, tmp_path / "mesh", batch_size=8, mesh=sharding.make_mesh((2, 2, 2)))

@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-from sad_jax import configlib
+from sad_jax.common import configlib
 from sad_jax.data import prepare, schema
 from sad_jax.models import checkpoint_io
 from sad_jax.models import transformer as T
@@ -47,5 +47,5 @@ def train_config(train_data, objective: str = "sad", extra=()):
   ds, store, _ = train_data
   overrides = [f"--config.dataset={ds}",
                f"--config.teacher_store={store if objective != 'sft' else ''}", *TINY, *extra]
-  return configlib.load(os.path.join(REPO, "configs", f"train_{objective}.py:runlocal"),
+  return configlib.load(os.path.join(REPO, "sad_jax", "configs", f"train_{objective}.py:runlocal"),
                         overrides), overrides

@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from sad_jax import metrics as metrics_lib
-from sad_jax import sharding, train
+from sad_jax.common import sharding
 from sad_jax.models import checkpoint_io
+from sad_jax.trainer import metrics as metrics_lib
+from sad_jax.trainer import train
 from tests.train.conftest import REPO, train_config
 
 

@@ -4,10 +4,10 @@ checkpointable state, curriculum sampling, evaluation coverage."""
 import numpy as np
 import pytest
 
-from sad_jax import curriculum
-from sad_jax.data import pipeline
-from sad_jax.errors import DataError
+from sad_jax.common.errors import DataError
+from sad_jax.distill import curriculum
 from sad_jax.teacher import store as S
+from sad_jax.trainer import pipeline
 
 STAGES = (curriculum.Stage("easy", 3, (1.0, 0.0, 0.0), (1.0, 1.0), 1.0),
           curriculum.Stage("all", 5, (1.0, 1.0, 1.0), (1.0, 1.0), 1.0))

@@ -4,11 +4,11 @@ misuse p̂ = count/N, trained (fkl, tail=ignore) otherwise."""
 import numpy as np
 import pytest
 
-from sad_jax import metrics as metrics_lib
-from sad_jax import train
-from sad_jax.errors import DataError
+from sad_jax.common.errors import DataError
 from sad_jax.models import checkpoint_io
 from sad_jax.teacher import precompute as pc
+from sad_jax.trainer import metrics as metrics_lib
+from sad_jax.trainer import train
 from tests.train.conftest import train_config
 
 

@@ -11,12 +11,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sad_jax import curriculum, losses, objectives, sharding, train
-from sad_jax import step as step_lib
-from sad_jax.data import pipeline
+from sad_jax.common import sharding
+from sad_jax.common.types import SpanKind
+from sad_jax.distill import curriculum, losses, objectives
 from sad_jax.models import checkpoint_io
 from sad_jax.models import transformer as T
-from sad_jax.types import SpanKind
+from sad_jax.trainer import pipeline, train
+from sad_jax.trainer import setup as train_setup
+from sad_jax.trainer import step as step_lib
 from tests.train.conftest import train_config
 
 STAGES = (curriculum.Stage("all", 10, (1.0,), (1.0, 1.0), 1.0),)
@@ -42,8 +44,8 @@ def run(train_data, mesh_shape, host_batches, layout, *, objective="sad", extra=
   n = int(np.prod(mesh_shape))
   mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:n])
   rules = sharding.DEFAULT_RULES
-  model_cfg = train.student_config(config, vocab=600, tensor=mesh.shape["tensor"])
-  obj = train.objective_for(config, model_cfg)
+  model_cfg = train_setup.student_config(config, vocab=600, tensor=mesh.shape["tensor"])
+  obj = train_setup.objective_for(config, model_cfg)
   tx = step_lib.make_optimizer(config.optim, 10)
   schedule = step_lib.lr_schedule(config.optim, 10)
 
@@ -251,8 +253,8 @@ def test_packed_rows_equal_trajectories_run_alone(train_data):
         alone[k].append(row)
   alone = {k: np.stack(v)[None] for k, v in alone.items()}
   config, _ = train_config(train_data)
-  model_cfg = train.student_config(config, vocab=600, tensor=1)
-  obj = train.objective_for(config, model_cfg)
+  model_cfg = train_setup.student_config(config, vocab=600, tensor=1)
+  obj = train_setup.objective_for(config, model_cfg)
   params = T.init_params(model_cfg, jax.random.key(1))
   w = jnp.ones(2)
   out = [step_lib.eval_step(params, jnp.zeros(2), {k: jnp.asarray(v) for k, v in b.items()}, w,
@@ -315,9 +317,9 @@ def test_a_stage_temperature_softens_teacher_and_student_alike(train_data):
   _, host = batches(train_data, rows=2, n=1, teacher=False)
   batch = {k: jnp.asarray(v) for k, v in host[0].items()}
   config, _ = train_config(train_data, extra=["--config.objective.tail=ignore"])
-  model_cfg = train.student_config(config, vocab=tcfg.vocab_size, tensor=1)
+  model_cfg = train_setup.student_config(config, vocab=tcfg.vocab_size, tensor=1)
   online = step_lib.OnlineTeacher(cfg=tcfg, k=tcfg.vocab_size, kinds=(int(SpanKind.REASON),))
-  obj, online = train.at_temperature(train.objective_for(config, model_cfg), online, tau)
+  obj, online = train_setup.at_temperature(train_setup.objective_for(config, model_cfg), online, tau)
   params = T.init_params(model_cfg, jax.random.key(1))
   out = step_lib.eval_step(params, jnp.zeros(2), batch, jnp.ones(2), tparams,
                            model_cfg=model_cfg, obj=obj, online=online)
@@ -366,10 +368,10 @@ def test_lowered_train_step_constrains_every_block_boundary(scan):
   import collections
   import re
 
-  from sad_jax import configlib
+  from sad_jax.common import configlib
   from tests.train.conftest import REPO, TINY
 
-  config = configlib.load(f"{REPO}/configs/train_sad.py:runlocal",
+  config = configlib.load(f"{REPO}/sad_jax/configs/train_sad.py:runlocal",
                           [*TINY, "--config.mesh.shape=(2,2,2)",
                            f"--config.model.scan_layers={scan}"])
   text = train.lower_abstract(config, devices=8, platform="cpu", vocab=600).as_text()

@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from sad_jax import metrics as metrics_lib
-from sad_jax import train
-from sad_jax.data import pipeline
-from sad_jax.errors import DataError
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
 from sad_jax.models import checkpoint_io
-from sad_jax.types import SpanKind
+from sad_jax.trainer import metrics as metrics_lib
+from sad_jax.trainer import pipeline, train
+from sad_jax.trainer import setup as train_setup
 from tests.train.conftest import REPO, train_config
 
 
@@ -185,7 +185,7 @@ def test_divergence_stops_with_a_diagnostic_and_keeps_the_good_checkpoint(train_
   assert f"step {report['step']}" in str(e.value)
   assert not (tmp_path / "final").exists()
   # the checkpoints on disk hold finite parameters only
-  from sad_jax import checkpoint as C
+  from sad_jax.trainer import checkpoint as C
 
   ck = C.Checkpoints(str(tmp_path / "checkpoints"))
   assert ck.latest_step() == report["step"]
@@ -231,8 +231,8 @@ def test_cli_errors_name_the_field(train_data, tmp_path):
 @pytest.mark.slow
 def test_fireact_demo_size_sad_with_a_teacher_store(tmp_path):
   """The demo-size `sad` config on the prepared FireAct data with a precomputed store."""
-  from configs import prepare_fireact
-  from sad_jax import configlib
+  from sad_jax.common import configlib
+  from sad_jax.configs import prepare_fireact
   from sad_jax.data import prepare
   from sad_jax.models import transformer as T
   from sad_jax.models.config import ModelConfig
@@ -250,7 +250,7 @@ def test_fireact_demo_size_sad_with_a_teacher_store(tmp_path):
   tparams = jax.tree.map(lambda a: a * 10, T.init_params(tcfg, jax.random.PRNGKey(0)))
   pc.precompute(dataset_dir=ds, cfg=tcfg, params=tparams, teacher_name="tiny",
                 out_dir=str(tmp_path / "store"), k=16, progress=False, batch_size=16)
-  config = configlib.load(os.path.join(REPO, "configs", "train_sad.py"), [
+  config = configlib.load(os.path.join(REPO, "sad_jax", "configs", "train_sad.py"), [
       f"--config.dataset={ds}", f"--config.teacher_store={tmp_path / 'store'}",
       "--config.train.steps=4", "--config.train.eval_batches=2", "--config.metrics.mfu=false"])
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -289,7 +289,7 @@ def test_pretrained_student_online_teacher_bf16_and_keep_best(train_data, tmp_pa
 
 
 def test_weight_decay_skips_norms_biases_and_span_weights():
-  from sad_jax import step as step_lib
+  from sad_jax.trainer import step as step_lib
 
   tree = {"model": {"embed": np.zeros((4, 2)), "layers_0": {
       "attn": {"q": np.zeros((2, 1, 2)), "q_bias": np.zeros((1, 2))},
@@ -401,11 +401,11 @@ def test_an_objective_needs_a_store_of_its_span_kinds(train_data, tmp_path):
   split = pipeline.open_split(train_data[0], "train")
   assert split.kind_tokens[SpanKind.ACTION] > 0 and split.kind_tokens[SpanKind.ANSWER] == 0
   sad, _ = train_config(train_data, "sad")
-  train.check_teacher_kinds(train.objective_for(sad, None), ["reason"], split, what="the store",
+  train_setup.check_teacher_kinds(train_setup.objective_for(sad, None), ["reason"], split, what="the store",
                             field="span_kinds")
   sad.objective.action_teacher_weight = 0.5
   with pytest.raises(DataError, match="learns reason, action, answer tokens") as e:
-    train.check_teacher_kinds(train.objective_for(sad, None), ["reason"], split,
+    train_setup.check_teacher_kinds(train_setup.objective_for(sad, None), ["reason"], split,
                               what="the store", field="span_kinds")
   assert "only reason: action tokens" in str(e.value)  # no answer tokens in this data
   # the online teacher's kinds are checked the same way

@@ -1,0 +1,2 @@
+"""Utilities every layer uses: located errors, the path layer (fileio), shared types,
+config files."""

@@ -1,0 +1,1 @@
+"""The distillation maths: span-masked losses, objectives by name, curriculum stages."""
