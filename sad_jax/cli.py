@@ -225,7 +225,6 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-
   from sad_jax.agent import evaluate, folds
   from sad_jax.agent.envs.registry import make_env
   from sad_jax.common.errors import DataError
@@ -290,11 +289,9 @@ def _cmd_demo(args) -> int:
 
 def _print_and_save(text: str, out: str | None) -> int:
   """A study-level report: printed, and written to `out` (atomically) when given."""
-  from sad_jax.common.fileio import atomic_write
-
   print(text)
   if out:
-    with atomic_write(out) as f:
+    with fileio.atomic_write(out) as f:
       f.write(text)
   return 0
 

@@ -179,6 +179,9 @@ def cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "sad_jax", "staged")
 
 
+_READ_ATTEMPTS = 5  # reads of an object that keeps changing under them, before giving up
+
+
 def local_copy(path: str | os.PathLike) -> str:
   """A local path holding the file at `path`: `path` itself when local, else a copy in
   cache_dir() keyed by the object's URL and version (generation/etag and size), so a
@@ -200,22 +203,28 @@ def local_copy(path: str | os.PathLike) -> str:
     os.close(fd)
     try:
       fs.get_file(path, tmp)
-      if (os.path.getsize(tmp) == int(info.get("size") or 0)
-          and _version(fs.info(path)) == _version(info)):
+      if _read_whole(fs, path, info, os.path.getsize(tmp)):
         os.replace(tmp, local)
         return local
     finally:
       with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-  raise OSError(f"{path}: the object changed while it was read, {_READ_ATTEMPTS} times "
-                "(another process is rewriting it)")
-
-
-_READ_ATTEMPTS = 5
+  raise _changed_while_read(path)
 
 
 def _version(info: dict) -> str:
   return "|".join(str(info.get(k, "")) for k in ("generation", "etag", "md5Hash", "size"))
+
+
+def _read_whole(fs, path: str, before: dict, nbytes: int) -> bool:
+  """Whether `nbytes` read after `before` (its fs.info) are that version of the object,
+  whole: the size it named, and the same version still live after the read."""
+  return nbytes == int(before.get("size") or 0) and _version(fs.info(path)) == _version(before)
+
+
+def _changed_while_read(path: str) -> OSError:
+  return OSError(f"{path}: the object changed while it was read, {_READ_ATTEMPTS} times "
+                 "(another process is rewriting it)")
 
 
 def _staged_path(path: str, info: dict) -> str:
@@ -242,12 +251,10 @@ def read_versioned(path: str) -> tuple[bytes, int | None]:
     except FileNotFoundError:
       return b"", 0 if _gcsfs(fs) else None
     data = fs.cat_file(path)
-    after = fs.info(path)
-    if _version(before) == _version(after) and len(data) == int(after.get("size") or 0):
-      generation = after.get("generation")
+    if _read_whole(fs, path, before, len(data)):
+      generation = before.get("generation")
       return data, int(generation) if generation is not None and _gcsfs(fs) else None
-  raise OSError(f"{path}: the object changed while it was read, {_READ_ATTEMPTS} times "
-                "(another process is rewriting it)")
+  raise _changed_while_read(path)
 
 
 def put_if_generation(path: str, data: bytes, generation: int | None) -> int | None:

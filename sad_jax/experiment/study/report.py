@@ -96,7 +96,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   with atomic_write(os.path.join(out, "results.jsonl")) as f:
     for line in lines:
       f.write(json.dumps(line) + "\n")
-  _write_run_meta(out, c, teacher, command=command)
+  when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  _write_run_meta(out, c, teacher, command=command, when=when)
 
   names = [a.name for a in arm_list]
   test_evals = {a: [r["test"] for r in _arm_records(records, a, chosen[a])] for a in names}
@@ -123,8 +124,8 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   ctable, curve_est = _curves_table(records, chosen, curves, replication)
   _plots(out, curve_est, est)
   fold_note = f"{FOLDS_NOTE} {fold_desc.describe(folds)}\n\n" if folds else ""
-  md = _header(work, c, arm_list, records, teacher, params, command=command, seconds=seconds,
-               fold_note=fold_note) + f"""## Test fold
+  md = _header(work, c, arm_list, records, teacher, params, command=command, when=when,
+               seconds=seconds, fold_note=fold_note) + f"""## Test fold
 
 {table}
 
@@ -152,7 +153,7 @@ thought and action after the recorded history; the share whose action equals the
           + ("\n" + cf.rstrip() if cf else ""))
 
 
-def _write_run_meta(out: str, c, teacher: dict, *, command: str) -> None:
+def _write_run_meta(out: str, c, teacher: dict, *, command: str, when: str) -> None:
   """run.json beside results.jsonl: what a later replication or pool reads about this run
   (`results.reference_run`), recorded rather than read back out of report.md."""
   import jax
@@ -162,8 +163,7 @@ def _write_run_meta(out: str, c, teacher: dict, *, command: str) -> None:
   fileio.json_dump(os.path.join(out, RUN_META), {
       "cpu": metrics.cpu_model(), "cores": os.cpu_count(), "env": c.env,
       "teacher_seed": int(teacher.get("seed", teacher_seed(c))), "jax": jax.__version__,
-      "command": command,
-      "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}, indent=1)
+      "command": command, "date": when}, indent=1)
 
 
 def _test_table(c, arm_list, records: dict[str, dict], chosen: dict[str, int], teacher: dict,
@@ -250,7 +250,8 @@ def _curves_table(records: dict[str, dict], chosen: dict[str, int], curves: dict
 
 
 def _header(work: str, c, arm_list, records: dict[str, dict], teacher: dict,
-            params: tuple[int, int], *, command: str, seconds: float, fold_note: str) -> str:
+            params: tuple[int, int], *, command: str, when: str, seconds: float,
+            fold_note: str) -> str:
   """The report's opening: command, machine, wall time, environment, teacher, protocol."""
   from sad_jax.trainer import metrics
 
@@ -259,7 +260,6 @@ def _header(work: str, c, arm_list, records: dict[str, dict], teacher: dict,
   trained_on = "; ".join(f"{k}: {v} cells" for k, v in sorted(cpus.items()))
   n_seeds = {a.name: len(a.seeds) for a in arm_list}
   primary = ", ".join(a.name for a in arm_list if a.objective in ("token_kd", "sft")) or "none"
-  when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
   before = invocations(work)
   total = (sum(x["seconds"] for x in before) + seconds) / 60
   import jax
