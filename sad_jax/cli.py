@@ -187,6 +187,17 @@ def _cmd_train(args, overrides) -> int:
   return 0
 
 
+def _cmd_opd(args, overrides) -> int:
+  from sad_jax.agent import onpolicy
+  from sad_jax.common import configlib
+
+  config = configlib.load(args.config, overrides)
+  out = onpolicy.train_onpolicy(config, args.workdir)
+  spent = ", ".join(f"{k} {v:.0f}" for k, v in out["spent"].items())
+  print(f"finished {out['rounds']} rounds; model {out['final']}; spent: {spent}")
+  return 0
+
+
 def _cmd_plan(args, overrides) -> int:
   from sad_jax.common import configlib
   from sad_jax.trainer import plan as plan_lib
@@ -433,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
   trn.add_argument("--workdir", required=True)
   _add_distributed_flags(trn)
   trn.set_defaults(func=_cmd_train, takes_overrides=True)
+  opd = sub.add_parser("opd", help="on-policy distillation: the student plays, the teacher "
+                       "scores its tokens", epilog="Override config fields with "
+                       "--config.a.b=value. Rerunning with the same workdir resumes from its "
+                       "last complete round.")
+  opd.add_argument("--config", required=True, help="configs/train_opd.py[:arg]")
+  opd.add_argument("--workdir", required=True)
+  opd.set_defaults(func=_cmd_opd, takes_overrides=True)
   ev = sub.add_parser("eval", help="run a checkpoint as a ReAct agent; success rate and more")
   ev.add_argument("--checkpoint", required=True,
                   help="a training run, its final/, or an HF folder; prompts use the template "

@@ -183,7 +183,7 @@ def test_help_lists_the_commands_in_pipeline_order_one_line_each(capsys):
   listed = text.split("commands, in pipeline order:", 1)[1].splitlines()[2:]
   names = [line.split()[0] for line in listed if line.strip()]
   assert names == ["import", "generate", "tokenizer", "prepare", "inspect", "convert",
-                   "teacher", "plan", "train", "eval", "export", "demo", "study",
+                   "teacher", "plan", "train", "opd", "eval", "export", "demo", "study",
                    "compare-runs", "pool-runs"]
   assert all(len(line.split(None, 1)) == 2 for line in listed if line.strip())  # one line each
   for name in names:  # every subcommand's own help renders too

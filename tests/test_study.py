@@ -17,6 +17,7 @@ from sad_jax.experiment import stats
 from sad_jax.experiment.study import cache as study_cache
 from sad_jax.experiment.study import cells as study_cells
 from sad_jax.experiment.study import grid as study_grid
+from sad_jax.experiment.study import opd_cells as study_opd_cells
 from sad_jax.experiment.study import replication as study_replication
 from sad_jax.experiment.study import report as study_report
 from sad_jax.experiment.study import results as study_results
@@ -35,12 +36,16 @@ def count(model: dict) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(shapes))
 
 
-@pytest.mark.parametrize("arg", [None, "rooms6", "demo", "quick"])
+@pytest.mark.parametrize("arg", [None, "rooms6", "demo", "quick", "opd", "opd_quick"])
 def test_every_study_config_builds_a_valid_grid(arg):
   c = configlib.load(f"{CONFIG}:{arg}" if arg else CONFIG)
   arms = study_grid.arms(c)
   assert count(c.teacher.model) >= 4 * count(c.student.model)
-  assert {a.name for a in arms} >= {"sad", "token_kd", "sft"} and c.reference == "sad"
+  if arg in ("opd", "opd_quick"):
+    assert {a.name for a in arms} == {"sad", "token_kd", "sad+opd", "token_kd+opd", "opd",
+                                      "gkd"} and c.reference == "sad+opd"
+  else:
+    assert {a.name for a in arms} >= {"sad", "token_kd", "sft"} and c.reference == "sad"
   if arg in (None, "rooms6"):  # the issue's power: ≥ 128 shared test games, ≥ 5 seeds,
     # ≥ 4 budgets for the main arms, ≥ 3 seeds for each ablation
     assert c.eval.test_games >= 128 and c.eval.dev_games >= 32
@@ -49,8 +54,18 @@ def test_every_study_config_builds_a_valid_grid(arg):
       assert not a.budgets or len(a.budgets) >= 4
     assert {a.name for a in arms} >= {"sad+learnable", "sad+pcgrad", "sad+curriculum"}
   # each cell's training config builds (overrides are real keys)
+  chosen = {a.name: (a.budgets or (10,))[0] for a in arms}
   for a in arms:
-    cell = study_grid.cells_of(a, a.budgets or (10,))[0]
+    cell = study_grid.cells_of(a, a.budgets or (10,), chosen)[0]
+    if a.objective == "opd":
+      shared = {"teacher": "T", "teacher_jsonl": "J", "tokenizer": "K"}
+      o = study_opd_cells.opd_config("W", c, cell, shared)
+      assert o.rounds == cell.steps and o.teacher == "T" and o.env == c.env
+      assert o.student == (f"W/cells/{a.start}_s{cell.seed}_n{chosen[a.start]}/final"
+                           if a.start else "")
+      assert o.loss.per_span == (a.name == "sad+opd") and o.optim.lr == 3e-4
+      assert o.mix.teacher_share == (0.5 if a.name == "gkd" else 0.0)
+      continue
     t = study_grid.train_config(c, "DATA", objective=cell.objective, model=c.student.model,
                            steps=cell.steps, seed=cell.seed, lr=c.student.lr,
                            overrides=cell.overrides, curriculum=cell.curriculum)
@@ -348,9 +363,13 @@ def tiny_config(tmp_env_games: int = 2):
   c.student.model = tiny
   c.teacher_data.train_games = 4
   c.arms = tuple(list(c.arms) + [study_coin.arm(
-      "sad+pcgrad", "sad", seeds=(0,), overrides=("objective.pcgrad=True",))])
+      "sad+pcgrad", "sad", seeds=(0,), overrides=("objective.pcgrad=True",)),
+      # on-policy rounds from the sad cell: one round of two episodes
+      study_coin.arm("sad+opd", "opd", seeds=(0,), budgets=(1,), start="sad", overrides=(
+          "rollout.episodes=2", "rollout.slots=2", "updates=1", "batch=2", "eval.every=1",
+          "loss.per_span=True", "loss.full_weight=1.0"))])
   for a in c.arms:
-    if a.budgets:  # sad chooses between two budgets on dev; token_kd and sft have one
+    if a.budgets and a.objective != "opd":  # sad chooses between two budgets on dev
       a.budgets = (2, 3) if a.name == "sad" else (2,)
   c.eval.dev_games = c.eval.test_games = tmp_env_games
   c.more_budgets = (4,)  # sad's best is its smaller budget (asserted below): none is added
@@ -377,16 +396,22 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   work = tmp_path / "quick"
   out = capsys.readouterr().out
   # ties go to the smaller budget, and the ablation takes sad's
-  assert "budgets: sad 2 (dev), token_kd 2 (fixed), sft 2 (fixed), sad+pcgrad 2 (sad)" in out
+  assert ("budgets: sad 2 (dev), token_kd 2 (fixed), sft 2 (fixed), sad+opd 1 (fixed), "
+          "sad+pcgrad 2 (sad)") in out
   lines = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
-  # two games a line: teacher dev + test; sad's two budgets on dev; four cells on test; the
-  # teacher and the four cells on the rewritten test fold
-  assert len(lines) == 2 * (2 + 2 + 4 + 5)
+  # two games a line: teacher dev + test; sad's two budgets on dev; five cells on test; the
+  # teacher and the five cells on the rewritten test fold
+  assert len(lines) == 2 * (2 + 2 + 5 + 6)
   assert {x["cell"] for x in lines if x["split"] == "test_rewritten"} == {
-      "teacher", "sad_s0_n2", "token_kd_s0_n2", "sft_s0_n2", "sad+pcgrad_s0_n2"}
+      "teacher", "sad_s0_n2", "token_kd_s0_n2", "sft_s0_n2", "sad+pcgrad_s0_n2", "sad+opd_s0_n1"}
   assert sorted({(x["cell"], x["split"]) for x in lines if x["split"] == "dev"}) == [
       ("sad_s0_n2", "dev"), ("sad_s0_n3", "dev"), ("teacher", "dev")]
-  assert {x["arm"] for x in lines} == {"teacher", "sad", "token_kd", "sft", "sad+pcgrad"}
+  assert {x["arm"] for x in lines} == {"teacher", "sad", "token_kd", "sft", "sad+pcgrad",
+                                       "sad+opd"}
+  opd = json.loads((work / "cells" / "sad+opd_s0_n1.json").read_text())
+  assert opd["cell"]["start"] == "sad_s0_n2"
+  assert [r["round"] for r in opd["opd"]["rounds"]] == [-1, 0]
+  assert opd["opd"]["spent"]["train_steps"] == 1 and opd["opd"]["spent"]["generated_tokens"] > 0
   report = (work / "report.md").read_text()
   for needle in ("| sad − token_kd |", "| sad − sft |", "| sad − sad+pcgrad |",
                  "Exact figures depend on the processor", "chosen on the dev fold",
@@ -398,8 +423,8 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
     assert needle in report
   from sad_jax.trainer.metrics import cpu_model
 
-  # five cells trained (sad's two budgets, then token_kd, sft, sad+pcgrad), each stamped
-  assert f"Students trained on: {cpu_model()}: 5 cells." in report
+  # six cells trained (sad's two budgets, then token_kd, sft, sad+pcgrad, sad+opd), stamped
+  assert f"Students trained on: {cpu_model()}: 6 cells." in report
   assert re.search(r"^\[7/8\] .*\(at \d+\.\d min\)$", out, re.M)  # stage lines say when
   kept = re.search(r"teacher: seed (\d) kept \(dev games won: seed 0 (\d), seed 1 (\d)\)", out)
   assert kept and int(kept[1]) == stats.best_draw({0: int(kept[2]), 1: int(kept[3])})
@@ -420,12 +445,12 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert re.search(r"expert: \d+ trajectories already", out)
-  assert out.count("already trained") == 2 + 2 + 4  # 2 teachers; 2 cells on dev, 4 on test
+  assert out.count("already trained") == 2 + 2 + 5  # 2 teachers; 2 cells on dev, 5 on test
   assert out.count("already done") == 3 and out.count("already complete") == 2
   assert "steps in" not in out and "episodes: success" not in out  # nothing retrained/replayed
   # a rerun keeps the processor that trained each cell, and sums both invocations' time
   report = (work / "report.md").read_text()
-  assert f"Students trained on: {cpu_model()}: 5 cells." in report
+  assert f"Students trained on: {cpu_model()}: 6 cells." in report
   assert "all\n2 recorded invocations" in report and len(study_cells.invocations(str(work))) == 2
 
   # replicating a run (here: itself, in its own workdir) trains nothing new, plays no dev

@@ -29,15 +29,29 @@ TABLE_TO_CUPBOARD = ("In one part of the room you see a dining table, that has n
                      "=>In one part of the room you see a kitchen cupboard that is closed.")
 
 
-def arm(name, objective, *, seeds, budgets=(), overrides=(), curriculum=False):
+def arm(name, objective, *, seeds, budgets=(), overrides=(), curriculum=False, start=""):
+  """An arm; objective "opd": on-policy rounds (budgets: rounds) from the final model of
+  arm `start`'s cell of the same seed, or from initialisation."""
   return ml_collections.ConfigDict(dict(name=name, objective=objective, seeds=tuple(seeds),
                                         budgets=tuple(budgets), overrides=tuple(overrides),
-                                        curriculum=curriculum))
+                                        curriculum=curriculum, start=start))
+
+
+# On-policy arms (`sad-jax study --config configs/study_coin.py:opd`). sad+opd keeps SAD's
+# split on the student's own tokens (each span normalised by its own count); token_kd+opd is
+# flat over every generated token; gkd mixes the teacher's episodes into half of each batch.
+OPD_ARMS = (
+    ("sad+opd", "sad", ("loss.per_span=True",)),
+    ("token_kd+opd", "token_kd", ()),
+    ("opd", "", ()),
+    ("gkd", "", ("mix.teacher_share=0.5", "loss.sampled_weight=0.0", "loss.full_weight=1.0")),
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "rooms6", "demo", "quick"):
-    raise ValueError(f"unknown argument {arg!r}; expected rooms6, demo or quick")
+  if arg not in (None, "rooms6", "demo", "quick", "opd", "opd_quick"):
+    raise ValueError(f"unknown argument {arg!r}; expected rooms6, demo, quick, opd or "
+                     "opd_quick")
   c = ml_collections.ConfigDict()
   c.name = "coin" if arg is None else f"coin_{arg}"
   rooms = 6 if arg == "rooms6" else 4
@@ -90,6 +104,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.arms = tuple(arm(n, n, seeds=range(2), budgets=(200,)) for n in ("sad", "token_kd", "sft"))
     c.eval.dev_games, c.eval.test_games = 32, 48
     c.eval.test_rewrite = ()  # the 15-minute budget: the study's reports show it
+  if arg in ("opd", "opd_quick"):
+    # the demo's stages and its two off-policy starts, then the on-policy arms; the rounds'
+    # settings (lr, the full-distribution term) were chosen on the dev fold
+    c.teacher_data.train_games = 160
+    c.eval.dev_games, c.eval.test_games = 32, 48
+    c.eval.test_rewrite = ()
+    rounds, steps = (20, 200) if arg == "opd" else (2, 12)
+    c.arms = (arm("sad", "sad", seeds=range(2), budgets=(steps,)),
+              arm("token_kd", "token_kd", seeds=range(2), budgets=(steps,)),
+              *(arm(n, "opd", seeds=range(2), budgets=(rounds,), start=start, overrides=o)
+                for n, start, o in OPD_ARMS))
+    c.reference = "sad+opd"
+    c.opd_overrides = ("optim.lr=3e-4", "loss.full_weight=1.0", "eval.every=5")
+    if arg == "opd_quick":
+      c.expert.episodes, c.teacher.steps = 100, 20
+      c.teacher_data.train_games, c.teacher_data.keep = 16, "all"
+      c.data.batch = 2
+      c.eval.dev_games, c.eval.test_games, c.eval.max_steps = 4, 4, 4
+      c.opd_overrides = (*c.opd_overrides, "rollout.episodes=4", "rollout.slots=4",
+                         "updates=2", "batch=2", "eval.every=1")
   if arg == "quick":  # a smoke run of every stage (≈ 3 min): no figure means anything
     c.expert.episodes = 100
     c.teacher.steps = 20

@@ -29,6 +29,7 @@ class Cell:
   steps: int
   overrides: tuple[str, ...] = ()
   curriculum: bool = False
+  start: str = ""   # objective opd: the cell whose final model the rounds start from
 
   @property
   def name(self) -> str:

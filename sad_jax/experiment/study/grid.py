@@ -16,10 +16,18 @@ def arms(c: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   if len(set(names)) != len(names) or c.reference not in names:
     raise DataError(f"arms must have distinct names and include the reference "
                     f"{c.reference!r}; got {names}", field="config.arms")
-  for a in c.arms:
-    if a.objective not in ("sad", "token_kd", "sft"):
+  for i, a in enumerate(c.arms):
+    if a.objective not in ("sad", "token_kd", "sft", "opd"):
       raise DataError(f"arm {a.name}: unknown objective {a.objective!r}",
                       field="config.arms.objective")
+    start = a.get("start", "")
+    if a.objective == "opd" and start and start not in [b.name for b in c.arms[:i]
+                                                        if b.objective != "opd"]:
+      raise DataError(f"arm {a.name}: start {start!r} is not an earlier off-policy arm",
+                      field="config.arms.start")
+    if a.objective == "opd" and len(a.budgets) != 1:
+      raise DataError(f"arm {a.name}: an opd arm takes one budget (its rounds; settings are "
+                      "chosen on dev beforehand)", field="config.arms.budgets")
   ref = next(a for a in c.arms if a.name == c.reference)
   if not ref.budgets:
     raise DataError("the reference arm needs budgets of its own", field="config.arms.budgets")
@@ -46,9 +54,19 @@ def first_seeds(arm_list: list, n: int | None) -> list:
           for a in arm_list]
 
 
-def cells_of(arm: ml_collections.ConfigDict, budgets) -> list[Cell]:
+def cells_of(arm: ml_collections.ConfigDict, budgets,
+             chosen: dict[str, int] | None = None) -> list[Cell]:
+  """An arm's cells; an opd arm's start from its start arm's cell of the same seed at that
+  arm's chosen budget (`chosen`)."""
+  start = arm.get("start", "")
+
+  def start_of(seed: int) -> str:
+    if not start:
+      return ""
+    return Cell(arm=start, objective="", seed=seed, steps=int(chosen[start])).name
   return [Cell(arm=arm.name, objective=arm.objective, seed=int(s), steps=int(n),
-               overrides=tuple(arm.overrides), curriculum=bool(arm.curriculum))
+               overrides=tuple(arm.overrides), curriculum=bool(arm.curriculum),
+               start=start_of(int(s)))
           for n in budgets for s in arm.seeds]
 
 

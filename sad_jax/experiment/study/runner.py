@@ -10,6 +10,7 @@ import time
 import ml_collections
 
 from sad_jax.common.errors import DataError
+from sad_jax.experiment.study import opd_cells
 from sad_jax.experiment.study.cache import inputs_of, train
 from sad_jax.experiment.study.cells import (
   _START,
@@ -52,14 +53,17 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
   """Trains the cell (unless done) and plays it on `splits`; its record is cells/NAME.json."""
   student_store = shared["store"]
   run = os.path.join(work, "cells", cell.name)
-  t = train_config(c, shared["dataset"], objective=cell.objective, model=c.student.model,
-                   steps=cell.steps, seed=cell.seed, lr=c.student.lr,
-                   store=student_store if cell.objective != "sft" else "",
-                   overrides=cell.overrides, curriculum=cell.curriculum)
   _say(f"[cell {index}] {cell.name}")
-  did_train = train(cell.name, run, t, cell.steps,
-                    inputs=inputs_of(shared["dataset"],
-                                     student_store if cell.objective != "sft" else ""))
+  if cell.objective == "opd":
+    did_train = opd_cells.train(work, c, cell, shared)
+  else:
+    t = train_config(c, shared["dataset"], objective=cell.objective, model=c.student.model,
+                     steps=cell.steps, seed=cell.seed, lr=c.student.lr,
+                     store=student_store if cell.objective != "sft" else "",
+                     overrides=cell.overrides, curriculum=cell.curriculum)
+    did_train = train(cell.name, run, t, cell.steps,
+                      inputs=inputs_of(shared["dataset"],
+                                       student_store if cell.objective != "sft" else ""))
   folder = os.path.join(run, "final")
   rec_path = os.path.join(work, "cells", cell.name + ".json")
   rec = _read(rec_path) or {}
@@ -76,6 +80,8 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
                          os.path.join(work, "cells", cell.name, f"eval_{split}.json"))
   if "spans" not in rec:
     rec["spans"] = span_metrics(folder, c, shared["dev"], ev)
+  if cell.objective == "opd":
+    rec["opd"] = opd_cells.summary(run)
   _write(rec_path, rec)
   return rec
 
@@ -139,6 +145,8 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
     return text
   train_jsonl, dev_jsonl, teacher_dev = stage_teacher_data(work, c, teacher, ev)
   shared = _datasets_and_stores(work, c, expert, expert_ds, teacher, train_jsonl, dev_jsonl)
+  shared |= {"teacher": teacher, "teacher_jsonl": train_jsonl,
+             "tokenizer": tokenizer_of(expert_ds)}
   fold_shift = stage_fold_shift(work, c, train_jsonl if c.protocol == "teacher" else expert, ev)
   records, chosen, curves = _dev_cells(work, c, arm_list, ref, shared, ev)
   final = _test_cells(work, c, arm_list, chosen, shared, ev, records)
@@ -248,7 +256,7 @@ def _test_cells(work: str, c, arm_list: list, chosen: dict[str, int], shared: di
                 ev: Evaluator, records: dict[str, dict]) -> list[Cell]:
   """The chosen cells on the test fold, reference's rivals first, ablations after (their
   records join `records`)."""
-  final = [cell for a in arm_list for cell in cells_of(a, (chosen[a.name],))]
+  final = [cell for a in arm_list for cell in cells_of(a, (chosen[a.name],), chosen)]
   _say(f"[7/8] the chosen cells on the test fold: {len(final)}, {c.eval.test_games} games each")
   for i, cell in enumerate(final):
     records[cell.name] = run_cell(work, c, cell, shared, ev, ("test",),

@@ -1,0 +1,303 @@
+"""`sad-jax opd`: on-policy distillation in rounds. Each round the current student plays
+N train-fold episodes (agent/rollout.py), the teacher scores every token of them in one
+forward, and the student takes `updates` optimizer steps on them (distill/onpolicy.py),
+with a share λ of each batch drawn from the teacher's stored episodes.
+
+  sad-jax opd --config configs/train_opd.py --workdir runs/opd \\
+      --config.student=runs/study/cells/sad_s0_n200/final \\
+      --config.teacher=runs/study/teacher/final
+
+Sections as in train.py: models → environments and data → state → step → checkpoint →
+rounds. A round's draws (its tasks, the rollout RNG, the minibatch order) are functions
+of (seed, round), and a checkpoint is written at the end of each round with the round
+index and the spent budgets, so a run killed anywhere in a round redoes that round from
+its start and ends bit-identical to one never killed (on the same machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sad_jax.agent import rollout
+from sad_jax.agent.envs.registry import make_env
+from sad_jax.common import fileio
+from sad_jax.common.errors import DataError
+from sad_jax.data import schema
+from sad_jax.distill import onpolicy
+from sad_jax.models import checkpoint_io, transformer
+from sad_jax.trainer import step as step_lib
+
+BUDGETS = ("train_steps", "generated_tokens", "teacher_tokens", "rollout_s", "score_s",
+           "update_s", "eval_s")
+
+
+def depth_at(stages, round_index: int) -> int:
+  """Teacher-prefix turns d for a round: stages are (from_round, d) pairs, the last one
+  whose from_round ≤ round applies (d shrinks as the rounds go: a depth curriculum)."""
+  d = 0
+  for start, depth in sorted(tuple(s) for s in stages):
+    if round_index >= int(start):
+      d = int(depth)
+  return d
+
+
+def opd_step(state: step_lib.TrainState, batch: dict, scores: dict, *, cfg, vocab: int,
+             tx, s: onpolicy.OPDSettings, dtype=jnp.float32):
+  """One optimizer update on [b, T] episode rows. Returns (state, metrics)."""
+  t = onpolicy.targets(batch)
+
+  def loss_fn(params):
+    lp = onpolicy.log_probs(cfg, params, t, vocab=vocab, dtype=dtype)
+    return onpolicy.loss_and_metrics(lp, batch, scores, s=s)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = {"model": grads, "span": jnp.zeros_like(state.span_params)}
+  updates, opt_state = tx.update(grads, state.opt_state, step_lib.trainable(state))
+  new = jax.tree.map(jnp.add, step_lib.trainable(state), updates)
+  metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+  return dataclasses.replace(state, step=state.step + 1, params=new["model"],
+                             opt_state=opt_state), metrics
+
+
+def _stack(rows: list[dict]) -> dict:
+  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _take(arrays: dict, idx) -> dict:
+  return {k: v[idx] for k, v in arrays.items()}
+
+
+def teacher_rows(trajectories, tokenizer, seq_len: int) -> dict:
+  """The teacher's stored episodes as rows of the same form, marked off-policy."""
+  eps = []
+  for traj in trajectories:
+    ids, kinds = rollout.encode_segments(tokenizer, traj.segments, bos=tokenizer.bos_id
+                                         is not None)
+    eps.append(rollout.Episode(task=int(traj.meta.get("task", -1)), ids=ids.tolist(),
+                               kinds=kinds.tolist(), logp=[0.0] * len(ids),
+                               mine=[False] * len(ids), turn=[-1] * len(ids),
+                               won=bool(traj.success)))
+  arr = rollout.to_arrays(eps, seq_len)
+  arr["offpolicy_b"][:] = True
+  return arr
+
+
+def per_turn_rkl(arr: dict, scores: dict, max_turns: int) -> list[float | None]:
+  """Mean sampled reverse KL (ℓ_old − ℓ_T) per token, by the student's turn index."""
+  k = np.asarray(arr["logp"][:, 1:]) - np.asarray(scores["teacher_logp"])
+  mine = arr["mine"][:, 1:] & (arr["offpolicy_b"][:, None] == 0)
+  turn = arr["turn"][:, 1:]
+  return [float(k[mine & (turn == i)].mean()) if (mine & (turn == i)).any() else None
+          for i in range(max_turns)]
+
+
+def _load_models(config):
+  teacher_cfg, teacher_params = checkpoint_io.load_model(config.teacher)
+  tok_path = config.tokenizer or (fileio.join(config.student, "tokenizer.model")
+                                  if config.student else "")
+  if not tok_path:
+    raise DataError("opd from initialisation needs --config.tokenizer", field="tokenizer")
+  from sad_jax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(tok_path)
+  if config.student:
+    cfg, params = checkpoint_io.load_model(config.student)
+  else:
+    from sad_jax.models.config import from_hf_dict
+    hf = {**dict(config.student_hf_config), "vocab_size": tok.vocab_size}
+    cfg = from_hf_dict(hf, where="config.student_hf_config")
+    params = transformer.init_params(cfg, jax.random.PRNGKey(config.seed))
+  for name, c in (("student", cfg), ("teacher", teacher_cfg)):
+    if c.vocab_size < tok.vocab_size:
+      raise DataError(f"{name} vocabulary {c.vocab_size} is smaller than the tokenizer's "
+                      f"{tok.vocab_size}", field=f"config.{name}")
+  return (cfg, params), (teacher_cfg, teacher_params), tok, tok_path
+
+
+def _evaluate(cfg, params, tok, envs, tasks, config, stop) -> dict:
+  """Greedy episodes on held-out tasks: success and invalid-action rates."""
+  r = config.rollout
+  eps, _ = rollout.play(cfg, params, tok, envs, [rollout.Job(t) for t in tasks],
+                        settings=rollout.RolloutSettings(
+                            max_new_tokens=r.max_new_tokens, max_steps=config.eval.max_steps,
+                            max_len=r.max_len, temperature=0.0, chunk=r.chunk),
+                        seed=0, stop_ids=stop)
+  steps = max(sum(e.steps for e in eps), 1)
+  return {"success": sum(e.won for e in eps) / len(eps),
+          "invalid_rate": sum(e.invalid for e in eps) / steps,
+          "games": [{"task": e.task, "won": bool(e.won), "steps": e.steps} for e in eps]}
+
+
+def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
+  """Runs (or resumes) the rounds; returns the last round's metrics and the budgets."""
+  import orbax.checkpoint as ocp
+
+  # ---- models
+  (cfg, params), (t_cfg, t_params), tok, tok_path = _load_models(config)
+  vocab, dtype = int(tok.vocab_size), jnp.float32
+  settings = onpolicy.OPDSettings(**dict(config.loss))
+  stop = [tok.eos_id] if tok.eos_id is not None else []
+
+  # ---- environments and data
+  envs = [make_env(config.env) for _ in range(int(config.rollout.slots))]
+  train_tasks = envs[0].tasks("train")
+  eval_tasks = envs[0].tasks(config.eval.split)[:int(config.eval.episodes)]
+  stored = schema.read_jsonl(config.teacher_data) if config.teacher_data else []
+  by_task = {int(t.meta["task"]): t for t in stored if "task" in t.meta}
+  lam, seq_len = float(config.mix.teacher_share), int(config.rollout.max_len)
+  if lam and not stored:
+    raise DataError("mix.teacher_share > 0 needs --config.teacher_data (the teacher's "
+                    "episodes, JSONL)", field="config.teacher_data")
+  off_rows = teacher_rows(stored, tok, seq_len) if lam else None
+
+  # ---- state
+  rounds, updates, batch = int(config.rounds), int(config.updates), int(config.batch)
+  tx = step_lib.make_optimizer(config.optim, rounds * updates)
+  state = step_lib.init_state(params, jnp.zeros((1,), jnp.float32), tx, int(config.seed))
+
+  # ---- step
+  step = jax.jit(functools.partial(opd_step, cfg=cfg, vocab=vocab, tx=tx, s=settings,
+                                   dtype=dtype), donate_argnums=(0,))
+  score = functools.partial(onpolicy.score, cfg=t_cfg, vocab=vocab,
+                            k=int(config.teacher_k), dtype=dtype)
+
+  # ---- checkpoint
+  ckpt_dir = fileio.join(fileio.abspath(workdir), "checkpoints")
+  mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True), item_names=("state", "meta"))
+  start, spent = 0, dict.fromkeys(BUDGETS, 0.0)
+  if mgr.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    got = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    state, start, spent = got["state"], int(got["meta"]["round"]), got["meta"]["spent"]
+    print(f"resumed from round {start}", flush=True)
+  log_path = fileio.join(workdir, "rounds.jsonl")
+  _keep_rounds(log_path, start)
+  last: dict[str, Any] = {}
+
+  # ---- rounds
+  try:
+    if start == 0 and config.eval.every:  # the starting point, for the curve
+      ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop)
+      _append(log_path, {"round": -1, f"{config.eval.split}_success": ev["success"],
+                         f"{config.eval.split}_invalid_rate": ev["invalid_rate"]})
+      if progress:
+        print(f"round 0/{rounds}: {config.eval.split} success {ev['success']:.3f}, invalid "
+              f"{ev['invalid_rate']:.3f}", flush=True)
+    for r in range(start, rounds):
+      rng = np.random.default_rng([int(config.seed), r])
+      depth = depth_at(config.depth, r)
+      # a depth stage plays the tasks whose teacher episode it can start from
+      pool = [t for t in train_tasks if int(t) in by_task] if depth else list(train_tasks)
+      if len(pool) < int(config.rollout.episodes):
+        raise DataError(f"round {r}: depth {depth} needs {config.rollout.episodes} train tasks "
+                        f"with a teacher episode; teacher_data has {len(pool)}",
+                        path=config.teacher_data or None, field="config.depth")
+      picks = rng.choice(len(pool), int(config.rollout.episodes), replace=False)
+      jobs = [rollout.Job(int(pool[i]), prefix=_prefix(by_task.get(int(pool[i])), depth))
+              for i in picks]
+      t0 = time.perf_counter()
+      eps, rstats = rollout.play(cfg, state.params, tok, envs, jobs, settings=_settings(config),
+                                 seed=int(rng.integers(1 << 31)), stop_ids=stop)
+      t1 = time.perf_counter()
+      arr = rollout.to_arrays(eps, seq_len)
+      scores = jax.device_get(score(t_params, arr))
+      off_scores = jax.device_get(score(t_params, off_rows)) if lam else None
+      t2 = time.perf_counter()
+      metrics = []
+      n_off = round(lam * batch)
+      for _u in range(updates):
+        on = rng.choice(len(eps), batch - n_off, replace=len(eps) < batch - n_off)
+        rows, sc = [_take(arr, on)], [_take(scores, on)]
+        if n_off:
+          off = rng.choice(len(off_rows["ids"]), n_off, replace=False)
+          rows.append(_take(off_rows, off))
+          sc.append(_take(off_scores, off))
+        state, m = step(state, _stack(rows), _stack(sc))
+        metrics.append(jax.device_get(m))
+      t3 = time.perf_counter()
+      spent["train_steps"] += updates
+      spent["generated_tokens"] += rstats.generated_tokens
+      spent["teacher_tokens"] += int(arr["segment_ids"].sum()) + (
+          int(off_rows["segment_ids"].sum()) if lam else 0)
+      spent["rollout_s"] += t1 - t0
+      spent["score_s"] += t2 - t1
+      spent["update_s"] += t3 - t2
+      last = {"round": r, "depth": depth,
+              "train_success": sum(e.won for e in eps) / len(eps),
+              "invalid_rate": sum(e.invalid for e in eps) / max(sum(e.steps for e in eps), 1),
+              "rkl_per_turn": per_turn_rkl(arr, scores, int(config.rollout.max_steps)),
+              **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}}
+      if config.eval.every and ((r + 1) % int(config.eval.every) == 0 or r + 1 == rounds):
+        t4 = time.perf_counter()
+        ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop)
+        spent["eval_s"] += time.perf_counter() - t4
+        last |= {f"{config.eval.split}_success": ev["success"],
+                 f"{config.eval.split}_invalid_rate": ev["invalid_rate"]}
+      last["spent"] = dict(spent)
+      _append(log_path, last)
+      if progress:
+        print(_line(last, rounds, config.eval.split), flush=True)
+      mgr.save(r + 1, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave({"round": r + 1, "spent": spent})))
+      mgr.wait_until_finished()
+  finally:
+    for env in envs:
+      env.close()
+    mgr.close()
+
+  # ---- final model
+  final = fileio.join(workdir, "final")
+  checkpoint_io.save_params(final, cfg, state.params)
+  fileio.copyfile(tok_path, fileio.join(final, "tokenizer.model"))
+  return {"rounds": rounds, "last": last, "spent": spent, "final": final}
+
+
+def _prefix(traj, depth: int) -> list[tuple[str, str]]:
+  """The first `depth` (thought, action) pairs of a stored teacher episode, leaving at
+  least its last turn to the student."""
+  if traj is None or depth <= 0:
+    return []
+  segs = traj.segments
+  pairs = [(segs[i].text, segs[i + 1].text) for i in range(len(segs) - 1)
+           if segs[i].kind == "reason" and segs[i + 1].kind == "action"]
+  return pairs[:min(depth, max(len(pairs) - 1, 0))]
+
+
+def _settings(config) -> rollout.RolloutSettings:
+  r = config.rollout
+  return rollout.RolloutSettings(max_new_tokens=int(r.max_new_tokens),
+                                 max_steps=int(r.max_steps), max_len=int(r.max_len),
+                                 temperature=float(r.temperature), chunk=int(r.chunk))
+
+
+def _keep_rounds(path: str, start: int) -> None:
+  """The log's rounds before `start` (a killed round may have logged before its save)."""
+  if not fileio.exists(path):
+    return
+  lines = [ln for ln in fileio.read_text(path).splitlines()
+           if ln.strip() and json.loads(ln)["round"] < start]
+  with fileio.atomic_write(path) as f:
+    f.write("".join(ln + "\n" for ln in lines))
+
+
+def _append(path: str, record: dict) -> None:
+  with fileio.open_file(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _line(m: dict, rounds: int, split: str) -> str:
+  kl = ", ".join("-" if x is None else f"{x:.2f}" for x in m["rkl_per_turn"])
+  dev = f", {split} success {m[f'{split}_success']:.3f}" if f"{split}_success" in m else ""
+  return (f"round {m['round'] + 1}/{rounds}: depth {m['depth']}, train success "
+          f"{m['train_success']:.3f}, invalid {m['invalid_rate']:.3f}, loss {m['loss']:.4f}, "
+          f"rKL per turn [{kl}]{dev}")

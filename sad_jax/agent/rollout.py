@@ -1,0 +1,346 @@
+"""Batched multi-turn rollouts with a persistent KV cache: the student plays episodes and
+every token it wrote is recorded with its span kind and its sampling log-prob.
+
+The sequence trained on is the sequence sampled. The prompt (task, first observation, an
+optional teacher prefix) is rendered and tokenised as `prepare` does (ReAct template,
+hard boundaries, BOS); the student's tokens are kept as drawn; each observation is
+tokenised on its own as "Observation: …\\n" (what `prepare`'s hard boundaries give), and
+those exact ids are fed to the model and recorded. Nothing is re-rendered afterwards.
+
+A turn ends at the first newline after "Action:", at a stop token, when the text reaches
+"Observation:", or after `max_new_tokens`. Tokens before "Action:" are reason, from it on
+action. The episode ends when the environment is done, after `max_steps` turns, or when
+its tokens reach `max_len` (truncated: the training row holds `max_len` tokens).
+
+Slots: B rows share one cache of `cache_len` slots and one write index. A turn appends
+each row's pending tokens (its kept reply's last token, the observation, or a whole new
+prompt) as one left-padded block (`incremental.extend`), then decodes in chunks of
+`chunk` tokens until every row's turn has ended; slots a row wrote past its turn's end
+are invalidated. When the index would run past the cache, every row's history is written
+again from slot 0 (compaction). See docs/design.md, "On-policy distillation".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sad_jax.agent.envs.base import act, start_episode
+from sad_jax.agent.react import INVALID, parse_turn
+from sad_jax.common.errors import DataError
+from sad_jax.common.types import SpanKind
+from sad_jax.data import render, segment
+from sad_jax.data.schema import Segment, Trajectory
+from sad_jax.models import incremental
+from sad_jax.models.generate import bucket, length_bucket
+from sad_jax.models.transformer import init_cache
+
+VIEW_STEP = 256   # calls read the cache's first slots in multiples of this
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  max_new_tokens: int = 48     # per turn
+  max_steps: int = 8           # turns per episode
+  max_len: int = 512           # tokens per episode (the training row's length)
+  temperature: float = 1.0     # 1: the logged log-probs are the policy's own
+  chunk: int = 16              # decode steps per device call
+  cache_len: int | None = None  # None: room for two max_len histories and a reply
+
+
+@dataclasses.dataclass
+class Job:
+  """One episode to play: a task, and an optional teacher prefix (its first turns, as
+  (thought, action) pairs, replayed in the environment before the student plays)."""
+
+  task: int
+  prefix: Sequence[tuple[str, str]] = ()
+
+
+@dataclasses.dataclass
+class Episode:
+  task: int
+  ids: list[int]
+  kinds: list[int]
+  logp: list[float]        # sampling log-prob of each token (0 where not the student's)
+  mine: list[bool]         # written by the student (an on-policy target)
+  turn: list[int]          # the student's turn index per token (-1: context)
+  won: bool = False
+  steps: int = 0           # turns the student played
+  invalid: int = 0         # turns that did not parse or named an action not offered
+  truncated: bool = False
+  prefix_turns: int = 0
+  actions: list[str | None] = dataclasses.field(default_factory=list)
+  turn_invalid: list[bool] = dataclasses.field(default_factory=list)
+  observations: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, ids, kinds, *, logp=None, mine=False, turn=-1) -> None:
+    self.ids += [int(i) for i in ids]
+    self.kinds += [int(k) for k in kinds]
+    self.logp += [float(x) for x in logp] if logp is not None else [0.0] * len(ids)
+    self.mine += [bool(mine)] * len(ids)
+    self.turn += [turn] * len(ids)
+
+
+@dataclasses.dataclass
+class RolloutStats:
+  episodes: int = 0
+  generated_tokens: int = 0     # the student's kept tokens
+  decoded_tokens: int = 0       # slots decoded (kept or not), all rows
+  seconds: float = 0.0
+  extend_calls: int = 0
+  decode_calls: int = 0
+  compactions: int = 0
+
+
+def encode_segments(tokenizer, segments: list[Segment], *, bos: bool) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+  """(ids, kinds) of segments rendered and tokenised as `prepare` does (ReAct)."""
+  r = render.render_react(Trajectory(id="rollout", segments=list(segments)))
+  enc = segment.encode_rendered(tokenizer, [r], parse_special=False)[0]
+  spans = segment.token_kinds(r, enc, bos_id=tokenizer.bos_id if bos else None)
+  return spans.ids, spans.kinds
+
+
+def _ended(tokens: Sequence[int], n: int, tokenizer, stop_ids: set[int]) -> bool:
+  if any(t in stop_ids for t in tokens[:n]):
+    return True
+  text = tokenizer.decode(list(tokens[:n]))
+  a = text.find("Action:")
+  return (a >= 0 and "\n" in text[a:]) or "Observation:" in text
+
+
+def turn_end(tokens: Sequence[int], tokenizer, stop_ids: set[int], *,
+             known: int = 0) -> int | None:
+  """How many of `tokens` (a reply so far) the turn keeps, or None if it goes on. The
+  end is monotone in the length, so it is found by bisection (the first `known` tokens
+  are known not to end it)."""
+  if not tokens or not _ended(tokens, len(tokens), tokenizer, stop_ids):
+    return None
+  lo, hi = known, len(tokens)   # not ended at lo, ended at hi
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if _ended(tokens, mid, tokenizer, stop_ids):
+      hi = mid
+    else:
+      lo = mid
+  return hi
+
+
+def reply_kinds(tokens: Sequence[int], tokenizer) -> list[int]:
+  """Reason before the token where "Action:" starts, action from it on (the first token
+  whose text starts at or after it; the last token if "Action:" starts inside it)."""
+  text = tokenizer.decode(list(tokens))
+  a = text.find("Action:")
+  n = len(tokens)
+  if a < 0:
+    return [SpanKind.REASON] * n
+  lo, hi = 0, n                 # the first k whose start offset is ≥ a lies in (lo, hi]
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if len(tokenizer.decode(list(tokens[:mid]))) >= a:
+      hi = mid
+    else:
+      lo = mid
+  first = hi if a > 0 else 0
+  if first >= n:
+    first = n - 1
+  return [SpanKind.REASON] * first + [SpanKind.ACTION] * (n - first)
+
+
+def _begin(env, job: Job, tokenizer) -> tuple[Episode, bool]:
+  """Resets `env`, replays the teacher prefix, and returns (episode with its prompt, done)."""
+  segs, _, _ = start_episode(env, task=job.task)
+  done, won, played = False, False, 0
+  for thought, action in job.prefix:
+    if done:
+      break
+    segs.append(Segment("reason", thought))
+    r = act(env, segs, action)
+    done, won, played = r.done, r.won, played + 1
+  ids, kinds = encode_segments(tokenizer, segs, bos=tokenizer.bos_id is not None)
+  ep = Episode(task=job.task, ids=[], kinds=[], logp=[], mine=[], turn=[], won=won,
+               prefix_turns=played)
+  ep.add(ids, kinds)
+  return ep, done
+
+
+def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
+         settings: RolloutSettings, seed: int, stop_ids: Sequence[int] = (),
+         dtype=jnp.float32, progress=None) -> tuple[list[Episode], RolloutStats]:
+  """Plays every job on `len(envs)` slots; episodes come back in the jobs' order. The
+  draws are a function of `seed` and the jobs (not of timing)."""
+  s = settings
+  b = len(envs)
+  budget = -(-max(s.max_new_tokens - 1, 1) // s.chunk) * s.chunk
+  vocab = int(tokenizer.vocab_size)
+  if vocab > cfg.vocab_size:
+    raise DataError(f"tokenizer has {vocab} tokens, the model {cfg.vocab_size}",
+                    field="vocab_size")
+  stops = set(int(t) for t in stop_ids)
+  stats = RolloutStats()
+  t0 = time.perf_counter()
+  queue = list(enumerate(jobs))
+  rows: list[dict | None] = [None] * b
+  out: dict[int, Episode] = {}
+  cache_len = s.cache_len or length_bucket(2 * s.max_len) + budget
+  cache = init_cache(cfg, b, cache_len, dtype)
+  valid = np.zeros((b, cache_len), np.int32)
+  index = 0
+
+  def view(upto: int) -> int:   # the slots a call reads: the live ones, rounded up
+    return min(cache_len, -(-upto // VIEW_STEP) * VIEW_STEP)
+  rng = jax.random.PRNGKey(seed)
+  temp = jnp.float32(s.temperature)
+
+  def finish(i: int) -> None:
+    row = rows[i]
+    out[row["order"]] = row["ep"]
+    stats.episodes += 1
+    if progress is not None:
+      progress(1)
+    rows[i] = None
+    valid[i] = 0
+
+  def start(i: int) -> None:
+    while queue:
+      order, job = queue.pop(0)
+      ep, done = _begin(envs[i], job, tokenizer)
+      rows[i] = {"order": order, "ep": ep, "cached": 0}
+      valid[i] = 0
+      if not done and len(ep.ids) < s.max_len - 1:
+        return
+      ep.truncated = not done
+      finish(i)
+
+  for i in range(b):
+    start(i)
+  while any(rows):
+    # ---- extend: every row's pending tokens as one left-padded block
+    pending = [0 if r is None else len(r["ep"].ids) - r["cached"] for r in rows]
+    width = bucket(max(pending))
+    if index + width + budget > cache_len:
+      for r in rows:
+        if r is not None:
+          r["cached"] = 0
+      valid[:] = 0
+      index, stats.compactions = 0, stats.compactions + 1
+      pending = [0 if r is None else len(r["ep"].ids) for r in rows]
+      width = bucket(max(pending))
+      if width + budget > cache_len:
+        raise DataError(f"cache_len {cache_len} cannot hold a {max(pending)}-token history "
+                        f"and a {s.max_new_tokens}-token reply", field="cache_len")
+    ids = np.zeros((b, width), np.int32)
+    pos = np.zeros((b, width), np.int32)
+    seg = np.zeros((b, width), np.int32)
+    for i, r in enumerate(rows):
+      if r is None or not pending[i]:
+        continue
+      lo, n = r["cached"], pending[i]
+      ids[i, width - n:] = r["ep"].ids[lo:]
+      pos[i, width - n:] = np.arange(lo, lo + n)
+      seg[i, width - n:] = 1
+      r["cached"] = lo + n
+    rng, key = jax.random.split(rng)
+    cache, tok, logp = incremental.extend(params, cache, ids, pos, seg, np.int32(index),
+                                          valid, key, temp, cfg=cfg, vocab=vocab,
+                                          view=view(index + width), dtype=dtype)
+    valid[:, index:index + width] = seg
+    index += width
+    stats.extend_calls += 1
+    replies = [[int(t)] for t in np.asarray(tok)]
+    logps = [[float(x)] for x in np.asarray(logp)]
+    kept: list[int | None] = [None if r is None else turn_end(replies[i], tokenizer, stops)
+                              for i, r in enumerate(rows)]
+    # ---- decode until every row's turn has ended
+    d_start, written = index, 0
+    position = np.asarray([len(r["ep"].ids) if r else 0 for r in rows], np.int32)
+    last = np.asarray(tok)
+    while written < budget and any(r is not None and kept[i] is None
+                                   for i, r in enumerate(rows)):
+      rng, key = jax.random.split(rng)
+      cache, toks, lps = incremental.decode(params, cache, last, position + written,
+                                            np.int32(index), key, temp, cfg=cfg, vocab=vocab,
+                                            steps=s.chunk, view=view(index + s.chunk),
+                                            dtype=dtype)
+      toks, lps = np.asarray(toks), np.asarray(lps)
+      index, written = index + s.chunk, written + s.chunk
+      stats.decode_calls += 1
+      stats.decoded_tokens += b * s.chunk
+      last = toks[:, -1]
+      for i, r in enumerate(rows):
+        if r is None or kept[i] is not None:
+          continue
+        known = len(replies[i])
+        replies[i] += toks[i].tolist()
+        logps[i] += lps[i].tolist()
+        kept[i] = turn_end(replies[i][:s.max_new_tokens], tokenizer, stops,
+                           known=min(known, s.max_new_tokens))
+    # ---- keep each reply, invalidate the slots past it, step the environments
+    for i, r in enumerate(rows):
+      if r is None:
+        continue
+      n = kept[i] or min(len(replies[i]), s.max_new_tokens)
+      reply, ep = replies[i][:n], r["ep"]
+      in_cache = min(n, written)   # reply token k sits at slot d_start + k once fed back
+      valid[i, d_start: d_start + in_cache] = 1
+      valid[i, d_start + in_cache: d_start + written] = 0
+      r["cached"] = len(ep.ids) + in_cache
+      ep.add(reply, reply_kinds(reply, tokenizer), logp=logps[i][:n], mine=True,
+             turn=ep.steps)
+      stats.generated_tokens += n
+      text = tokenizer.decode([t for t in reply if t not in stops])
+      _, action = parse_turn(text)
+      ep.actions.append(action)
+      done, bad = False, action is None
+      if action is None:
+        obs = INVALID
+      else:
+        offered = envs[i].valid_actions()
+        bad = offered is not None and action not in offered
+        result = act(envs[i], [], action)
+        obs, done, ep.won = result.observation, result.done, result.won
+      ep.invalid += bad
+      ep.turn_invalid.append(bool(bad))
+      ep.steps += 1
+      ep.observations.append(obs)
+      o_ids, o_kinds = encode_segments(tokenizer, [Segment("observation", obs)], bos=False)
+      ep.add(o_ids, o_kinds)
+      if done or ep.steps >= s.max_steps or len(ep.ids) >= s.max_len - 1:
+        ep.truncated = not done and ep.steps < s.max_steps
+        finish(i)
+        start(i)
+  stats.seconds = time.perf_counter() - t0
+  return [out[k] for k in sorted(out)], stats
+
+
+def to_arrays(episodes: Sequence[Episode], seq_len: int) -> dict[str, np.ndarray]:
+  """[N, seq_len] training rows, one episode each (cut at seq_len, padded with 0):
+  ids, kinds, positions, segment_ids, logp (the behaviour log-prob of token t), mine,
+  turn, invalid (the token's turn was invalid); per row won_b and offpolicy_b (False)."""
+  n = len(episodes)
+  out = {"ids": np.zeros((n, seq_len), np.int32), "kinds": np.zeros((n, seq_len), np.int32),
+         "positions": np.zeros((n, seq_len), np.int32),
+         "segment_ids": np.zeros((n, seq_len), np.int32),
+         "logp": np.zeros((n, seq_len), np.float32), "mine": np.zeros((n, seq_len), bool),
+         "turn": np.full((n, seq_len), -1, np.int32),
+         "invalid": np.zeros((n, seq_len), bool),
+         "won_b": np.asarray([e.won for e in episodes], bool),
+         "offpolicy_b": np.zeros((n,), bool)}
+  for r, ep in enumerate(episodes):
+    m = min(len(ep.ids), seq_len)
+    out["ids"][r, :m] = ep.ids[:m]
+    out["kinds"][r, :m] = ep.kinds[:m]
+    out["positions"][r, :m] = np.arange(m)
+    out["segment_ids"][r, :m] = 1
+    out["logp"][r, :m] = ep.logp[:m]
+    out["mine"][r, :m] = ep.mine[:m]
+    out["turn"][r, :m] = ep.turn[:m]
+    bad = np.asarray(ep.turn_invalid + [False], bool)   # index −1: context
+    out["invalid"][r, :m] = bad[np.asarray(ep.turn[:m])]
+  return out

@@ -1,0 +1,123 @@
+"""`sad-jax opd`: the real round loop (rollouts in TextWorld-Express, the teacher scoring
+online, updates, checkpoints), killed with SIGKILL mid-round and resumed."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sad_jax.agent import onpolicy
+from sad_jax.common import configlib
+from sad_jax.data import schema
+from sad_jax.data.schema import Segment, Trajectory
+from sad_jax.models import checkpoint_io
+from sad_jax.models import transformer as T
+from sad_jax.models.config import ModelConfig
+from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = "twx:coin?numLocations=2&numDistractorItems=0&includeDoors=0"
+
+
+def _model(folder, spm_path, *, hidden, seed):
+  cfg = ModelConfig(model_type="llama", vocab_size=640, hidden_size=hidden,
+                    intermediate_size=2 * hidden, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=hidden // 2, max_position_embeddings=4096)
+  checkpoint_io.save_params(folder, cfg, T.init_params(cfg, jax.random.PRNGKey(seed)))
+  shutil.copyfile(spm_path, os.path.join(folder, "tokenizer.model"))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, spm_path):
+  root = tmp_path_factory.mktemp("opd")
+  student = _model(str(root / "student"), spm_path, hidden=32, seed=0)
+  teacher = _model(str(root / "teacher"), spm_path, hidden=48, seed=1)
+  # the teacher's stored episodes: off-policy rows (λ) and a prefix for task 0 (depth)
+  trajs = helpers.synthetic_trajectories(6, seed=0)
+  # (runlocal plays 4 episodes a round: a depth stage needs 4 tasks with an episode)
+  trajs += [Trajectory(id=f"t{task}", segments=[
+      Segment("task", "find the coin"), Segment("observation", "a room"),
+      Segment("reason", "look first"), Segment("action", "look around"),
+      Segment("observation", "still a room"), Segment("reason", "go"),
+      Segment("action", "move east"), Segment("observation", "done")],
+      success=True, meta={"task": task}) for task in range(4)]
+  data = str(root / "teacher.jsonl")
+  schema.write_jsonl(data, trajs)
+  overrides = [f"--config.student={student}", f"--config.teacher={teacher}",
+               f"--config.teacher_data={data}", f"--config.env={ENV}",
+               "--config.mix.teacher_share=0.5", "--config.loss.full_weight=0.5",
+               "--config.rounds=3", "--config.depth=((0, 1), (2, 0))"]
+  return overrides
+
+
+def _config(overrides):
+  return configlib.load(os.path.join(REPO, "sad_jax", "configs", "train_opd.py:runlocal"),
+                        overrides)
+
+
+def _final(folder):
+  return checkpoint_io.load_model(os.path.join(folder, "final"))[1]
+
+
+def test_depth_stages_and_prefixes():
+  assert [onpolicy.depth_at(((0, 3), (4, 1), (8, 0)), r) for r in (0, 3, 4, 9)] == [3, 3, 1, 0]
+  traj = Trajectory(id="x", segments=[Segment("task", "t"), Segment("reason", "a"),
+                                      Segment("action", "b"), Segment("observation", "o"),
+                                      Segment("reason", "c"), Segment("action", "d")])
+  assert onpolicy._prefix(traj, 5) == [("a", "b")]   # the last turn stays the student's
+  assert onpolicy._prefix(traj, 0) == [] and onpolicy._prefix(None, 2) == []
+
+
+@pytest.mark.slow
+@pytest.mark.early
+def test_rounds_run_and_a_sigkill_mid_round_resumes_bit_identical(setup, tmp_path):
+  clean = str(tmp_path / "clean")
+  out = onpolicy.train_onpolicy(_config(setup), clean, progress=False)
+  rows = [json.loads(x) for x in open(os.path.join(clean, "rounds.jsonl"))]
+  assert [r["round"] for r in rows] == [-1, 0, 1, 2]
+  assert [r["depth"] for r in rows[1:]] == [1, 1, 0]
+  spent = out["spent"]
+  assert spent["train_steps"] == 6 and spent["generated_tokens"] > 0
+  assert spent["teacher_tokens"] > spent["generated_tokens"]
+  for r in rows[1:]:
+    assert np.isfinite(r["loss"]) and r["sampled/tokens"] > 0 and r["full/tokens"] > 0
+    assert "dev_success" in r and len(r["rkl_per_turn"]) == 2
+  start = checkpoint_io.load_model(setup[0].split("=", 1)[1])[1]
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(_final(clean))))
+  assert moved > 0
+
+  killed = str(tmp_path / "killed")
+  args = [sys.executable, "-m", "sad_jax.cli", "opd", "--config",
+          "sad_jax/configs/train_opd.py:runlocal", "--workdir", killed, *setup]
+  p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  lines, deadline = [], time.time() + 300
+  while time.time() < deadline:
+    line = p.stdout.readline()
+    assert line, "".join(lines)
+    lines.append(line)
+    if line.startswith("round 2/3"):
+      break
+  time.sleep(float(np.random.default_rng().uniform(0.0, 1.0)))   # somewhere in round 3
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert p.returncode == -signal.SIGKILL
+  p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  # the kill may land before round 2's checkpoint committed (it is saved after its line)
+  assert re.search(r"resumed from round [123]\n", p.stdout), p.stdout
+  for a, b in zip(jax.tree.leaves(_final(clean)), jax.tree.leaves(_final(killed))):
+    assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+  again = [json.loads(x) for x in open(os.path.join(killed, "rounds.jsonl"))]
+  assert [r["round"] for r in again] == [-1, 0, 1, 2]
+  assert [r["loss"] for r in again[1:]] == [r["loss"] for r in rows[1:]]
