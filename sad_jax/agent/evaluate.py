@@ -14,6 +14,7 @@ from typing import Any
 
 from sad_jax.agent import react
 from sad_jax.agent.envs.base import act, start_episode
+from sad_jax.agent.envs.math_env import MathEnv
 from sad_jax.agent.envs.math_env import parse_action as math_action
 from sad_jax.agent.envs.registry import make_env
 from sad_jax.agent.tools import SandboxLimits, run_python
@@ -58,6 +59,14 @@ class EvalResult:
             f"{100 * self.invalid_action_rate:.1f}%, reasoning {self.mean_reason_tokens:.1f} "
             f"tokens, {self.tokens_per_s:.0f} tokens/s" + (f", SAG n={self.sag}" if self.sag
                                                            else ""))
+
+
+def invalid_action(env, action: str) -> bool:
+  """An action the environment does not offer, or (math) an answer that does not parse:
+  the invalid-action count of `evaluate` and of the rollout engine."""
+  valid = env.valid_actions()
+  return (valid is not None and action not in valid) or (
+      isinstance(env, MathEnv) and math_action(action) is None)
 
 
 def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episodes: int = 20,
@@ -140,10 +149,7 @@ def evaluate(policy: react.Policy, *, env_spec: str, split: str = "test", episod
           traj.segments.append(Segment("action", turn.raw.strip() or "(nothing)"))
           traj.segments.append(Segment("observation", react.INVALID))
         else:
-          valid = env.valid_actions()
-          if (valid is not None and turn.action not in valid) or (
-              env_spec.startswith("math:") and math_action(turn.action) is None):
-            invalid += 1
+          invalid += invalid_action(env, turn.action)
           r = act(env, traj.segments, turn.action)
           done, slot["won"] = r.done, r.won
         slot["steps"] += 1

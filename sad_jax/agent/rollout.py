@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sad_jax.agent.envs.base import act, start_episode
+from sad_jax.agent.evaluate import invalid_action
 from sad_jax.agent.react import INVALID, parse_turn
 from sad_jax.common.errors import DataError
 from sad_jax.common.types import SpanKind
@@ -301,8 +302,7 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
       if action is None:
         obs = INVALID
       else:
-        offered = envs[i].valid_actions()
-        bad = offered is not None and action not in offered
+        bad = invalid_action(envs[i], action)
         result = act(envs[i], [], action)
         obs, done, ep.won = result.observation, result.done, result.won
       ep.invalid += bad
