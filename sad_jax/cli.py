@@ -74,7 +74,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-  """Multi-host flags of train and teacher precompute (sharding.init_distributed)."""
+  """Multi-host flags of train, opd and teacher precompute (sharding.init_distributed)."""
   parser.add_argument("--coordinator", default=None, help="multi-host: host:port, or 'auto'")
   parser.add_argument("--num-processes", dest="num_processes", type=int, default=None)
   parser.add_argument("--process-id", dest="process_id", type=int, default=None)
@@ -191,7 +191,7 @@ def _cmd_opd(args, overrides) -> int:
   from sad_jax.agent import onpolicy
   from sad_jax.common import configlib
 
-  config = configlib.load(args.config, overrides)
+  config = configlib.load(args.config, [*overrides, *_distributed_overrides(args)])
   out = onpolicy.train_onpolicy(config, args.workdir)
   spent = ", ".join(f"{k} {v:.0f}" for k, v in out["spent"].items())
   print(f"finished {out['rounds']} rounds; model {out['final']}; spent: {spent}")
@@ -450,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "last complete round.")
   opd.add_argument("--config", required=True, help="configs/train_opd.py[:arg]")
   opd.add_argument("--workdir", required=True)
+  _add_distributed_flags(opd)
   opd.set_defaults(func=_cmd_opd, takes_overrides=True)
   ev = sub.add_parser("eval", help="run a checkpoint as a ReAct agent; success rate and more")
   ev.add_argument("--checkpoint", required=True,

@@ -63,7 +63,7 @@ def test_every_study_config_builds_a_valid_grid(arg):
       assert o.rounds == cell.steps and o.teacher == "T" and o.env == c.env
       assert o.student == (f"W/cells/{a.start}_s{cell.seed}_n{chosen[a.start]}/final"
                            if a.start else "")
-      assert o.loss.per_span == (a.name == "sad+opd") and o.optim.lr == 3e-4
+      assert o.loss.per_span == (a.name == "sad+opd") and o.optim.lr == 3e-5
       assert o.mix.teacher_share == (0.5 if a.name == "gkd" else 0.0)
       continue
     t = study_grid.train_config(c, "DATA", objective=cell.objective, model=c.student.model,

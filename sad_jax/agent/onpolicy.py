@@ -7,11 +7,19 @@ with a share λ of each batch drawn from the teacher's stored episodes.
       --config.student=runs/study/cells/sad_s0_n200/final \\
       --config.teacher=runs/study/teacher/final
 
-Sections as in train.py: models → environments and data → state → step → checkpoint →
-rounds. A round's draws (its tasks, the rollout RNG, the minibatch order) are functions
-of (seed, round), and a checkpoint is written at the end of each round with the round
-index and the spent budgets, so a run killed anywhere in a round redoes that round from
-its start and ends bit-identical to one never killed (on the same machine).
+Sections as in train.py: mesh → models → environments and data → state → step →
+checkpoint → rounds. A round's draws (its tasks, each episode's sampling key, the
+minibatch order) are functions of (seed, round), and a checkpoint is written at the end
+of each round with the round index and the spent budgets, so a run killed anywhere in a
+round redoes that round from its start and ends bit-identical to one never killed (on
+the same machine).
+
+The update and the teacher's scoring run on the (data, fsdp, tensor) mesh: parameters
+and optimizer moments by their logical axes (trainer/train.state_shardings), episode rows
+over the batch axes. Rollouts run on the same mesh; with several processes each plays
+its contiguous share of the round's episodes on its own devices (an episode's draws
+depend on its key, not on who plays it), and the rows are gathered so that every process
+builds the same global batches.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import numpy as np
 
 from sad_jax.agent import rollout
 from sad_jax.agent.envs.registry import make_env
-from sad_jax.common import fileio
+from sad_jax.common import fileio, sharding
 from sad_jax.common.errors import DataError
 from sad_jax.data import schema
 from sad_jax.distill import onpolicy
 from sad_jax.models import checkpoint_io, transformer
+from sad_jax.trainer import checkpoint as ckpt_lib
 from sad_jax.trainer import step as step_lib
+from sad_jax.trainer.train import state_shardings
 
 BUDGETS = ("train_steps", "generated_tokens", "teacher_tokens", "rollout_s", "score_s",
            "update_s", "eval_s")
@@ -99,8 +109,10 @@ def per_turn_rkl(arr: dict, scores: dict, max_turns: int) -> list[float | None]:
           for i in range(max_turns)]
 
 
-def _load_models(config):
-  teacher_cfg, teacher_params = checkpoint_io.load_model(config.teacher)
+def _load_models(config, mesh):
+  # with several processes orbax restores onto the mesh (each process reads its shards)
+  mesh = mesh if jax.process_count() > 1 else None
+  teacher_cfg, teacher_params = checkpoint_io.load_model(config.teacher, mesh=mesh)
   tok_path = config.tokenizer or (fileio.join(config.student, "tokenizer.model")
                                   if config.student else "")
   if not tok_path:
@@ -108,7 +120,7 @@ def _load_models(config):
   from sad_jax.data.tokenizer import load_tokenizer
   tok = load_tokenizer(tok_path)
   if config.student:
-    cfg, params = checkpoint_io.load_model(config.student)
+    cfg, params = checkpoint_io.load_model(config.student, mesh=mesh)
   else:
     from sad_jax.models.config import from_hf_dict
     hf = {**dict(config.student_hf_config), "vocab_size": tok.vocab_size}
@@ -121,26 +133,101 @@ def _load_models(config):
   return (cfg, params), (teacher_cfg, teacher_params), tok, tok_path
 
 
-def _evaluate(cfg, params, tok, envs, tasks, config, stop) -> dict:
+def make_mesh(config):
+  """(mesh, rules) of config.mesh over every process's devices."""
+  try:
+    shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+  except ValueError as e:
+    raise DataError(str(e), field="config.mesh.shape") from None
+  rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
+  return sharding.make_mesh(shape), rules
+
+
+def rollout_layout(mesh, rules):
+  """Where this process plays: the whole mesh in one process; with several, its own
+  devices, keeping the mesh's tensor axis where they hold it (the rest on data)."""
+  if jax.process_count() == 1:
+    return mesh, rules
+  n, tensor = jax.local_device_count(), int(mesh.shape["tensor"])
+  tensor = tensor if n % tensor == 0 else 1
+  return sharding.make_mesh((n // tensor, 1, tensor), devices=jax.local_devices()), rules
+
+
+def row_shardings(rows: dict, mesh, rules) -> dict:
+  """[B, …] arrays: rows over the batch axes (data, fsdp), the rest replicated."""
+  return {k: sharding.sharding_for(np.shape(v), ("batch",) + (None,) * (np.ndim(v) - 1),
+                                   mesh, rules) for k, v in rows.items()}
+
+
+def place(tree, shardings):
+  """Host values, the same on every process, as global arrays with these shardings (each
+  process fills only its devices' pieces); global arrays are resharded."""
+  def one(x, sh):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(lambda y: y, out_shardings=sh)(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+  """Global arrays (or per-process host arrays, concatenated on axis 0) as NumPy on
+  every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def share(n: int, *, field: str) -> slice:
+  """This process's contiguous share of n episodes."""
+  p, i = jax.process_count(), jax.process_index()
+  if n % p:
+    raise DataError(f"{n} episodes do not split over {p} processes", field=field)
+  return slice(i * n // p, (i + 1) * n // p)
+
+
+def play_shared(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout, seq_len,
+                field) -> tuple[dict, np.ndarray]:
+  """Every process plays its share of `jobs` (episode keys: their index in `jobs`);
+  returns the rows of all of them (rollout.to_arrays) and, per episode, [won, steps,
+  invalid turns, generated tokens], the same on every process."""
+  mine = [dataclasses.replace(j, key_id=i) for i, j in enumerate(jobs)][share(
+      len(jobs), field=field)]
+  params = params if jax.process_count() == 1 else to_host(params)
+  eps, _ = rollout.play(cfg, params, tok, envs, mine, settings=settings, seed=seed,
+                        stop_ids=stop, layout=layout)
+  arr = rollout.to_arrays(eps, seq_len)
+  summary = np.asarray([[e.won, e.steps, e.invalid, sum(e.mine)] for e in eps], np.int64)
+  return to_host(arr), to_host(summary)
+
+
+def _evaluate(cfg, params, tok, envs, tasks, config, stop, layout) -> dict:
   """Greedy episodes on held-out tasks: success and invalid-action rates."""
   r = config.rollout
-  eps, _ = rollout.play(cfg, params, tok, envs, [rollout.Job(t) for t in tasks],
-                        settings=rollout.RolloutSettings(
-                            max_new_tokens=r.max_new_tokens, max_steps=config.eval.max_steps,
-                            max_len=r.max_len, temperature=0.0, chunk=r.chunk),
-                        seed=0, stop_ids=stop)
-  steps = max(sum(e.steps for e in eps), 1)
-  return {"success": sum(e.won for e in eps) / len(eps),
-          "invalid_rate": sum(e.invalid for e in eps) / steps,
-          "games": [{"task": e.task, "won": bool(e.won), "steps": e.steps} for e in eps]}
+  settings = rollout.RolloutSettings(max_new_tokens=r.max_new_tokens,
+                                     max_steps=config.eval.max_steps, max_len=r.max_len,
+                                     temperature=0.0, chunk=r.chunk)
+  _, summary = play_shared(cfg, params, tok, envs, [rollout.Job(t) for t in tasks],
+                           settings=settings, seed=0, stop=stop, layout=layout,
+                           seq_len=int(r.max_len), field="config.eval.episodes")
+  return {"success": float(summary[:, 0].mean()),
+          "invalid_rate": float(summary[:, 2].sum() / max(summary[:, 1].sum(), 1))}
 
 
 def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the rounds; returns the last round's metrics and the budgets."""
   import orbax.checkpoint as ocp
 
+  # ---- mesh
+  sharding.init_distributed(coordinator=config.distributed.coordinator,
+                            num_processes=config.distributed.num_processes,
+                            process_id=config.distributed.process_id)
+  mesh, rules = make_mesh(config)
+  layout, is_main = rollout_layout(mesh, rules), jax.process_index() == 0
+
   # ---- models
-  (cfg, params), (t_cfg, t_params), tok, tok_path = _load_models(config)
+  (cfg, params), (t_cfg, t_params), tok, tok_path = _load_models(config, mesh)
   vocab, dtype = int(tok.vocab_size), jnp.float32
   settings = onpolicy.OPDSettings(**dict(config.loss))
   stop = [tok.eos_id] if tok.eos_id is not None else []
@@ -156,17 +243,24 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
     raise DataError("mix.teacher_share > 0 needs --config.teacher_data (the teacher's "
                     "episodes, JSONL)", field="config.teacher_data")
   off_rows = teacher_rows(stored, tok, seq_len) if lam else None
+  t_params = place(t_params, sharding.tree_shardings(t_params, transformer.param_axes(t_params),
+                                                     mesh, rules))
 
   # ---- state
   rounds, updates, batch = int(config.rounds), int(config.updates), int(config.batch)
   tx = step_lib.make_optimizer(config.optim, rounds * updates)
   state = step_lib.init_state(params, jnp.zeros((1,), jnp.float32), tx, int(config.seed))
+  state_sh = state_shardings(state, mesh, rules, tx)
+  state = place(state, state_sh)
 
-  # ---- step
+  # ---- step: the batches come placed (rows on the batch axes), so jit keeps their layout
   step = jax.jit(functools.partial(opd_step, cfg=cfg, vocab=vocab, tx=tx, s=settings,
-                                   dtype=dtype), donate_argnums=(0,))
-  score = functools.partial(onpolicy.score, cfg=t_cfg, vocab=vocab,
-                            k=int(config.teacher_k), dtype=dtype)
+                                   dtype=dtype), out_shardings=(state_sh, None),
+                 donate_argnums=(0,))
+  score = jax.jit(functools.partial(onpolicy.score, cfg=t_cfg, vocab=vocab,
+                                    k=int(config.teacher_k), dtype=dtype))
+  on_mesh = functools.partial(sharding.use_mesh, mesh, rules)
+  rows_on_mesh = lambda rows: place(rows, row_shardings(rows, mesh, rules))
 
   # ---- checkpoint
   ckpt_dir = fileio.join(fileio.abspath(workdir), "checkpoints")
@@ -174,22 +268,25 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
       max_to_keep=2, create=True), item_names=("state", "meta"))
   start, spent = 0, dict.fromkeys(BUDGETS, 0.0)
   if mgr.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    abstract = ckpt_lib.abstract_with_shardings(state, state_sh)
     got = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state, start, spent = got["state"], int(got["meta"]["round"]), got["meta"]["spent"]
-    print(f"resumed from round {start}", flush=True)
+    if is_main:
+      print(f"resumed from round {start}", flush=True)
   log_path = fileio.join(workdir, "rounds.jsonl")
-  _keep_rounds(log_path, start)
+  if is_main:
+    _keep_rounds(log_path, start)
   last: dict[str, Any] = {}
 
   # ---- rounds
   try:
     if start == 0 and config.eval.every:  # the starting point, for the curve
-      ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop)
-      _append(log_path, {"round": -1, f"{config.eval.split}_success": ev["success"],
-                         f"{config.eval.split}_invalid_rate": ev["invalid_rate"]})
-      if progress:
+      ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop, layout)
+      if is_main:
+        _append(log_path, {"round": -1, f"{config.eval.split}_success": ev["success"],
+                           f"{config.eval.split}_invalid_rate": ev["invalid_rate"]})
+      if progress and is_main:
         print(f"round 0/{rounds}: {config.eval.split} success {ev['success']:.3f}, invalid "
               f"{ev['invalid_rate']:.3f}", flush=True)
     for r in range(start, rounds):
@@ -205,46 +302,49 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
       jobs = [rollout.Job(int(pool[i]), prefix=_prefix(by_task.get(int(pool[i])), depth))
               for i in picks]
       t0 = time.perf_counter()
-      eps, rstats = rollout.play(cfg, state.params, tok, envs, jobs, settings=_settings(config),
-                                 seed=int(rng.integers(1 << 31)), stop_ids=stop)
+      arr, summary = play_shared(cfg, state.params, tok, envs, jobs, settings=_settings(config),
+                                 seed=int(rng.integers(1 << 31)), stop=stop, layout=layout,
+                                 seq_len=seq_len, field="config.rollout.episodes")
       t1 = time.perf_counter()
-      arr = rollout.to_arrays(eps, seq_len)
-      scores = jax.device_get(score(t_params, arr))
-      off_scores = jax.device_get(score(t_params, off_rows)) if lam else None
+      with on_mesh():
+        scores = to_host(score(t_params, rows_on_mesh(arr)))
+        off_scores = to_host(score(t_params, rows_on_mesh(off_rows))) if lam else None
       t2 = time.perf_counter()
       metrics = []
       n_off = round(lam * batch)
       for _u in range(updates):
-        on = rng.choice(len(eps), batch - n_off, replace=len(eps) < batch - n_off)
+        on = rng.choice(len(jobs), batch - n_off, replace=len(jobs) < batch - n_off)
         rows, sc = [_take(arr, on)], [_take(scores, on)]
         if n_off:
           off = rng.choice(len(off_rows["ids"]), n_off, replace=False)
           rows.append(_take(off_rows, off))
           sc.append(_take(off_scores, off))
-        state, m = step(state, _stack(rows), _stack(sc))
-        metrics.append(jax.device_get(m))
+        with on_mesh():
+          state, m = step(state, rows_on_mesh(_stack(rows)), rows_on_mesh(_stack(sc)))
+        metrics.append(to_host(m))
       t3 = time.perf_counter()
       spent["train_steps"] += updates
-      spent["generated_tokens"] += rstats.generated_tokens
+      spent["generated_tokens"] += int(summary[:, 3].sum())
       spent["teacher_tokens"] += int(arr["segment_ids"].sum()) + (
           int(off_rows["segment_ids"].sum()) if lam else 0)
       spent["rollout_s"] += t1 - t0
       spent["score_s"] += t2 - t1
       spent["update_s"] += t3 - t2
       last = {"round": r, "depth": depth,
-              "train_success": sum(e.won for e in eps) / len(eps),
-              "invalid_rate": sum(e.invalid for e in eps) / max(sum(e.steps for e in eps), 1),
+              "train_success": float(summary[:, 0].mean()),
+              "invalid_rate": float(summary[:, 2].sum() / max(summary[:, 1].sum(), 1)),
               "rkl_per_turn": per_turn_rkl(arr, scores, int(config.rollout.max_steps)),
               **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}}
       if config.eval.every and ((r + 1) % int(config.eval.every) == 0 or r + 1 == rounds):
         t4 = time.perf_counter()
-        ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop)
+        ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop, layout)
         spent["eval_s"] += time.perf_counter() - t4
         last |= {f"{config.eval.split}_success": ev["success"],
                  f"{config.eval.split}_invalid_rate": ev["invalid_rate"]}
       last["spent"] = dict(spent)
-      _append(log_path, last)
-      if progress:
+      if is_main:
+        _append(log_path, last)
+      if progress and is_main:
         print(_line(last, rounds, config.eval.split), flush=True)
       mgr.save(r + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -257,8 +357,9 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
 
   # ---- final model
   final = fileio.join(workdir, "final")
-  checkpoint_io.save_params(final, cfg, state.params)
-  fileio.copyfile(tok_path, fileio.join(final, "tokenizer.model"))
+  checkpoint_io.save_params(final, cfg, state.params)   # every process its shards
+  if is_main:
+    fileio.copyfile(tok_path, fileio.join(final, "tokenizer.model"))
   return {"rounds": rounds, "last": last, "spent": spent, "final": final}
 
 
@@ -281,11 +382,12 @@ def _settings(config) -> rollout.RolloutSettings:
 
 
 def _keep_rounds(path: str, start: int) -> None:
-  """The log's rounds before `start` (a killed round may have logged before its save)."""
+  """The log's rounds before `start` (a killed round may have logged before its save);
+  none at 0 (the starting point, round −1, is evaluated again)."""
   if not fileio.exists(path):
     return
   lines = [ln for ln in fileio.read_text(path).splitlines()
-           if ln.strip() and json.loads(ln)["round"] < start]
+           if ln.strip() and json.loads(ln)["round"] < start and start > 0]
   with fileio.atomic_write(path) as f:
     f.write("".join(ln + "\n" for ln in lines))
 

@@ -33,13 +33,14 @@ import numpy as np
 from sad_jax.agent.envs.base import act, start_episode
 from sad_jax.agent.evaluate import invalid_action
 from sad_jax.agent.react import INVALID, parse_turn
+from sad_jax.common import sharding
 from sad_jax.common.errors import DataError
 from sad_jax.common.types import SpanKind
 from sad_jax.data import render, segment
 from sad_jax.data.schema import Segment, Trajectory
 from sad_jax.models import incremental
 from sad_jax.models.generate import bucket, length_bucket
-from sad_jax.models.transformer import init_cache
+from sad_jax.models.transformer import init_cache, param_axes
 
 VIEW_STEP = 256   # calls read the cache's first slots in multiples of this
 
@@ -61,6 +62,7 @@ class Job:
 
   task: int
   prefix: Sequence[tuple[str, str]] = ()
+  key_id: int = -1      # its draws' key: fold_in(seed, key_id); −1: its index in the jobs
 
 
 @dataclasses.dataclass
@@ -173,9 +175,13 @@ def _begin(env, job: Job, tokenizer) -> tuple[Episode, bool]:
 
 def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
          settings: RolloutSettings, seed: int, stop_ids: Sequence[int] = (),
-         dtype=jnp.float32, progress=None) -> tuple[list[Episode], RolloutStats]:
-  """Plays every job on `len(envs)` slots; episodes come back in the jobs' order. The
-  draws are a function of `seed` and the jobs (not of timing)."""
+         dtype=jnp.float32, progress=None, layout=None) -> tuple[list[Episode], RolloutStats]:
+  """Plays every job on `len(envs)` slots; episodes come back in the jobs' order. An
+  episode's draws are a function of `seed` and its job (its task, prefix and key id), not
+  of timing, of the slot it played in, or of the other jobs.
+
+  layout: (mesh, rules) to play on a device mesh: the parameters by their logical axes,
+  the slots over the batch axes (data, fsdp) and the KV heads over tensor."""
   s = settings
   b = len(envs)
   budget = -(-max(s.max_new_tokens - 1, 1) // s.chunk) * s.chunk
@@ -191,12 +197,18 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
   out: dict[int, Episode] = {}
   cache_len = s.cache_len or length_bucket(2 * s.max_len) + budget
   cache = init_cache(cfg, b, cache_len, dtype)
+  if layout is not None:
+    mesh, rules = layout
+    params = jax.device_put(params, sharding.tree_shardings(
+        params, param_axes(params), mesh, rules))
+    cache = jax.device_put(cache, incremental.cache_shardings(cache, mesh, rules))
+  row_keys = np.zeros((b, 2), np.uint32)
+  base_key = jax.random.PRNGKey(seed)
   valid = np.zeros((b, cache_len), np.int32)
   index = 0
 
   def view(upto: int) -> int:   # the slots a call reads: the live ones, rounded up
     return min(cache_len, -(-upto // VIEW_STEP) * VIEW_STEP)
-  rng = jax.random.PRNGKey(seed)
   temp = jnp.float32(s.temperature)
 
   def finish(i: int) -> None:
@@ -214,6 +226,8 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
       ep, done = _begin(envs[i], job, tokenizer)
       rows[i] = {"order": order, "ep": ep, "cached": 0}
       valid[i] = 0
+      row_keys[i] = np.asarray(jax.random.fold_in(
+          base_key, job.key_id if job.key_id >= 0 else order), np.uint32)
       if not done and len(ep.ids) < s.max_len - 1:
         return
       ep.truncated = not done
@@ -247,10 +261,10 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
       pos[i, width - n:] = np.arange(lo, lo + n)
       seg[i, width - n:] = 1
       r["cached"] = lo + n
-    rng, key = jax.random.split(rng)
     cache, tok, logp = incremental.extend(params, cache, ids, pos, seg, np.int32(index),
-                                          valid, key, temp, cfg=cfg, vocab=vocab,
-                                          view=view(index + width), dtype=dtype)
+                                          valid, row_keys, temp, cfg=cfg, vocab=vocab,
+                                          view=view(index + width), dtype=dtype,
+                                          layout=layout)
     valid[:, index:index + width] = seg
     index += width
     stats.extend_calls += 1
@@ -264,11 +278,11 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
     last = np.asarray(tok)
     while written < budget and any(r is not None and kept[i] is None
                                    for i, r in enumerate(rows)):
-      rng, key = jax.random.split(rng)
       cache, toks, lps = incremental.decode(params, cache, last, position + written,
-                                            np.int32(index), key, temp, cfg=cfg, vocab=vocab,
-                                            steps=s.chunk, view=view(index + s.chunk),
-                                            dtype=dtype)
+                                            np.int32(index), row_keys, temp, cfg=cfg,
+                                            vocab=vocab, steps=s.chunk,
+                                            view=view(index + s.chunk), dtype=dtype,
+                                            layout=layout)
       toks, lps = np.asarray(toks), np.asarray(lps)
       index, written = index + s.chunk, written + s.chunk
       stats.decode_calls += 1

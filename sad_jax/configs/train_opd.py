@@ -14,6 +14,8 @@ Loss fields are distill/onpolicy.OPDSettings; the definitions are in docs/design
 
 import ml_collections
 
+from sad_jax.configs.train_base import distributed
+
 ENV = "twx:coin?numLocations=4&numDistractorItems=0&includeDoors=0&limitInventorySize=0"
 
 
@@ -48,6 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=1e-3, warmup_steps=0, final_fraction=1.0, b1=0.9, b2=0.98, eps=1e-8,
       weight_decay=0.0, clip_norm=1.0))
   c.eval = ml_collections.ConfigDict(dict(every=5, episodes=32, split="dev", max_steps=8))
+  # (data, fsdp, tensor), -1 = the remaining devices: the update and the teacher's scoring
+  # run on it; rollouts too (on several hosts, each process plays its share of the episodes
+  # on its own devices, the same axes)
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=()))
+  c.distributed = distributed()
   if arg == "gkd":
     c.mix.teacher_share = 0.5
     c.loss.sampled_weight, c.loss.full_weight = 0.0, 1.0

@@ -30,7 +30,6 @@ Losses return (sum, count) pairs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -158,10 +157,10 @@ def log_probs(cfg: ModelConfig, params, t: dict, *, vocab: int, dtype=jnp.float3
   return jax.nn.log_softmax(logits[..., :vocab].astype(jnp.float32), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "vocab", "k", "dtype"))
 def score(teacher_params, batch: dict, *, cfg: ModelConfig, vocab: int, k: int,
           dtype=jnp.float32) -> dict:
-  """The teacher on the student's rows, one forward: log πT of every label and its top-k.
+  """The teacher on the student's rows, one forward: log πT of every label and its top-k
+  (pure: agent/onpolicy jits it on the mesh).
   A teacher vocabulary padded past the tokenizer's is cut to the tokenizer's `vocab` and
   renormalised there (the padded rows carry no trained mass)."""
   t = targets(batch)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sad_jax.agent import onpolicy
-from sad_jax.common import configlib
+from sad_jax.common import configlib, sharding
 from sad_jax.data import schema
 from sad_jax.data.schema import Segment, Trajectory
 from sad_jax.models import checkpoint_io
@@ -121,3 +121,45 @@ def test_rounds_run_and_a_sigkill_mid_round_resumes_bit_identical(setup, tmp_pat
   again = [json.loads(x) for x in open(os.path.join(killed, "rounds.jsonl"))]
   assert [r["round"] for r in again] == [-1, 0, 1, 2]
   assert [r["loss"] for r in again[1:]] == [r["loss"] for r in rows[1:]]
+
+
+@pytest.mark.slow
+@pytest.mark.early
+def test_two_processes_equal_one(setup, tmp_path):
+  """Two real JAX processes (4 CPU devices each, gloo) on a (2,2,2) mesh: each plays its
+  half of every round's episodes on its own devices, the rows are gathered, and the
+  update and the teacher's scoring run on the global mesh (rows over data × fsdp, so each
+  process holds half of every batch). The rounds and the final parameters equal one
+  process with 8 devices."""
+  from tests.train.test_multihost import free_port
+
+  extra = ["--config.mesh.shape=(2,2,2)", "--config.batch=4", "--config.mix.teacher_share=0.5",
+           "--config.rounds=2"]
+  one = str(tmp_path / "one")
+  onpolicy.train_onpolicy(_config([*setup, *extra]), one, progress=False)
+  port, two = free_port(), str(tmp_path / "two")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sad_jax.cli", "opd", "--config",
+       "sad_jax/configs/train_opd.py:runlocal", "--workdir", two, "--coordinator",
+       f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), *setup, *extra],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for p in procs:
+    assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
+  assert "finished 2 rounds" in outs[0]
+  a = [json.loads(x) for x in open(os.path.join(one, "rounds.jsonl"))]
+  b = [json.loads(x) for x in open(os.path.join(two, "rounds.jsonl"))]
+  assert [r["round"] for r in b] == [r["round"] for r in a] == [-1, 0, 1]
+  for x, y in zip(a[1:], b[1:]):
+    assert x["train_success"] == y["train_success"]
+    assert x["spent"]["generated_tokens"] == y["spent"]["generated_tokens"]
+    for k in ("loss", "sampled/loss", "full/loss", "rkl", "grad_norm"):
+      np.testing.assert_allclose(y[k], x[k], rtol=1e-4, err_msg=k)
+  # a model saved by two processes restores onto a mesh (orbax needs target shardings)
+  mesh = sharding.make_mesh((2, 2, 2))
+  load = lambda w: checkpoint_io.load_model(os.path.join(w, "final"), mesh=mesh)[1]
+  for x, y in zip(jax.tree.leaves(load(one)), jax.tree.leaves(load(two)), strict=True):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
