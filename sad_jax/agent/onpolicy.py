@@ -43,6 +43,7 @@ from sad_jax.distill import onpolicy
 from sad_jax.models import checkpoint_io, transformer
 from sad_jax.trainer import checkpoint as ckpt_lib
 from sad_jax.trainer import step as step_lib
+from sad_jax.trainer.setup import mesh_from_config
 from sad_jax.trainer.train import state_shardings
 
 BUDGETS = ("train_steps", "generated_tokens", "teacher_tokens", "rollout_s", "score_s",
@@ -133,16 +134,6 @@ def _load_models(config, mesh):
   return (cfg, params), (teacher_cfg, teacher_params), tok, tok_path
 
 
-def make_mesh(config):
-  """(mesh, rules) of config.mesh over every process's devices."""
-  try:
-    shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
-  except ValueError as e:
-    raise DataError(str(e), field="config.mesh.shape") from None
-  rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
-  return sharding.make_mesh(shape), rules
-
-
 def rollout_layout(mesh, rules):
   """Where this process plays: the whole mesh in one process; with several, its own
   devices, keeping the mesh's tensor axis where they hold it (the rest on data)."""
@@ -187,19 +178,18 @@ def share(n: int, *, field: str) -> slice:
   return slice(i * n // p, (i + 1) * n // p)
 
 
-def play_shared(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout, seq_len,
-                field) -> tuple[dict, np.ndarray]:
-  """Every process plays its share of `jobs` (episode keys: their index in `jobs`);
-  returns the rows of all of them (rollout.to_arrays) and, per episode, [won, steps,
-  invalid turns, generated tokens], the same on every process."""
+def play_share(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout,
+               field) -> tuple[list[rollout.Episode], np.ndarray]:
+  """This process plays its share of `jobs` (episode keys: their index in `jobs`).
+  Returns its episodes and, for every job of every process, [won, steps, invalid turns,
+  generated tokens]."""
   mine = [dataclasses.replace(j, key_id=i) for i, j in enumerate(jobs)][share(
       len(jobs), field=field)]
   params = params if jax.process_count() == 1 else to_host(params)
   eps, _ = rollout.play(cfg, params, tok, envs, mine, settings=settings, seed=seed,
                         stop_ids=stop, layout=layout)
-  arr = rollout.to_arrays(eps, seq_len)
   summary = np.asarray([[e.won, e.steps, e.invalid, sum(e.mine)] for e in eps], np.int64)
-  return to_host(arr), to_host(summary)
+  return eps, to_host(summary)
 
 
 def _evaluate(cfg, params, tok, envs, tasks, config, stop, layout) -> dict:
@@ -208,9 +198,9 @@ def _evaluate(cfg, params, tok, envs, tasks, config, stop, layout) -> dict:
   settings = rollout.RolloutSettings(max_new_tokens=r.max_new_tokens,
                                      max_steps=config.eval.max_steps, max_len=r.max_len,
                                      temperature=0.0, chunk=r.chunk)
-  _, summary = play_shared(cfg, params, tok, envs, [rollout.Job(t) for t in tasks],
-                           settings=settings, seed=0, stop=stop, layout=layout,
-                           seq_len=int(r.max_len), field="config.eval.episodes")
+  _, summary = play_share(cfg, params, tok, envs, [rollout.Job(t) for t in tasks],
+                          settings=settings, seed=0, stop=stop, layout=layout,
+                          field="config.eval.episodes")
   return {"success": float(summary[:, 0].mean()),
           "invalid_rate": float(summary[:, 2].sum() / max(summary[:, 1].sum(), 1))}
 
@@ -220,10 +210,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
   import orbax.checkpoint as ocp
 
   # ---- mesh
-  sharding.init_distributed(coordinator=config.distributed.coordinator,
-                            num_processes=config.distributed.num_processes,
-                            process_id=config.distributed.process_id)
-  mesh, rules = make_mesh(config)
+  mesh, rules = mesh_from_config(config)
   layout, is_main = rollout_layout(mesh, rules), jax.process_index() == 0
 
   # ---- models
@@ -274,6 +261,12 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
     state, start, spent = got["state"], int(got["meta"]["round"]), got["meta"]["spent"]
     if is_main:
       print(f"resumed from round {start}", flush=True)
+  off_scores = None
+  if lam:  # the teacher and its stored episodes are fixed: scored once, not every round
+    with on_mesh():
+      off_scores = to_host(score(t_params, rows_on_mesh(off_rows)))
+    if start == 0:
+      spent["teacher_tokens"] += int(off_rows["segment_ids"].sum())
   log_path = fileio.join(workdir, "rounds.jsonl")
   if is_main:
     _keep_rounds(log_path, start)
@@ -302,13 +295,13 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
       jobs = [rollout.Job(int(pool[i]), prefix=_prefix(by_task.get(int(pool[i])), depth))
               for i in picks]
       t0 = time.perf_counter()
-      arr, summary = play_shared(cfg, state.params, tok, envs, jobs, settings=_settings(config),
-                                 seed=int(rng.integers(1 << 31)), stop=stop, layout=layout,
-                                 seq_len=seq_len, field="config.rollout.episodes")
+      eps, summary = play_share(cfg, state.params, tok, envs, jobs, settings=_settings(config),
+                                seed=int(rng.integers(1 << 31)), stop=stop, layout=layout,
+                                field="config.rollout.episodes")
+      arr = to_host(rollout.to_arrays(eps, seq_len))   # every process's rows, in job order
       t1 = time.perf_counter()
       with on_mesh():
         scores = to_host(score(t_params, rows_on_mesh(arr)))
-        off_scores = to_host(score(t_params, rows_on_mesh(off_rows))) if lam else None
       t2 = time.perf_counter()
       metrics = []
       n_off = round(lam * batch)
@@ -325,8 +318,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
       t3 = time.perf_counter()
       spent["train_steps"] += updates
       spent["generated_tokens"] += int(summary[:, 3].sum())
-      spent["teacher_tokens"] += int(arr["segment_ids"].sum()) + (
-          int(off_rows["segment_ids"].sum()) if lam else 0)
+      spent["teacher_tokens"] += int(arr["segment_ids"].sum())
       spent["rollout_s"] += t1 - t0
       spent["score_s"] += t2 - t1
       spent["update_s"] += t3 - t2
@@ -386,8 +378,8 @@ def _keep_rounds(path: str, start: int) -> None:
   none at 0 (the starting point, round −1, is evaluated again)."""
   if not fileio.exists(path):
     return
-  lines = [ln for ln in fileio.read_text(path).splitlines()
-           if ln.strip() and json.loads(ln)["round"] < start and start > 0]
+  lines = [] if start == 0 else [ln for ln in fileio.read_text(path).splitlines()
+                                 if ln.strip() and json.loads(ln)["round"] < start]
   with fileio.atomic_write(path) as f:
     f.write("".join(ln + "\n" for ln in lines))
 

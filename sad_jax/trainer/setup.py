@@ -1,6 +1,7 @@
-"""train_and_evaluate's named sections and the checks behind them: the teacher the objective
-needs, the student's initialisation, the config checked against the model and platform,
-the optimizer, and the one builder of a training state (shared with abstract_parts)."""
+"""train_and_evaluate's named sections and the checks behind them: the mesh (shared with
+`sad-jax opd`), the teacher the objective needs, the student's initialisation, the config
+checked against the model and platform, the optimizer, and the one builder of a training
+state (shared with abstract_parts)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sad_jax.common import sharding
 from sad_jax.common.errors import DataError
 from sad_jax.common.types import SpanKind
 from sad_jax.distill import objectives
@@ -21,6 +23,20 @@ from sad_jax.trainer import pipeline
 from sad_jax.trainer import step as step_lib
 
 REMAT = ("none", "attention", "block")
+
+
+def mesh_from_config(config):
+  """(mesh, rules) of config.mesh over every process's devices, after the multi-host
+  start-up of config.distributed."""
+  sharding.init_distributed(coordinator=config.distributed.coordinator,
+                            num_processes=config.distributed.num_processes,
+                            process_id=config.distributed.process_id)
+  try:
+    shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+  except ValueError as e:
+    raise DataError(str(e), field="config.mesh.shape") from None
+  rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
+  return sharding.make_mesh(shape), rules
 
 
 def _dtype(name: str):

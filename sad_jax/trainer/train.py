@@ -38,6 +38,7 @@ from sad_jax.trainer.setup import (
   check_model,
   check_temperatures,
   init_student,
+  mesh_from_config,
   objective_for,
   optimizer,
   resolve_teacher,
@@ -89,16 +90,8 @@ def train_and_evaluate(config, workdir: str) -> Result:
   workdir = fileio.abspath(workdir)  # gs://… stays a bucket path
 
   # ------------------------------------------------------------------ mesh
-  sharding.init_distributed(coordinator=config.distributed.coordinator,
-                            num_processes=config.distributed.num_processes,
-                            process_id=config.distributed.process_id)
+  mesh, rules = mesh_from_config(config)
   is_main = jax.process_index() == 0
-  try:
-    shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
-  except ValueError as e:
-    raise DataError(str(e), field="config.mesh.shape") from None
-  mesh = sharding.make_mesh(shape)
-  rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
 
   # ------------------------------------------------------------------ data
   if not config.dataset:
