@@ -215,6 +215,6 @@ def test_train_step_reports_a_real_mix_and_the_best_peer(tmp_path):
 
 def _render(result: dict) -> str:
   sys.path.insert(0, os.path.join(REPO, "bench"))
-  import report
+  import report_sections
 
-  return report.render_train(result)
+  return report_sections.render_train(result)

@@ -208,3 +208,26 @@ def test_per_span_normalises_each_span_by_its_own_count():
   split = onpolicy.OPDSettings(reason_weight=1.0, action_weight=2.0, per_span=True)
   total, n = onpolicy.reduce(values, mask_bt=mask, label_kinds_bt=kinds, s=split)
   assert float(total / n) == pytest.approx(2.0 + 2 * 10.0)
+
+
+def test_guided_turns_are_targets_of_the_full_term_only_when_asked(x64):
+  """A teacher-written action in the student's state (a guided turn) is not the student's
+  sample: never a target of (a); with guided_targets a target of (b), whose value is then
+  the mean reverse KL over both actions (by hand, top-k = the whole vocabulary)."""
+  theta = jnp.asarray([[0.3, -0.2, 0.9], [1.1, 0.0, -0.4]])
+  ids, student, batch, _ = _rows(theta, jnp.zeros(3))
+  ids, student, batch = ids[:1], student[:1], {k: v[:1] for k, v in batch.items()}
+  batch |= {"guided": jnp.asarray([[False, True, False, False]]),
+            "mine": jnp.asarray([[False, False, False, True]]),
+            "logp": jnp.zeros((1, 4))}
+  t_lp = jnp.asarray(TEACHER)[ids[:, :3]]                          # [1, 3, 3]
+  top = jax.lax.top_k(t_lp, 3)
+  scores = {"teacher_logp": jnp.take_along_axis(t_lp, ids[:, 1:, None], -1)[..., 0],
+            "teacher_topk_logp": top[0], "teacher_ids": top[1]}
+  for guided_targets, n_full in ((False, 1), (True, 2)):
+    s = onpolicy.OPDSettings(full_weight=1.0, divergence="rkl", guided_targets=guided_targets)
+    _, m = onpolicy.loss_and_metrics(student, batch, scores, s=s)
+    assert int(m["sampled/tokens"]) == 1 and int(m["full/tokens"]) == n_full
+  p = np.exp(np.asarray(student[0]))
+  rkl = [float(np.sum(p[i] * (np.log(p[i]) - TEACHER[ids[0, i]]))) for i in (0, 2)]
+  assert float(m["full/loss"]) == pytest.approx(np.mean(rkl), rel=1e-6)

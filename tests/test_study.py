@@ -42,8 +42,8 @@ def test_every_study_config_builds_a_valid_grid(arg):
   arms = study_grid.arms(c)
   assert count(c.teacher.model) >= 4 * count(c.student.model)
   if arg in ("opd", "opd_quick"):
-    assert {a.name for a in arms} == {"sad", "token_kd", "sad+opd", "token_kd+opd", "opd",
-                                      "gkd"} and c.reference == "sad+opd"
+    assert {a.name for a in arms} == {"sad", "token_kd", "sad+opd", "sad+guided",
+                                      "token_kd+opd", "opd", "gkd"} and c.reference == "sad+opd"
   else:
     assert {a.name for a in arms} >= {"sad", "token_kd", "sft"} and c.reference == "sad"
   if arg in (None, "rooms6"):  # the issue's power: ≥ 128 shared test games, ≥ 5 seeds,
@@ -58,12 +58,15 @@ def test_every_study_config_builds_a_valid_grid(arg):
   for a in arms:
     cell = study_grid.cells_of(a, a.budgets or (10,), chosen)[0]
     if a.objective == "opd":
-      shared = {"teacher": "T", "teacher_jsonl": "J", "tokenizer": "K"}
+      shared = study_cells.Inputs(dataset="D", store="S", dev=study_cells.DevData(
+          dataset="DD", store="DS", jsonl="DJ"), teacher="T", teacher_jsonl="J", tokenizer="K")
       o = study_opd_cells.opd_config("W", c, cell, shared)
       assert o.rounds == cell.steps and o.teacher == "T" and o.env == c.env
       assert o.student == (f"W/cells/{a.start}_s{cell.seed}_n{chosen[a.start]}/final"
                            if a.start else "")
-      assert o.loss.per_span == (a.name == "sad+opd") and o.optim.lr == 3e-5
+      assert o.loss.per_span == a.name.startswith("sad+") and o.optim.lr == 3e-5
+      assert o.guide.prob == (0.5 if a.name == "sad+guided" else 0.0)
+      assert o.loss.guided_targets == (a.name == "sad+guided")
       assert o.mix.teacher_share == (0.5 if a.name == "gkd" else 0.0)
       continue
     t = study_grid.train_config(c, "DATA", objective=cell.objective, model=c.student.model,
@@ -419,8 +422,15 @@ def test_study_runs_every_stage_end_to_end_then_a_rerun_skips_them(tmp_path, mon
                  "What the folds measure", "Test fold (2 games): ",
                  "## Counterfactual test fold", "| sad+pcgrad | ",
                  "| comparison (rewritten test) |",
-                 "Command: `sad-jax demo --quick`"):
+                 "Command: `sad-jax demo --quick`",
+                 "## On-policy rounds: what each arm spent"):
     assert needle in report
+  # the cost row: one seed, one update; the rounds' row: the start and the one round on dev
+  spent = opd["opd"]["spent"]
+  assert (f"| sad+opd | 1 | 1 | {spent['generated_tokens'] / 1e3:.1f} k | "
+          f"{spent['teacher_tokens'] / 1e3:.1f} k | 0.0 k |") in report
+  dev = [r["dev_success"] for r in opd["opd"]["rounds"]]
+  assert f"| sad+opd | r0 {dev[0]:.2f}, r1 {dev[1]:.2f} |" in report
   from sad_jax.trainer.metrics import cpu_model
 
   # six cells trained (sad's two budgets, then token_kd, sft, sad+pcgrad, sad+opd), stamped

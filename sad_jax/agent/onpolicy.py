@@ -46,8 +46,8 @@ from sad_jax.trainer import step as step_lib
 from sad_jax.trainer.setup import mesh_from_config
 from sad_jax.trainer.train import state_shardings
 
-BUDGETS = ("train_steps", "generated_tokens", "teacher_tokens", "rollout_s", "score_s",
-           "update_s", "eval_s")
+BUDGETS = ("train_steps", "generated_tokens", "teacher_tokens", "guided_tokens", "rollout_s",
+           "score_s", "update_s", "eval_s")
 
 
 def depth_at(stages, round_index: int) -> int:
@@ -58,6 +58,13 @@ def depth_at(stages, round_index: int) -> int:
     if round_index >= int(start):
       d = int(depth)
   return d
+
+
+def guide_at(guide, round_index: int) -> float:
+  """The chance that the teacher plays a turn in this round's rollouts: `guide.prob`,
+  decaying linearly to 0 at round `guide.decay_rounds` (0: no decay)."""
+  p, n = float(guide.prob), int(guide.decay_rounds)
+  return p * max(0.0, 1.0 - round_index / n) if n > 0 else p
 
 
 def opd_step(state: step_lib.TrainState, batch: dict, scores: dict, *, cfg, vocab: int,
@@ -178,17 +185,22 @@ def share(n: int, *, field: str) -> slice:
   return slice(i * n // p, (i + 1) * n // p)
 
 
-def play_share(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout,
-               field) -> tuple[list[rollout.Episode], np.ndarray]:
+def play_share(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout, field,
+               teacher=None) -> tuple[list[rollout.Episode], np.ndarray]:
   """This process plays its share of `jobs` (episode keys: their index in `jobs`).
-  Returns its episodes and, for every job of every process, [won, steps, invalid turns,
-  generated tokens]."""
+  Returns its episodes and, for every job of every process, [won, the student's turns,
+  its invalid turns, its tokens, guided turns, guided tokens]."""
   mine = [dataclasses.replace(j, key_id=i) for i, j in enumerate(jobs)][share(
       len(jobs), field=field)]
-  params = params if jax.process_count() == 1 else to_host(params)
-  eps, _ = rollout.play(cfg, params, tok, envs, mine, settings=settings, seed=seed,
-                        stop_ids=stop, layout=layout)
-  summary = np.asarray([[e.won, e.steps, e.invalid, sum(e.mine)] for e in eps], np.int64)
+  gather = (lambda x: x) if jax.process_count() == 1 else to_host
+  teacher = None if teacher is None else (teacher[0], gather(teacher[1]))
+  eps, _ = rollout.play(cfg, gather(params), tok, envs, mine, settings=settings, seed=seed,
+                        stop_ids=stop, layout=layout, teacher=teacher)
+  summary = np.asarray([[e.won, e.steps - sum(e.guided),
+                         sum(b and not g for b, g in zip(e.turn_invalid, e.guided)),
+                         sum(e.mine), sum(e.guided),
+                         sum(t >= 0 and not m for t, m in zip(e.turn, e.mine))]
+                        for e in eps], np.int64).reshape(-1, 6)
   return eps, to_host(summary)
 
 
@@ -294,10 +306,13 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
       picks = rng.choice(len(pool), int(config.rollout.episodes), replace=False)
       jobs = [rollout.Job(int(pool[i]), prefix=_prefix(by_task.get(int(pool[i])), depth))
               for i in picks]
+      guide = guide_at(config.guide, r)
       t0 = time.perf_counter()
-      eps, summary = play_share(cfg, state.params, tok, envs, jobs, settings=_settings(config),
+      eps, summary = play_share(cfg, state.params, tok, envs, jobs,
+                                settings=_settings(config, guide),
                                 seed=int(rng.integers(1 << 31)), stop=stop, layout=layout,
-                                field="config.rollout.episodes")
+                                field="config.rollout.episodes",
+                                teacher=(t_cfg, t_params) if guide > 0 else None)
       arr = to_host(rollout.to_arrays(eps, seq_len))   # every process's rows, in job order
       t1 = time.perf_counter()
       with on_mesh():
@@ -318,11 +333,14 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
       t3 = time.perf_counter()
       spent["train_steps"] += updates
       spent["generated_tokens"] += int(summary[:, 3].sum())
+      spent["guided_tokens"] += int(summary[:, 5].sum())
       spent["teacher_tokens"] += int(arr["segment_ids"].sum())
       spent["rollout_s"] += t1 - t0
       spent["score_s"] += t2 - t1
       spent["update_s"] += t3 - t2
-      last = {"round": r, "depth": depth,
+      last = {"round": r, "depth": depth, "guide_prob": guide,
+              "guided_turns": float(summary[:, 4].sum()
+                                    / max(summary[:, 1].sum() + summary[:, 4].sum(), 1)),
               "train_success": float(summary[:, 0].mean()),
               "invalid_rate": float(summary[:, 2].sum() / max(summary[:, 1].sum(), 1)),
               "rkl_per_turn": per_turn_rkl(arr, scores, int(config.rollout.max_steps)),
@@ -366,11 +384,13 @@ def _prefix(traj, depth: int) -> list[tuple[str, str]]:
   return pairs[:min(depth, max(len(pairs) - 1, 0))]
 
 
-def _settings(config) -> rollout.RolloutSettings:
+def _settings(config, guide: float = 0.0) -> rollout.RolloutSettings:
   r = config.rollout
   return rollout.RolloutSettings(max_new_tokens=int(r.max_new_tokens),
                                  max_steps=int(r.max_steps), max_len=int(r.max_len),
-                                 temperature=float(r.temperature), chunk=int(r.chunk))
+                                 temperature=float(r.temperature), chunk=int(r.chunk),
+                                 guide_prob=guide,
+                                 guide_temperature=float(config.guide.temperature))
 
 
 def _keep_rounds(path: str, start: int) -> None:
@@ -392,6 +412,7 @@ def _append(path: str, record: dict) -> None:
 def _line(m: dict, rounds: int, split: str) -> str:
   kl = ", ".join("-" if x is None else f"{x:.2f}" for x in m["rkl_per_turn"])
   dev = f", {split} success {m[f'{split}_success']:.3f}" if f"{split}_success" in m else ""
-  return (f"round {m['round'] + 1}/{rounds}: depth {m['depth']}, train success "
+  guide = f", guided {m['guided_turns']:.2f}" if m["guide_prob"] else ""
+  return (f"round {m['round'] + 1}/{rounds}: depth {m['depth']}{guide}, train success "
           f"{m['train_success']:.3f}, invalid {m['invalid_rate']:.3f}, loss {m['loss']:.4f}, "
           f"rKL per turn [{kl}]{dev}")

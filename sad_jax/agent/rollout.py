@@ -18,6 +18,12 @@ prompt) as one left-padded block (`incremental.extend`), then decodes in chunks 
 `chunk` tokens until every row's turn has ended; slots a row wrote past its turn's end
 are invalidated. When the index would run past the cache, every row's history is written
 again from slot 0 (compaction). See docs/design.md, "On-policy distillation".
+
+Guided turns (`teacher=`, `guide_prob`): each turn of an episode is the teacher's with
+probability p, drawn from (seed, episode key, turn). The teacher has its own cache and
+write index (a lane); a lane appends what it has not yet seen of a row's history when it
+next plays that row, so the student's cache takes the teacher's reply in with the next
+observation. A guided turn's tokens are the episode's context, not the student's targets.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class RolloutSettings:
   temperature: float = 1.0     # 1: the logged log-probs are the policy's own
   chunk: int = 16              # decode steps per device call
   cache_len: int | None = None  # None: room for two max_len histories and a reply
+  guide_prob: float = 0.0      # the chance that the teacher plays a turn (play's teacher=)
+  guide_temperature: float = 0.0  # the teacher's turns: 0 = greedy, its best turn
 
 
 @dataclasses.dataclass
@@ -72,14 +80,15 @@ class Episode:
   kinds: list[int]
   logp: list[float]        # sampling log-prob of each token (0 where not the student's)
   mine: list[bool]         # written by the student (an on-policy target)
-  turn: list[int]          # the student's turn index per token (-1: context)
+  turn: list[int]          # the turn index per token (-1: the prompt and the prefix)
   won: bool = False
-  steps: int = 0           # turns the student played
+  steps: int = 0           # turns played after the prefix (the student's and guided ones)
   invalid: int = 0         # turns that did not parse or named an action not offered
   truncated: bool = False
   prefix_turns: int = 0
   actions: list[str | None] = dataclasses.field(default_factory=list)
   turn_invalid: list[bool] = dataclasses.field(default_factory=list)
+  guided: list[bool] = dataclasses.field(default_factory=list)   # the teacher's turn
   observations: list[str] = dataclasses.field(default_factory=list)
 
   def add(self, ids, kinds, *, logp=None, mine=False, turn=-1) -> None:
@@ -94,6 +103,7 @@ class Episode:
 class RolloutStats:
   episodes: int = 0
   generated_tokens: int = 0     # the student's kept tokens
+  guided_tokens: int = 0        # the teacher's, in guided turns
   decoded_tokens: int = 0       # slots decoded (kept or not), all rows
   seconds: float = 0.0
   extend_calls: int = 0
@@ -173,22 +183,152 @@ def _begin(env, job: Job, tokenizer) -> tuple[Episode, bool]:
   return ep, done
 
 
+@dataclasses.dataclass
+class _Lane:
+  """One model's KV cache over the B slots: its write index, the slots that are live,
+  and how many of each row's tokens it holds. The student's lane plays every turn the
+  teacher does not; the teacher's lane (guided turns) catches up on a row's history only
+  when it plays one of its turns."""
+
+  cfg: object
+  params: object
+  cache: list
+  valid: np.ndarray            # [B, cache_len]
+  keys: np.ndarray             # [B, 2] raw row keys
+  cached: list[int]            # tokens of each row's episode in this cache
+  temperature: float
+  index: int = 0
+
+  def reset_row(self, i: int) -> None:
+    self.valid[i] = 0
+    self.cached[i] = 0
+
+
+def _lane(cfg, params, b: int, cache_len: int, temperature: float, dtype, layout) -> _Lane:
+  cache = init_cache(cfg, b, cache_len, dtype)
+  if layout is not None:
+    mesh, rules = layout
+    params = jax.device_put(params, sharding.tree_shardings(
+        params, param_axes(params), mesh, rules))
+    cache = jax.device_put(cache, incremental.cache_shardings(cache, mesh, rules))
+  return _Lane(cfg, params, cache, np.zeros((b, cache_len), np.int32),
+               np.zeros((b, 2), np.uint32), [0] * b, temperature)
+
+
+def _reply(lane: _Lane, eps: list, playing: list[bool], *, s: RolloutSettings, budget: int,
+           tokenizer, stops: set[int], vocab: int, dtype, layout, stats: RolloutStats
+           ) -> tuple[list, list]:
+  """The playing rows' replies in `lane`: their pending tokens appended as one
+  left-padded block, then decoded in chunks until every playing row's turn has ended.
+  Keeps each reply's slots, invalidates those past it. Returns (replies, logps), None for
+  rows not playing."""
+  b, cache_len = len(eps), lane.valid.shape[1]
+
+  def view(upto: int) -> int:   # the slots a call reads: the live ones, rounded up
+    return min(cache_len, -(-upto // VIEW_STEP) * VIEW_STEP)
+
+  def pending() -> list[int]:
+    return [len(eps[i].ids) - lane.cached[i] if playing[i] else 0 for i in range(b)]
+
+  todo = pending()
+  width = bucket(max(todo))
+  if lane.index + width + budget > cache_len:   # compaction: write histories from slot 0
+    lane.valid[:] = 0
+    lane.cached = [0] * b
+    lane.index, stats.compactions = 0, stats.compactions + 1
+    todo = pending()
+    width = bucket(max(todo))
+    if width + budget > cache_len:
+      raise DataError(f"cache_len {cache_len} cannot hold a {max(todo)}-token history "
+                      f"and a {s.max_new_tokens}-token reply", field="cache_len")
+  ids = np.zeros((b, width), np.int32)
+  pos = np.zeros((b, width), np.int32)
+  seg = np.zeros((b, width), np.int32)
+  for i in range(b):
+    if todo[i]:
+      lo, n = lane.cached[i], todo[i]
+      ids[i, width - n:] = eps[i].ids[lo:]
+      pos[i, width - n:] = np.arange(lo, lo + n)
+      seg[i, width - n:] = 1
+      lane.cached[i] = lo + n
+  temp = jnp.float32(lane.temperature)
+  lane.cache, tok, logp = incremental.extend(
+      lane.params, lane.cache, ids, pos, seg, np.int32(lane.index), lane.valid, lane.keys,
+      temp, cfg=lane.cfg, vocab=vocab, view=view(lane.index + width), dtype=dtype,
+      layout=layout)
+  lane.valid[:, lane.index:lane.index + width] = seg
+  lane.index += width
+  stats.extend_calls += 1
+  replies = [[int(t)] if playing[i] else None for i, t in enumerate(np.asarray(tok))]
+  logps = [[float(x)] if playing[i] else None for i, x in enumerate(np.asarray(logp))]
+  kept = [turn_end(replies[i], tokenizer, stops) if playing[i] else None for i in range(b)]
+  # ---- decode until every playing row's turn has ended
+  d_start, written = lane.index, 0
+  position = np.asarray([len(e.ids) if e is not None else 0 for e in eps], np.int32)
+  last = np.asarray(tok)
+  while written < budget and any(playing[i] and kept[i] is None for i in range(b)):
+    lane.cache, toks, lps = incremental.decode(
+        lane.params, lane.cache, last, position + written, np.int32(lane.index), lane.keys,
+        temp, cfg=lane.cfg, vocab=vocab, steps=s.chunk, view=view(lane.index + s.chunk),
+        dtype=dtype, layout=layout)
+    toks, lps = np.asarray(toks), np.asarray(lps)
+    lane.index, written = lane.index + s.chunk, written + s.chunk
+    stats.decode_calls += 1
+    stats.decoded_tokens += b * s.chunk
+    last = toks[:, -1]
+    for i in range(b):
+      if not playing[i] or kept[i] is not None:
+        continue
+      known = len(replies[i])
+      replies[i] += toks[i].tolist()
+      logps[i] += lps[i].tolist()
+      kept[i] = turn_end(replies[i][:s.max_new_tokens], tokenizer, stops,
+                         known=min(known, s.max_new_tokens))
+  # ---- keep each reply's slots (token k sits at slot d_start + k once fed back)
+  for i in range(b):
+    if not playing[i]:
+      continue
+    n = kept[i] or min(len(replies[i]), s.max_new_tokens)
+    replies[i], logps[i] = replies[i][:n], logps[i][:n]
+    in_cache = min(n, written)
+    lane.valid[i, d_start: d_start + in_cache] = 1
+    lane.valid[i, d_start + in_cache: d_start + written] = 0
+    lane.cached[i] = len(eps[i].ids) + in_cache
+  return replies, logps
+
+
+def guided(seed: int, key_id: int, turn: int, prob: float) -> bool:
+  """Whether the teacher plays this turn: a draw of (seed, episode key, turn), so it does
+  not depend on the slot, the other rows or the process."""
+  return prob > 0 and np.random.default_rng([seed, key_id, turn, 0x6D1D]).random() < prob
+
+
 def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
          settings: RolloutSettings, seed: int, stop_ids: Sequence[int] = (),
-         dtype=jnp.float32, progress=None, layout=None) -> tuple[list[Episode], RolloutStats]:
+         dtype=jnp.float32, progress=None, layout=None,
+         teacher=None) -> tuple[list[Episode], RolloutStats]:
   """Plays every job on `len(envs)` slots; episodes come back in the jobs' order. An
   episode's draws are a function of `seed` and its job (its task, prefix and key id), not
   of timing, of the slot it played in, or of the other jobs.
 
   layout: (mesh, rules) to play on a device mesh: the parameters by their logical axes,
-  the slots over the batch axes (data, fsdp) and the KV heads over tensor."""
+  the slots over the batch axes (data, fsdp) and the KV heads over tensor.
+  teacher: (cfg, params) of the model that plays the guided turns: each turn is the
+  teacher's with probability `settings.guide_prob` (drawn per episode and turn, see
+  `guided`), written at `settings.guide_temperature` into its own cache; its tokens are
+  context for the student (not `mine`, log-prob 0)."""
   s = settings
   b = len(envs)
   budget = -(-max(s.max_new_tokens - 1, 1) // s.chunk) * s.chunk
   vocab = int(tokenizer.vocab_size)
-  if vocab > cfg.vocab_size:
-    raise DataError(f"tokenizer has {vocab} tokens, the model {cfg.vocab_size}",
-                    field="vocab_size")
+  models = [("student", cfg)] + ([("teacher", teacher[0])] if teacher is not None else [])
+  for name, c in models:
+    if vocab > c.vocab_size:
+      raise DataError(f"tokenizer has {vocab} tokens, the {name} {c.vocab_size}",
+                      field="vocab_size")
+  if s.guide_prob > 0 and teacher is None:
+    raise DataError("guide_prob > 0 needs the teacher that plays the guided turns",
+                    field="guide_prob")
   stops = set(int(t) for t in stop_ids)
   stats = RolloutStats()
   t0 = time.perf_counter()
@@ -196,20 +336,11 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
   rows: list[dict | None] = [None] * b
   out: dict[int, Episode] = {}
   cache_len = s.cache_len or length_bucket(2 * s.max_len) + budget
-  cache = init_cache(cfg, b, cache_len, dtype)
-  if layout is not None:
-    mesh, rules = layout
-    params = jax.device_put(params, sharding.tree_shardings(
-        params, param_axes(params), mesh, rules))
-    cache = jax.device_put(cache, incremental.cache_shardings(cache, mesh, rules))
-  row_keys = np.zeros((b, 2), np.uint32)
+  student = _lane(cfg, params, b, cache_len, s.temperature, dtype, layout)
+  guide = (_lane(*teacher, b, cache_len, s.guide_temperature, dtype, layout)
+           if teacher is not None and s.guide_prob > 0 else None)
+  lanes = [student] + ([guide] if guide is not None else [])
   base_key = jax.random.PRNGKey(seed)
-  valid = np.zeros((b, cache_len), np.int32)
-  index = 0
-
-  def view(upto: int) -> int:   # the slots a call reads: the live ones, rounded up
-    return min(cache_len, -(-upto // VIEW_STEP) * VIEW_STEP)
-  temp = jnp.float32(s.temperature)
 
   def finish(i: int) -> None:
     row = rows[i]
@@ -218,16 +349,21 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
     if progress is not None:
       progress(1)
     rows[i] = None
-    valid[i] = 0
+    for lane in lanes:
+      lane.reset_row(i)
 
   def start(i: int) -> None:
     while queue:
       order, job = queue.pop(0)
       ep, done = _begin(envs[i], job, tokenizer)
-      rows[i] = {"order": order, "ep": ep, "cached": 0}
-      valid[i] = 0
-      row_keys[i] = np.asarray(jax.random.fold_in(
-          base_key, job.key_id if job.key_id >= 0 else order), np.uint32)
+      key_id = job.key_id if job.key_id >= 0 else order
+      rows[i] = {"order": order, "ep": ep, "key_id": key_id}
+      key = jax.random.fold_in(base_key, key_id)
+      student.keys[i] = np.asarray(key, np.uint32)
+      for lane in lanes:
+        lane.reset_row(i)
+      if guide is not None:   # the teacher's draws: a key of their own
+        guide.keys[i] = np.asarray(jax.random.fold_in(key, 0x6D1D), np.uint32)
       if not done and len(ep.ids) < s.max_len - 1:
         return
       ep.truncated = not done
@@ -236,79 +372,32 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
   for i in range(b):
     start(i)
   while any(rows):
-    # ---- extend: every row's pending tokens as one left-padded block
-    pending = [0 if r is None else len(r["ep"].ids) - r["cached"] for r in rows]
-    width = bucket(max(pending))
-    if index + width + budget > cache_len:
-      for r in rows:
-        if r is not None:
-          r["cached"] = 0
-      valid[:] = 0
-      index, stats.compactions = 0, stats.compactions + 1
-      pending = [0 if r is None else len(r["ep"].ids) for r in rows]
-      width = bucket(max(pending))
-      if width + budget > cache_len:
-        raise DataError(f"cache_len {cache_len} cannot hold a {max(pending)}-token history "
-                        f"and a {s.max_new_tokens}-token reply", field="cache_len")
-    ids = np.zeros((b, width), np.int32)
-    pos = np.zeros((b, width), np.int32)
-    seg = np.zeros((b, width), np.int32)
-    for i, r in enumerate(rows):
-      if r is None or not pending[i]:
+    eps = [None if r is None else r["ep"] for r in rows]
+    by_teacher = [r is not None and guided(seed, r["key_id"], r["ep"].steps, s.guide_prob)
+                  for r in rows]
+    replies: list = [None] * b
+    logps: list = [None] * b
+    for lane, flag in ((student, False), (guide, True)):
+      playing = [r is not None and by_teacher[i] == flag for i, r in enumerate(rows)]
+      if lane is None or not any(playing):
         continue
-      lo, n = r["cached"], pending[i]
-      ids[i, width - n:] = r["ep"].ids[lo:]
-      pos[i, width - n:] = np.arange(lo, lo + n)
-      seg[i, width - n:] = 1
-      r["cached"] = lo + n
-    cache, tok, logp = incremental.extend(params, cache, ids, pos, seg, np.int32(index),
-                                          valid, row_keys, temp, cfg=cfg, vocab=vocab,
-                                          view=view(index + width), dtype=dtype,
-                                          layout=layout)
-    valid[:, index:index + width] = seg
-    index += width
-    stats.extend_calls += 1
-    replies = [[int(t)] for t in np.asarray(tok)]
-    logps = [[float(x)] for x in np.asarray(logp)]
-    kept: list[int | None] = [None if r is None else turn_end(replies[i], tokenizer, stops)
-                              for i, r in enumerate(rows)]
-    # ---- decode until every row's turn has ended
-    d_start, written = index, 0
-    position = np.asarray([len(r["ep"].ids) if r else 0 for r in rows], np.int32)
-    last = np.asarray(tok)
-    while written < budget and any(r is not None and kept[i] is None
-                                   for i, r in enumerate(rows)):
-      cache, toks, lps = incremental.decode(params, cache, last, position + written,
-                                            np.int32(index), row_keys, temp, cfg=cfg,
-                                            vocab=vocab, steps=s.chunk,
-                                            view=view(index + s.chunk), dtype=dtype,
-                                            layout=layout)
-      toks, lps = np.asarray(toks), np.asarray(lps)
-      index, written = index + s.chunk, written + s.chunk
-      stats.decode_calls += 1
-      stats.decoded_tokens += b * s.chunk
-      last = toks[:, -1]
-      for i, r in enumerate(rows):
-        if r is None or kept[i] is not None:
-          continue
-        known = len(replies[i])
-        replies[i] += toks[i].tolist()
-        logps[i] += lps[i].tolist()
-        kept[i] = turn_end(replies[i][:s.max_new_tokens], tokenizer, stops,
-                           known=min(known, s.max_new_tokens))
-    # ---- keep each reply, invalidate the slots past it, step the environments
+      got, lps = _reply(lane, eps, playing, s=s, budget=budget, tokenizer=tokenizer,
+                        stops=stops, vocab=vocab, dtype=dtype, layout=layout, stats=stats)
+      for i in range(b):
+        if playing[i]:
+          replies[i], logps[i] = got[i], lps[i]
+    # ---- record each reply, step the environments
     for i, r in enumerate(rows):
       if r is None:
         continue
-      n = kept[i] or min(len(replies[i]), s.max_new_tokens)
-      reply, ep = replies[i][:n], r["ep"]
-      in_cache = min(n, written)   # reply token k sits at slot d_start + k once fed back
-      valid[i, d_start: d_start + in_cache] = 1
-      valid[i, d_start + in_cache: d_start + written] = 0
-      r["cached"] = len(ep.ids) + in_cache
-      ep.add(reply, reply_kinds(reply, tokenizer), logp=logps[i][:n], mine=True,
-             turn=ep.steps)
-      stats.generated_tokens += n
+      reply, ep, mine = replies[i], r["ep"], not by_teacher[i]
+      ep.add(reply, reply_kinds(reply, tokenizer), logp=logps[i] if mine else None,
+             mine=mine, turn=ep.steps)
+      if mine:
+        stats.generated_tokens += len(reply)
+      else:
+        stats.guided_tokens += len(reply)
+      ep.guided.append(not mine)
       text = tokenizer.decode([t for t in reply if t not in stops])
       _, action = parse_turn(text)
       ep.actions.append(action)
@@ -336,14 +425,15 @@ def play(cfg, params, tokenizer, envs: list, jobs: Sequence[Job], *,
 def to_arrays(episodes: Sequence[Episode], seq_len: int) -> dict[str, np.ndarray]:
   """[N, seq_len] training rows, one episode each (cut at seq_len, padded with 0):
   ids, kinds, positions, segment_ids, logp (the behaviour log-prob of token t), mine,
-  turn, invalid (the token's turn was invalid); per row won_b and offpolicy_b (False)."""
+  turn, invalid (the token's turn was invalid), guided (the teacher wrote it, in a guided
+  turn); per row won_b and offpolicy_b (False)."""
   n = len(episodes)
   out = {"ids": np.zeros((n, seq_len), np.int32), "kinds": np.zeros((n, seq_len), np.int32),
          "positions": np.zeros((n, seq_len), np.int32),
          "segment_ids": np.zeros((n, seq_len), np.int32),
          "logp": np.zeros((n, seq_len), np.float32), "mine": np.zeros((n, seq_len), bool),
          "turn": np.full((n, seq_len), -1, np.int32),
-         "invalid": np.zeros((n, seq_len), bool),
+         "invalid": np.zeros((n, seq_len), bool), "guided": np.zeros((n, seq_len), bool),
          "won_b": np.asarray([e.won for e in episodes], bool),
          "offpolicy_b": np.zeros((n,), bool)}
   for r, ep in enumerate(episodes):
@@ -357,4 +447,7 @@ def to_arrays(episodes: Sequence[Episode], seq_len: int) -> dict[str, np.ndarray
     out["turn"][r, :m] = ep.turn[:m]
     bad = np.asarray(ep.turn_invalid + [False], bool)   # index −1: context
     out["invalid"][r, :m] = bad[np.asarray(ep.turn[:m])]
+    by_teacher = np.asarray(ep.guided + [False], bool)
+    turn = np.asarray(ep.turn[:m])
+    out["guided"][r, :m] = (turn >= 0) & by_teacher[turn] & ~np.asarray(ep.mine[:m])
   return out

@@ -42,10 +42,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       sampled_weight=1.0, full_weight=0.0, divergence="rkl", jsd_beta=0.5, tail="tail_bucket",
       reason_weight=1.0, action_weight=1.0, per_span=False, discount=0.0, kl_coef=1.0,
-      clip_eps=0.2, logp_floor=-20.0, advantage_cap=20.0, reward=0.0, invalid_penalty=0.0))
+      clip_eps=0.2, logp_floor=-20.0, advantage_cap=20.0, reward=0.0, invalid_penalty=0.0,
+      guided_targets=False))
   c.mix = ml_collections.ConfigDict(dict(teacher_share=0.0))   # λ
   # depth curriculum: (from_round, teacher-prefix turns); the last stage reached applies
   c.depth = ((0, 0),)
+  # teacher intervention: each rollout turn is the teacher's with probability prob, which
+  # decays linearly to 0 at round decay_rounds (0: constant); its turns are context, not
+  # targets; temperature 0: the teacher's greedy turn
+  c.guide = ml_collections.ConfigDict(dict(prob=0.0, decay_rounds=0, temperature=0.0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=0, final_fraction=1.0, b1=0.9, b2=0.98, eps=1e-8,
       weight_decay=0.0, clip_norm=1.0))

@@ -3,8 +3,9 @@
 Rows are whole episodes (agent/rollout.py). Position t predicts token t+1; a target is a
 reason or action token the student wrote (`mine`); on rows of the teacher's stored
 episodes (off-policy, `offpolicy_b`) every reason and action token is a target of the
-full-distribution term only. Observation, task and prompt tokens are attended to and
-never targets.
+full-distribution term only, and so, with `guided_targets`, is every token the teacher
+wrote in a guided turn (its label in the student's own state, as DAgger's).
+Observation, task and prompt tokens are attended to and never targets.
 
 (a) Sampled-token reverse KL as a per-token advantage. With the behaviour log-prob
     ℓ_old (logged at sampling) and the teacher's ℓ_T of the same token, both floored at
@@ -58,6 +59,8 @@ class OPDSettings:
   advantage_cap: float = 20.0    # the per-token loss cap: |A_t| ≤ cap
   reward: float = 0.0            # task reward on action tokens of a won episode
   invalid_penalty: float = 0.0   # subtracted on an invalid turn's action tokens
+  guided_targets: bool = False   # the teacher's guided turns (in the student's states) are
+  #                                targets of (b) too: DAgger's labels
 
 
 def targets(batch: dict) -> dict:
@@ -71,7 +74,9 @@ def targets(batch: dict) -> dict:
           "positions_bt": batch["positions"][:, :-1],
           "segment_ids_bt": batch["segment_ids"][:, :-1], "label_kinds_bt": label_kinds,
           "old_logp_bt": batch["logp"][:, 1:] if "logp" in batch else None, "sampled_mask_bt": mine,
-          "full_mask_bt": full}
+          "full_mask_bt": full,
+          "guided_bt": (batch["guided"][:, 1:] & supervised if "guided" in batch
+                        else jnp.zeros_like(mine))}
 
 
 def span_weight(label_kinds_bt, s: OPDSettings):
@@ -177,6 +182,8 @@ def loss_and_metrics(student_logp_btv, batch: dict, scores: dict, *, s: OPDSetti
   t = targets(batch)
   new_logp = jnp.take_along_axis(student_logp_btv, t["labels_bt"][..., None], axis=-1)[..., 0]
   m_a, m_b = t["sampled_mask_bt"], t["full_mask_bt"]
+  if s.guided_targets:
+    m_b = m_b | t["guided_bt"]
   adv, k = advantages(old_logp_bt=t["old_logp_bt"], teacher_logp_bt=scores["teacher_logp"],
                       mask_bt=m_a, label_kinds_bt=t["label_kinds_bt"], s=s,
                       reward_bt=reward_tokens(batch, s))

@@ -55,7 +55,8 @@ def setup(tmp_path_factory, spm_path):
   overrides = [f"--config.student={student}", f"--config.teacher={teacher}",
                f"--config.teacher_data={data}", f"--config.env={ENV}",
                "--config.mix.teacher_share=0.5", "--config.loss.full_weight=0.5",
-               "--config.rounds=3", "--config.depth=((0, 1), (2, 0))"]
+               "--config.rounds=3", "--config.depth=((0, 1), (2, 0))",
+               "--config.guide.prob=0.6", "--config.guide.decay_rounds=2"]
   return overrides
 
 
@@ -77,6 +78,14 @@ def test_depth_stages_and_prefixes():
   assert onpolicy._prefix(traj, 0) == [] and onpolicy._prefix(None, 2) == []
 
 
+def test_guide_probability_decays_linearly_to_zero():
+  guide = configlib.load(os.path.join(REPO, "sad_jax", "configs", "train_opd.py"), [
+      "--config.guide.prob=0.5", "--config.guide.decay_rounds=4"]).guide
+  assert [onpolicy.guide_at(guide, r) for r in (0, 1, 2, 4, 9)] == [0.5, 0.375, 0.25, 0, 0]
+  guide.decay_rounds = 0
+  assert onpolicy.guide_at(guide, 9) == 0.5
+
+
 @pytest.mark.slow
 @pytest.mark.early
 def test_rounds_run_and_a_sigkill_mid_round_resumes_bit_identical(setup, tmp_path):
@@ -85,8 +94,12 @@ def test_rounds_run_and_a_sigkill_mid_round_resumes_bit_identical(setup, tmp_pat
   rows = [json.loads(x) for x in open(os.path.join(clean, "rounds.jsonl"))]
   assert [r["round"] for r in rows] == [-1, 0, 1, 2]
   assert [r["depth"] for r in rows[1:]] == [1, 1, 0]
+  # teacher intervention: 0.6, 0.3, then none; its turns are not the student's tokens
+  assert [r["guide_prob"] for r in rows[1:]] == [0.6, 0.3, 0.0]
+  assert rows[1]["guided_turns"] > 0 and rows[3]["guided_turns"] == 0
   spent = out["spent"]
   assert spent["train_steps"] == 6 and spent["generated_tokens"] > 0
+  assert spent["guided_tokens"] > 0
   assert spent["teacher_tokens"] > spent["generated_tokens"]
   for r in rows[1:]:
     assert np.isfinite(r["loss"]) and r["sampled/tokens"] > 0 and r["full/tokens"] > 0

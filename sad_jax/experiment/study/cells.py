@@ -1,5 +1,5 @@
-"""The study's shared vocabulary, at the bottom of the package: a cell, the workdir's
-JSON records, stage lines, and the invocation log."""
+"""The study's shared vocabulary, at the bottom of the package: a cell, the inputs every
+cell learns from, the workdir's JSON records, stage lines, and the invocation log."""
 
 from __future__ import annotations
 
@@ -34,6 +34,27 @@ class Cell:
   @property
   def name(self) -> str:
     return f"{self.arm}_s{self.seed}_n{self.steps}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DevData:
+  """The dev fold's prepared data, the teacher's store on it, and its episodes (JSONL)."""
+  dataset: str
+  store: str
+  jsonl: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What every cell of a run learns from: the students' prepared data and the teacher's
+  store on it, the dev fold's, the teacher's model and its train-fold episodes (on-policy
+  cells: λ rows, depth prefixes, guided turns), and the students' tokenizer."""
+  dataset: str
+  store: str
+  dev: DevData
+  teacher: str
+  teacher_jsonl: str
+  tokenizer: str
 
 
 def _read(path: str) -> dict | None:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from sad_jax.common.errors import DataError
-from sad_jax.experiment.study.cells import _read, _say, _write, model_stamp
+from sad_jax.experiment.study.cells import DevData, _read, _say, _write, model_stamp
 
 
 class Evaluator:
@@ -95,14 +95,14 @@ def per_span_eval(folder: str, dataset: str, store: str, *, seq_len: int, k: int
           "action_accuracy": float(total["correct"][1] / n[1])}
 
 
-def span_metrics(folder: str, c, dev: dict, ev: Evaluator) -> dict[str, float]:
+def span_metrics(folder: str, c, dev: DevData, ev: Evaluator) -> dict[str, float]:
   """Per-span metrics on the teacher's dev-fold trajectories: teacher-forced reason KL and
   action accuracy, and the decision accuracy that the recorded thought cannot give away."""
   from sad_jax.agent import evaluate
   from sad_jax.data import schema
 
-  out = per_span_eval(folder, dev["dataset"], dev["store"], seq_len=c.data.seq_len,
+  out = per_span_eval(folder, dev.dataset, dev.store, seq_len=c.data.seq_len,
                       k=c.store_k, split="train")
-  trajs = list(schema.read_jsonl(dev["jsonl"]))
+  trajs = list(schema.read_jsonl(dev.jsonl))
   out.update(evaluate.decision_accuracy(ev.policy(folder), trajs, batch=c.eval.batch))
   return out

@@ -12,10 +12,10 @@ import shutil
 
 import ml_collections
 
-from sad_jax.experiment.study.cells import _read, _say, _write, model_stamp
+from sad_jax.experiment.study.cells import Inputs, _read, _say, _write, model_stamp
 
 
-def opd_config(work: str, c, cell, shared: dict) -> ml_collections.ConfigDict:
+def opd_config(work: str, c, cell, shared: Inputs) -> ml_collections.ConfigDict:
   from sad_jax.common import configlib
   from sad_jax.configs import train_opd
 
@@ -23,8 +23,8 @@ def opd_config(work: str, c, cell, shared: dict) -> ml_collections.ConfigDict:
   o.student = os.path.join(work, "cells", cell.start, "final") if cell.start else ""
   o.student_hf_config = ml_collections.ConfigDict(
       {"model_type": "llama", "max_position_embeddings": 4096, **dict(c.student.model)})
-  o.teacher, o.teacher_data = shared["teacher"], shared["teacher_jsonl"]
-  o.tokenizer, o.env, o.seed, o.rounds = shared["tokenizer"], c.env, cell.seed, cell.steps
+  o.teacher, o.teacher_data = shared.teacher, shared.teacher_jsonl
+  o.tokenizer, o.env, o.seed, o.rounds = shared.tokenizer, c.env, cell.seed, cell.steps
   o.rollout.update(max_new_tokens=c.eval.max_new_tokens, max_steps=c.eval.max_steps,
                    max_len=c.data.seq_len)
   o.eval.update(episodes=c.eval.dev_games, max_steps=c.eval.max_steps)
@@ -42,7 +42,7 @@ def _done(run: str, rounds: int) -> bool:
     return any(json.loads(x).get("round") == rounds - 1 for x in f if x.strip())
 
 
-def train(work: str, c, cell, shared: dict) -> bool:
+def train(work: str, c, cell, shared: Inputs) -> bool:
   """Runs the cell's rounds unless the same config already finished on the same start
   model and teacher (a changed input trains again); True if it trained."""
   from sad_jax.agent import onpolicy

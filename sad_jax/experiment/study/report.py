@@ -124,6 +124,7 @@ def write(work: str, c, *, arm_list, records: dict[str, dict], chosen: dict[str,
   ctable, curve_est = _curves_table(records, chosen, curves, replication)
   _plots(out, curve_est, est)
   fold_note = f"{FOLDS_NOTE} {fold_desc.describe(folds)}\n\n" if folds else ""
+  opd = _opd_section(arm_list, records, chosen)
   md = _header(work, c, arm_list, records, teacher, params, command=command, when=when,
                seconds=seconds, fold_note=fold_note) + f"""## Test fold
 
@@ -135,7 +136,7 @@ Decision accuracy: on the teacher's successful dev-fold episodes, the model writ
 thought and action after the recorded history; the share whose action equals the teacher's.
 "forced" action accuracy reads the teacher's thought first, which names the action.
 
-{cf}## Dev fold: success against training steps (budget chosen per arm: ←)
+{cf}{opd}## Dev fold: success against training steps (budget chosen per arm: ←)
 
 {ctable}
 
@@ -151,6 +152,55 @@ thought and action after the recorded history; the share whose action equals the
     f.write(md)
   return (fold_note + table + "\n\n" + dtable + "\n" + "\n".join(verdicts) + rep
           + ("\n" + cf.rstrip() if cf else ""))
+
+
+def _opd_section(arm_list, records: dict[str, dict], chosen: dict[str, int]) -> str:
+  """What each on-policy arm spent (on-policy pays for rollouts and the teacher's scoring),
+  and its rounds: dev success where evaluated, the rollouts' invalid-action rate and the
+  reverse KL per turn, first round against last (the drift signal: KL up, success down)."""
+  opd = [a for a in arm_list if a.objective == "opd"]
+  if not opd:
+    return ""
+  cost = ["| arm | seeds | train steps | student tokens | teacher-scored tokens | teacher-"
+          "written (guided) tokens | minutes: rollouts / scoring / updates / dev |",
+          "|---|---:|---:|---:|---:|---:|---|"]
+  curve = ["| arm | dev success by round (mean over seeds) | invalid actions in rollouts, "
+           "first → last round | reverse KL per turn, first round | last round |",
+           "|---|---|---|---|---|"]
+  for a in opd:
+    rs = [r["opd"] for r in _arm_records(records, a.name, chosen[a.name]) if "opd" in r]
+    if not rs:
+      continue
+    spent = [r["spent"] for r in rs]
+
+    def mean(key, scale=1.0, spent=spent):
+      return float(np.mean([x.get(key, 0.0) for x in spent])) / scale
+    cost.append(f"| {a.name} | {len(rs)} | {mean('train_steps'):.0f} | "
+                f"{mean('generated_tokens', 1e3):.1f} k | {mean('teacher_tokens', 1e3):.1f} k | "
+                f"{mean('guided_tokens', 1e3):.1f} k | " + " / ".join(
+                    f"{mean(k, 60):.1f}" for k in ("rollout_s", "score_s", "update_s", "eval_s"))
+                + " |")
+    dev: dict[int, list[float]] = collections.defaultdict(list)
+    for r in rs:
+      for x in r["rounds"]:
+        if "dev_success" in x:
+          dev[x["round"] + 1].append(x["dev_success"])
+    played = [[x for x in r["rounds"] if x["round"] >= 0] for r in rs]
+
+    def per_turn(i, played=played):
+      kl = np.asarray([[np.nan if v is None else v for v in p[i]["rkl_per_turn"]]
+                       for p in played if p], float)
+      return "[" + ", ".join("–" if np.isnan(v) else f"{v:.2f}"
+                             for v in np.nanmean(kl, 0)) + "]" if kl.size else "–"
+    inv = [np.mean([p[i]["invalid_rate"] for p in played if p]) for i in (0, -1)]
+    curve.append(f"| {a.name} | " + ", ".join(f"r{k} {np.mean(v):.2f}"
+                                                for k, v in sorted(dev.items()))
+                 + f" | {inv[0]:.2f} → {inv[1]:.2f} | {per_turn(0)} | {per_turn(-1)} |")
+  return ("## On-policy rounds: what each arm spent, and how its rounds went\n\n"
+          "Means over each arm's seeds (its cells' `rounds.jsonl`). Round 0 is the starting "
+          "model; dev success is greedy on the dev games; the invalid-action rate and the "
+          "sampled reverse KL per turn index (nats per token) are the rollouts' own "
+          "(temperature 1).\n\n" + "\n".join(cost) + "\n\n" + "\n".join(curve) + "\n\n")
 
 
 def _write_run_meta(out: str, c, teacher: dict, *, command: str, when: str) -> None:

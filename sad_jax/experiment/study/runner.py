@@ -15,6 +15,8 @@ from sad_jax.experiment.study.cache import inputs_of, train
 from sad_jax.experiment.study.cells import (
   _START,
   Cell,
+  DevData,
+  Inputs,
   _read,
   _say,
   _write,
@@ -48,21 +50,21 @@ from sad_jax.experiment.study.stages import (
 from sad_jax.experiment.study.teacher_draws import teacher_draws
 
 
-def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tuple[str, ...],
+def run_cell(work: str, c, cell: Cell, shared: Inputs, ev: Evaluator, splits: tuple[str, ...],
              index: str) -> dict:
   """Trains the cell (unless done) and plays it on `splits`; its record is cells/NAME.json."""
-  student_store = shared["store"]
+  student_store = shared.store
   run = os.path.join(work, "cells", cell.name)
   _say(f"[cell {index}] {cell.name}")
   if cell.objective == "opd":
     did_train = opd_cells.train(work, c, cell, shared)
   else:
-    t = train_config(c, shared["dataset"], objective=cell.objective, model=c.student.model,
+    t = train_config(c, shared.dataset, objective=cell.objective, model=c.student.model,
                      steps=cell.steps, seed=cell.seed, lr=c.student.lr,
                      store=student_store if cell.objective != "sft" else "",
                      overrides=cell.overrides, curriculum=cell.curriculum)
     did_train = train(cell.name, run, t, cell.steps,
-                      inputs=inputs_of(shared["dataset"],
+                      inputs=inputs_of(shared.dataset,
                                        student_store if cell.objective != "sft" else ""))
   folder = os.path.join(run, "final")
   rec_path = os.path.join(work, "cells", cell.name + ".json")
@@ -79,7 +81,7 @@ def run_cell(work: str, c, cell: Cell, shared: dict, ev: Evaluator, splits: tupl
     rec[split] = ev.play(cell.name, folder, split, games,
                          os.path.join(work, "cells", cell.name, f"eval_{split}.json"))
   if "spans" not in rec:
-    rec["spans"] = span_metrics(folder, c, shared["dev"], ev)
+    rec["spans"] = span_metrics(folder, c, shared.dev, ev)
   if cell.objective == "opd":
     rec["opd"] = opd_cells.summary(run)
   _write(rec_path, rec)
@@ -145,13 +147,11 @@ def _run(work: str, c, ev: Evaluator, t0: float, command: str, *, ref: dict | No
     return text
   train_jsonl, dev_jsonl, teacher_dev = stage_teacher_data(work, c, teacher, ev)
   shared = _datasets_and_stores(work, c, expert, expert_ds, teacher, train_jsonl, dev_jsonl)
-  shared |= {"teacher": teacher, "teacher_jsonl": train_jsonl,
-             "tokenizer": tokenizer_of(expert_ds)}
   fold_shift = stage_fold_shift(work, c, train_jsonl if c.protocol == "teacher" else expert, ev)
   records, chosen, curves = _dev_cells(work, c, arm_list, ref, shared, ev)
   final = _test_cells(work, c, arm_list, chosen, shared, ev, records)
   teacher_row = _teacher_row(work, c, final, records, teacher, teacher_draw, teacher_dev,
-                             shared["dev"], ev)
+                             shared.dev, ev)
   _say("[8/8] report")
   text = write(work, c, arm_list=arm_list, records=records, chosen=chosen, curves=curves,
                teacher=teacher_row, seconds=time.perf_counter() - t0, command=command,
@@ -186,7 +186,7 @@ def _arms_to_run(c, ref: dict | None, only: list[str] | None, seeds: int | None)
 
 
 def _datasets_and_stores(work: str, c, expert: str, expert_ds: str, teacher: str,
-                         train_jsonl: str, dev_jsonl: str) -> dict:
+                         train_jsonl: str, dev_jsonl: str) -> Inputs:
   """The students' prepared data and the teacher's stores on it, train and dev."""
   tok = tokenizer_of(expert_ds)
   _say("[5/8] datasets and teacher stores")
@@ -199,12 +199,13 @@ def _datasets_and_stores(work: str, c, expert: str, expert_ds: str, teacher: str
                     field="config.protocol")
   store = stage_store(work, "train", c, dataset, teacher)
   dev_ds = _prepare(work, "dev", dev_jsonl, c, tokenizer=tok, val_fraction=0.0)
-  dev = {"dataset": dev_ds, "store": stage_store(work, "dev", c, dev_ds, teacher),
-         "jsonl": dev_jsonl}
-  return {"dataset": dataset, "store": store, "dev": dev}
+  dev = DevData(dataset=dev_ds, store=stage_store(work, "dev", c, dev_ds, teacher),
+                jsonl=dev_jsonl)
+  return Inputs(dataset=dataset, store=store, dev=dev, teacher=teacher,
+                teacher_jsonl=train_jsonl, tokenizer=tok)
 
 
-def _dev_cells(work: str, c, arm_list: list, ref: dict | None, shared: dict,
+def _dev_cells(work: str, c, arm_list: list, ref: dict | None, shared: Inputs,
                ev: Evaluator) -> tuple[dict[str, dict], dict[str, int], dict]:
   """Every budget of the arms that have a choice to make (two budgets or more) on the dev
   fold, then each arm's choice. An arm with one budget takes it; one with none takes the
@@ -252,7 +253,7 @@ def _dev_cells(work: str, c, arm_list: list, ref: dict | None, shared: dict,
   return records, chosen, curves
 
 
-def _test_cells(work: str, c, arm_list: list, chosen: dict[str, int], shared: dict,
+def _test_cells(work: str, c, arm_list: list, chosen: dict[str, int], shared: Inputs,
                 ev: Evaluator, records: dict[str, dict]) -> list[Cell]:
   """The chosen cells on the test fold, reference's rivals first, ablations after (their
   records join `records`)."""
@@ -265,7 +266,7 @@ def _test_cells(work: str, c, arm_list: list, chosen: dict[str, int], shared: di
 
 
 def _teacher_row(work: str, c, final: list[Cell], records: dict[str, dict], teacher: str,
-                 teacher_draw: dict, teacher_dev: dict, dev: dict, ev: Evaluator) -> dict:
+                 teacher_draw: dict, teacher_dev: dict, dev: DevData, ev: Evaluator) -> dict:
   """The teacher's row of the report: dev and test play, per-span metrics, its draws, and
   the counterfactual fold."""
   # beside its checkpoint, where stage_teacher scored the candidates: played once
