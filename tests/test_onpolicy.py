@@ -231,3 +231,11 @@ def test_guided_turns_are_targets_of_the_full_term_only_when_asked(x64):
   p = np.exp(np.asarray(student[0]))
   rkl = [float(np.sum(p[i] * (np.log(p[i]) - TEACHER[ids[0, i]]))) for i in (0, 2)]
   assert float(m["full/loss"]) == pytest.approx(np.mean(rkl), rel=1e-6)
+
+
+def test_guided_targets_without_the_full_term_is_refused():
+  from sad_jax.common.errors import DataError
+
+  with pytest.raises(DataError, match="full_weight"):
+    onpolicy.check(onpolicy.OPDSettings(guided_targets=True, full_weight=0.0))
+  assert onpolicy.check(onpolicy.OPDSettings(guided_targets=True, full_weight=1.0))

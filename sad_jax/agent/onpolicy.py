@@ -187,14 +187,14 @@ def share(n: int, *, field: str) -> slice:
 
 def play_share(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout, field,
                teacher=None) -> tuple[list[rollout.Episode], np.ndarray]:
-  """This process plays its share of `jobs` (episode keys: their index in `jobs`).
+  """This process plays its share of `jobs` (episode keys: their index in `jobs`);
+  `teacher` (cfg, params) plays the guided turns, its params on this process's devices.
   Returns its episodes and, for every job of every process, [won, the student's turns,
   its invalid turns, its tokens, guided turns, guided tokens]."""
   mine = [dataclasses.replace(j, key_id=i) for i, j in enumerate(jobs)][share(
       len(jobs), field=field)]
-  gather = (lambda x: x) if jax.process_count() == 1 else to_host
-  teacher = None if teacher is None else (teacher[0], gather(teacher[1]))
-  eps, _ = rollout.play(cfg, gather(params), tok, envs, mine, settings=settings, seed=seed,
+  params = params if jax.process_count() == 1 else to_host(params)
+  eps, _ = rollout.play(cfg, params, tok, envs, mine, settings=settings, seed=seed,
                         stop_ids=stop, layout=layout, teacher=teacher)
   summary = np.asarray([[e.won, e.steps - sum(e.guided),
                          sum(b and not g for b, g in zip(e.turn_invalid, e.guided)),
@@ -228,7 +228,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
   # ---- models
   (cfg, params), (t_cfg, t_params), tok, tok_path = _load_models(config, mesh)
   vocab, dtype = int(tok.vocab_size), jnp.float32
-  settings = onpolicy.OPDSettings(**dict(config.loss))
+  settings = onpolicy.check(onpolicy.OPDSettings(**dict(config.loss)))
   stop = [tok.eos_id] if tok.eos_id is not None else []
 
   # ---- environments and data
@@ -244,6 +244,9 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
   off_rows = teacher_rows(stored, tok, seq_len) if lam else None
   t_params = place(t_params, sharding.tree_shardings(t_params, transformer.param_axes(t_params),
                                                      mesh, rules))
+  # the guided turns' teacher, on this process's devices (gathered once: it is fixed)
+  guide_teacher = (None if not float(config.guide.prob) else
+                   (t_cfg, t_params if jax.process_count() == 1 else to_host(t_params)))
 
   # ---- state
   rounds, updates, batch = int(config.rounds), int(config.updates), int(config.batch)
@@ -270,7 +273,8 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
     abstract = ckpt_lib.abstract_with_shardings(state, state_sh)
     got = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    state, start, spent = got["state"], int(got["meta"]["round"]), got["meta"]["spent"]
+    state, start = got["state"], int(got["meta"]["round"])
+    spent |= got["meta"]["spent"]   # a budget added since that checkpoint starts at 0
     if is_main:
       print(f"resumed from round {start}", flush=True)
   off_scores = None
@@ -312,7 +316,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
                                 settings=_settings(config, guide),
                                 seed=int(rng.integers(1 << 31)), stop=stop, layout=layout,
                                 field="config.rollout.episodes",
-                                teacher=(t_cfg, t_params) if guide > 0 else None)
+                                teacher=guide_teacher if guide > 0 else None)
       arr = to_host(rollout.to_arrays(eps, seq_len))   # every process's rows, in job order
       t1 = time.perf_counter()
       with on_mesh():

@@ -41,7 +41,8 @@ def arm(name, objective, *, seeds, budgets=(), overrides=(), curriculum=False, s
 # split on the student's own tokens (each span normalised by its own count); token_kd+opd is
 # flat over every generated token; gkd mixes the teacher's episodes into half of each batch;
 # sad+guided is sad+opd with teacher intervention (half the turns the teacher's in round 0,
-# none by the last; its turns are targets too: DAgger's labels in the student's states).
+# 0.025 in round 19, the last); its turns are targets too: DAgger's labels in the student's
+# states.
 OPD_ARMS = (
     ("sad+opd", "sad", ("loss.per_span=True",)),
     ("sad+guided", "sad", ("loss.per_span=True", "guide.prob=0.5", "guide.decay_rounds=20",

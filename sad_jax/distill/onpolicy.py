@@ -35,6 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sad_jax.common.errors import DataError
 from sad_jax.common.types import SpanKind
 from sad_jax.distill import losses
 from sad_jax.models.config import ModelConfig
@@ -61,6 +62,15 @@ class OPDSettings:
   invalid_penalty: float = 0.0   # subtracted on an invalid turn's action tokens
   guided_targets: bool = False   # the teacher's guided turns (in the student's states) are
   #                                targets of (b) too: DAgger's labels
+
+
+def check(s: OPDSettings) -> OPDSettings:
+  """Settings that would silently do nothing are refused."""
+  if s.guided_targets and not s.full_weight:
+    raise DataError("loss.guided_targets trains on the teacher's guided turns through the "
+                    "full-distribution term: it needs loss.full_weight > 0",
+                    field="config.loss.guided_targets")
+  return s
 
 
 def targets(batch: dict) -> dict:
