@@ -199,7 +199,7 @@ def play_share(cfg, params, tok, envs, jobs, *, settings, seed, stop, layout, fi
   summary = np.asarray([[e.won, e.steps - sum(e.guided),
                          sum(b and not g for b, g in zip(e.turn_invalid, e.guided)),
                          sum(e.mine), sum(e.guided),
-                         sum(t >= 0 and not m for t, m in zip(e.turn, e.mine))]
+                         sum(e.by_teacher())]
                         for e in eps], np.int64).reshape(-1, 6)
   return eps, to_host(summary)
 

@@ -91,6 +91,11 @@ class Episode:
   guided: list[bool] = dataclasses.field(default_factory=list)   # the teacher's turn
   observations: list[str] = dataclasses.field(default_factory=list)
 
+  def by_teacher(self) -> list[bool]:
+    """Per token: the teacher wrote it, in a guided turn (a reply token not the student's;
+    prompt, prefix and observations have turn −1)."""
+    return [t >= 0 and not m for t, m in zip(self.turn, self.mine)]
+
   def add(self, ids, kinds, *, logp=None, mine=False, turn=-1) -> None:
     self.ids += [int(i) for i in ids]
     self.kinds += [int(k) for k in kinds]
@@ -447,7 +452,5 @@ def to_arrays(episodes: Sequence[Episode], seq_len: int) -> dict[str, np.ndarray
     out["turn"][r, :m] = ep.turn[:m]
     bad = np.asarray(ep.turn_invalid + [False], bool)   # index −1: context
     out["invalid"][r, :m] = bad[np.asarray(ep.turn[:m])]
-    by_teacher = np.asarray(ep.guided + [False], bool)
-    turn = np.asarray(ep.turn[:m])
-    out["guided"][r, :m] = (turn >= 0) & by_teacher[turn] & ~np.asarray(ep.mine[:m])
+    out["guided"][r, :m] = ep.by_teacher()[:m]
   return out
