@@ -523,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from sad_jax.common import cloud
+
+  cloud.configure_clients()  # before any library makes a store client
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   try:
@@ -533,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
   except SadJaxError as e:
     print(f"sad-jax: error: {e}", file=sys.stderr)
+    cloud.exit_now_if_stuck(2)
     return 2
   except KeyboardInterrupt:
     print("sad-jax: interrupted", file=sys.stderr)

@@ -21,9 +21,10 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import IO, Any
+
+from sad_jax.common import cloud
 
 COMPLETE_MARKER = "_complete.json"
 _URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
@@ -43,12 +44,29 @@ def _fs(path: str):
   import fsspec
 
   protocol = os.fspath(path).split("://", 1)[0]
+  cloud.configure_clients()
   try:
-    return fsspec.filesystem(protocol, use_listings_cache=False)
+    return fsspec.filesystem(protocol, use_listings_cache=False, **cloud.fs_options(protocol))
   except ImportError as e:  # gcsfs (gs://) or s3fs (s3://) missing
     hint = ("pip install 'sad_jax[gcs]'" if protocol in ("gs", "gcs")
             else "install its fsspec backend")
     raise OSError(f"{protocol}:// paths need an fsspec backend ({hint}): {e}") from None
+
+
+def _remote(op: str):
+  """On a remote path, a store failure in the function becomes cloud.StoreError naming
+  `op` and the path (missing objects stay FileNotFoundError)."""
+  import functools
+
+  def wrap(fn):
+    @functools.wraps(fn)
+    def call(path, *args, **kwargs):
+      if not is_remote(path):
+        return fn(path, *args, **kwargs)
+      with cloud.remote_op(op, os.fspath(path)):
+        return fn(path, *args, **kwargs)
+    return call
+  return wrap
 
 
 def join(path: str | os.PathLike, *parts: str) -> str:
@@ -67,26 +85,40 @@ def abspath(path: str | os.PathLike) -> str:
   return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
 
 
+def _kind(path: str) -> str | None:
+  """"file", "directory" or None (nothing there). fsspec's isdir/isfile answer False on
+  any error, so a refused or failed request would read as "no such folder"."""
+  try:
+    return _fs(path).info(path)["type"]
+  except FileNotFoundError:
+    return None
+
+
+@_remote("check existence")
 def exists(path: str | os.PathLike) -> bool:
   path = os.fspath(path)
   return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
 
 
+@_remote("check for a folder")
 def isdir(path: str | os.PathLike) -> bool:
   path = os.fspath(path)
-  return _fs(path).isdir(path) if is_remote(path) else os.path.isdir(path)
+  return _kind(path) == "directory" if is_remote(path) else os.path.isdir(path)
 
 
+@_remote("check for a file")
 def isfile(path: str | os.PathLike) -> bool:
   path = os.fspath(path)
-  return _fs(path).isfile(path) if is_remote(path) else os.path.isfile(path)
+  return _kind(path) == "file" if is_remote(path) else os.path.isfile(path)
 
 
+@_remote("read the size")
 def getsize(path: str | os.PathLike) -> int:
   path = os.fspath(path)
   return int(_fs(path).size(path)) if is_remote(path) else os.path.getsize(path)
 
 
+@_remote("list")
 def listdir(path: str | os.PathLike) -> list[str]:
   """Names in a folder (FileNotFoundError when there is none)."""
   path = os.fspath(path)
@@ -106,7 +138,7 @@ def glob(folder: str | os.PathLike, pattern: str) -> list[str]:
   folder = os.fspath(folder)
   try:
     names = listdir(folder)
-  except OSError:
+  except (FileNotFoundError, NotADirectoryError):  # a store failure is not "no files"
     return []
   return sorted(join(folder, n) for n in names if fnmatch.fnmatchcase(n, pattern))
 
@@ -117,6 +149,7 @@ def makedirs(path: str | os.PathLike) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+@_remote("delete")
 def rmtree(path: str | os.PathLike) -> None:
   path = os.fspath(path)
   if not is_remote(path):
@@ -128,6 +161,7 @@ def rmtree(path: str | os.PathLike) -> None:
       fs.rm(path, recursive=True)
 
 
+@_remote("delete")
 def remove(path: str | os.PathLike) -> None:
   path = os.fspath(path)
   with contextlib.suppress(FileNotFoundError):
@@ -152,11 +186,15 @@ def open_file(path: str | os.PathLike, mode: str = "r") -> IO:
   return io.TextIOWrapper(f, encoding="utf-8")
 
 
+@_remote("read")
 def read_bytes(path: str | os.PathLike) -> bytes:
+  if is_remote(path):  # one request (open() would ask for the object's info first)
+    return _fs(os.fspath(path)).cat_file(os.fspath(path))
   with open_file(path, "rb") as f:
     return f.read()
 
 
+@_remote("read")
 def read_text(path: str | os.PathLike) -> str:
   return read_bytes(path).decode("utf-8")
 
@@ -166,9 +204,11 @@ def copyfile(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   src, dst = os.fspath(src), os.fspath(dst)
   if is_remote(dst):
     local = local_copy(src) if is_remote(src) else src
-    _fs(dst).put_file(local, dst)
+    with cloud.remote_op("upload", dst):
+      _fs(dst).put_file(local, dst)
   elif is_remote(src):
-    _fs(src).get_file(src, dst)
+    with cloud.remote_op("download", src):
+      _fs(src).get_file(src, dst)
   else:
     shutil.copyfile(src, dst)
 
@@ -182,6 +222,7 @@ def cache_dir() -> str:
 _READ_ATTEMPTS = 5  # reads of an object that keeps changing under them, before giving up
 
 
+@_remote("download")
 def local_copy(path: str | os.PathLike) -> str:
   """A local path holding the file at `path`: `path` itself when local, else a copy in
   cache_dir() keyed by the object's URL and version (generation/etag and size), so a
@@ -232,70 +273,6 @@ def _staged_path(path: str, info: dict) -> str:
   return os.path.join(cache_dir(), key, posixpath.basename(path))
 
 
-# ----------------------------------------------------------------------------- conditional writes
-
-
-def _gcsfs(fs) -> bool:
-  """gcsfs (gs://): its requests can carry GCS's generation preconditions."""
-  return hasattr(fs, "_call") and hasattr(fs, "_location") and "gs" in (
-      fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def read_versioned(path: str) -> tuple[bytes, int | None]:
-  """An object's bytes and the generation they are (0: no object; None: a store without
-  generations). The generation is read before and after, so the pair is consistent."""
-  fs = _fs(path)
-  for _ in range(_READ_ATTEMPTS):
-    try:
-      before = fs.info(path)
-    except FileNotFoundError:
-      return b"", 0 if _gcsfs(fs) else None
-    data = fs.cat_file(path)
-    if _read_whole(fs, path, before, len(data)):
-      generation = before.get("generation")
-      return data, int(generation) if generation is not None and _gcsfs(fs) else None
-  raise _changed_while_read(path)
-
-
-def put_if_generation(path: str, data: bytes, generation: int | None) -> int | None:
-  """Writes the object `path` whole, only if its live generation is still `generation`
-  (0: no object yet); returns the new generation.
-
-  On gs:// the precondition travels with the upload, so the server refuses a write that
-  would replace content this writer has not seen: a second writer of the same object, or a
-  delayed duplicate of this writer's own earlier upload (a client retry whose first
-  attempt reaches the server late would otherwise put older bytes back over newer ones).
-  A refusal that finds this very content live (a retry of an upload that had landed) is
-  taken as success. Stores without generations (`generation` None): a plain upload."""
-  fs = _fs(path)
-  if generation is None or not _gcsfs(fs):
-    fs.pipe_file(path, data)
-    return None
-  import base64
-  from urllib.parse import quote
-
-  from fsspec.asyn import sync
-
-  bucket, key, _ = fs.split_path(path)
-  body = (b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
-          + json.dumps({"name": key}).encode()
-          + b"\n--==0==\nContent-Type: application/octet-stream\n\n" + data
-          + b"\n--==0==--")
-  try:
-    out = sync(fs.loop, fs._call, "POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
-               uploadType="multipart", ifGenerationMatch=str(generation), data=body,
-               headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
-    return int(out["generation"])
-  except FileExistsError:  # 412: the live generation is not `generation`
-    live = fs.info(path)
-    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
-    if int(live.get("size") or 0) == len(data) and live.get("md5Hash") == md5:
-      return int(live["generation"])
-    raise OSError(f"{path}: another writer replaced this object (expected generation "
-                  f"{generation}, found {live.get('generation')}); is a second run writing "
-                  "the same folder?") from None
-
-
 def _files_under(folder: str) -> dict[str, int]:
   """relative path → size of every file under a local folder (but the marker)."""
   out = {}
@@ -315,15 +292,17 @@ def write_marker(folder: str) -> None:
     json.dump({"files": _files_under(folder)}, f, indent=1)
 
 
-def require_complete(folder: str | os.PathLike, *, what: str) -> None:
+@_remote("check completeness")
+def require_complete(folder: str | os.PathLike, *, what: str) -> dict[str, dict] | None:
   """On an object store, a folder is complete only when its marker is there and every file
   it lists is there with its size (files may land in any order: an upload, a copy).
-  Local folders appear by rename and are complete when they exist."""
+  Local folders appear by rename and are complete when they exist. Returns the remote
+  folder's listing (relative path → the object's info), None for a local folder."""
   from sad_jax.common.errors import DataError
 
   folder = os.fspath(folder).rstrip("/")
   if not is_remote(folder):
-    return
+    return None
   marker = join(folder, COMPLETE_MARKER)
   try:
     listed = json.loads(read_text(marker))["files"]
@@ -334,14 +313,22 @@ def require_complete(folder: str | os.PathLike, *, what: str) -> None:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise DataError(f"cannot read the completion marker: {e}", path=marker,
                     field="files") from None
-  fs = _fs(folder)
-  have = {posixpath.relpath(p["name"], fs._strip_protocol(folder)): int(p.get("size") or 0)
-          for p in fs.find(folder, detail=True).values()}
+  listing = _listing(folder)
+  have = {rel: int(info.get("size") or 0) for rel, info in listing.items()}
   for rel, size in listed.items():
     if have.get(rel) != size:
       raise DataError(f"incomplete {what}: {rel} is "
                       + ("missing" if rel not in have else f"{have[rel]} bytes, not {size}"),
                       path=join(folder, rel), field="files")
+  return listing
+
+
+def _listing(folder: str) -> dict[str, dict]:
+  """relative path → info of every object under a remote folder (one listing request per
+  thousand objects)."""
+  fs = _fs(folder)
+  root = fs._strip_protocol(folder)
+  return {posixpath.relpath(p["name"], root): p for p in fs.find(folder, detail=True).values()}
 
 
 def _upload_dir(local: str, remote: str) -> None:
@@ -352,55 +339,9 @@ def _upload_dir(local: str, remote: str) -> None:
   remove(join(remote, COMPLETE_MARKER))
   rmtree(remote)
   files = _files_under(local)
-  for rel in files:
-    fs.put_file(os.path.join(local, rel), join(remote, rel))
-  fs.put_file(os.path.join(local, COMPLETE_MARKER), join(remote, COMPLETE_MARKER))
-
-
-class AppendFile:
-  """A file that grows by lines or records (metrics.jsonl, TensorBoard events). Locally an
-  append-mode file flushed per write. An object cannot be appended to: the whole content is
-  kept and the object rewritten at most every `interval` seconds and on close (each upload
-  replaces it whole, so a reader sees an earlier complete version, never a torn one). Each
-  upload is conditional on the generation this writer last wrote or read
-  (`put_if_generation`): a second writer of the object fails loudly instead of silently
-  replacing the first one's rows."""
-
-  def __init__(self, path: str | os.PathLike, *, binary: bool = False, interval: float = 10.0):
-    self.path = os.fspath(path)
-    self._binary = binary
-    self._interval = interval
-    self._remote = is_remote(self.path)
-    if self._remote:
-      data, self._generation = read_versioned(self.path)  # a resumed run continues it
-      self._data = bytearray(data)
-      self._dirty = True
-      self._last = 0.0
-    else:
-      makedirs(os.path.dirname(os.path.abspath(self.path)))
-      self._f = open(self.path, "ab" if binary else "a",
-                     encoding=None if binary else "utf-8")
-
-  def write(self, data: bytes | str) -> None:
-    if not self._remote:
-      self._f.write(data)
-      self._f.flush()
-      return
-    self._data += data if isinstance(data, bytes) else data.encode("utf-8")
-    self._dirty = True
-    if time.monotonic() - self._last >= self._interval:
-      self.flush()
-
-  def flush(self) -> None:
-    if self._remote and self._dirty:
-      self._generation = put_if_generation(self.path, bytes(self._data), self._generation)
-      self._dirty, self._last = False, time.monotonic()
-
-  def close(self) -> None:
-    if self._remote:
-      self.flush()
-    else:
-      self._f.close()
+  for rel in [*files, COMPLETE_MARKER]:
+    with cloud.remote_op("upload", join(remote, rel)):
+      fs.put_file(os.path.join(local, rel), join(remote, rel))
 
 
 def json_dump(path: str | os.PathLike, value: Any, **kwargs) -> None:
@@ -482,7 +423,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
       local = os.path.join(tmp_dir, posixpath.basename(path))
       with open(local, mode, encoding=None if "b" in mode else "utf-8") as f:
         yield f
-      _fs(path).put_file(local, path)
+      with cloud.remote_op("upload", path):
+        _fs(path).put_file(local, path)
     return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -513,7 +455,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="sad_jax_upload_") as tmp:
       yield tmp
       write_marker(tmp)
-      _upload_dir(tmp, path)
+      with cloud.remote_op("upload a folder", path):
+        _upload_dir(tmp, path)
     return
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)

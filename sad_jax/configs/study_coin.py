@@ -2,6 +2,8 @@
 
   sad-jax study --config configs/study_coin.py               # the study (hours on 2 cores)
   sad-jax study --config configs/study_coin.py:rooms6        # the second environment
+  sad-jax study --config configs/study_coin.py:opd           # on-policy arms (4 rooms)
+  sad-jax study --config configs/study_coin.py:opd_rooms6    # on-policy arms (6 rooms)
   sad-jax study --config configs/study_coin.py --teachers --config.teacher.draws=8
                                         # only the teacher: how far 8 draws of it spread
   sad-jax demo                                                # = this file's "demo" plan
@@ -53,13 +55,21 @@ OPD_ARMS = (
 )
 
 
+def _opd_rounds(c: ml_collections.ConfigDict) -> None:
+  """The settings of every opd arm's rounds. lr chosen on the 4-room dev fold (64 games,
+  from the demo's sad_s0_n200 at 0.688, 20 rounds; docs/onpolicy.md): at 3e-4 every setting
+  fell to 0.41–0.58, at 1e-4 and 3e-5 none moved outside 0.58–0.73; 3e-5 (gkd: 0.72 at
+  round 20) was the steadiest."""
+  c.opd_overrides = ("optim.lr=3e-5", "loss.full_weight=1.0", "eval.every=5")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "rooms6", "demo", "quick", "opd", "opd_quick"):
-    raise ValueError(f"unknown argument {arg!r}; expected rooms6, demo, quick, opd or "
-                     "opd_quick")
+  if arg not in (None, "rooms6", "demo", "quick", "opd", "opd_quick", "opd_rooms6"):
+    raise ValueError(f"unknown argument {arg!r}; expected rooms6, demo, quick, opd, "
+                     "opd_quick or opd_rooms6")
   c = ml_collections.ConfigDict()
   c.name = "coin" if arg is None else f"coin_{arg}"
-  rooms = 6 if arg == "rooms6" else 4
+  rooms = 6 if arg in ("rooms6", "opd_rooms6") else 4
   c.env = ENV.format(rooms=rooms)
   c.protocol = "teacher"          # teacher: students learn from the teacher's own episodes;
   #                                 oracle: from the expert's (a separately labelled condition)
@@ -121,17 +131,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               *(arm(n, "opd", seeds=range(2), budgets=(rounds,), start=start, overrides=o)
                 for n, start, o in OPD_ARMS))
     c.reference = "sad+opd"
-    # lr chosen on the dev fold (64 games, from the demo's sad_s0_n200 at 0.688, 20 rounds;
-    # docs/onpolicy.md): at 3e-4 every setting fell to 0.41–0.58, at 1e-4 and 3e-5 none
-    # moved outside 0.58–0.73; 3e-5 (gkd: 0.72 at round 20) was the steadiest
-    c.opd_overrides = ("optim.lr=3e-5", "loss.full_weight=1.0", "eval.every=5")
-    if arg == "opd_quick":
-      c.expert.episodes, c.teacher.steps = 100, 20
-      c.teacher_data.train_games, c.teacher_data.keep = 16, "all"
-      c.data.batch = 2
-      c.eval.dev_games, c.eval.test_games, c.eval.max_steps = 4, 4, 4
-      c.opd_overrides = (*c.opd_overrides, "rollout.episodes=4", "rollout.slots=4",
-                         "updates=2", "batch=2", "eval.every=1")
+    _opd_rounds(c)
+  if arg == "opd_rooms6":
+    # the on-policy arms on the second environment. The off-policy starts train the budget
+    # the 6-room study chose on its dev fold for sad and token_kd (400 steps) on half its
+    # train games; the rounds' settings are the 4-room dev fold's (not chosen again here)
+    c.teacher_data.train_games = 320
+    c.eval.dev_games, c.eval.test_games = 32, 48
+    c.eval.test_rewrite = ()
+    c.arms = (arm("sad", "sad", seeds=range(2), budgets=(400,)),
+              arm("token_kd", "token_kd", seeds=range(2), budgets=(400,)),
+              *(arm(n, "opd", seeds=range(2), budgets=(20,), start=start, overrides=o)
+                for n, start, o in OPD_ARMS))
+    c.reference = "sad+opd"
+    _opd_rounds(c)
+  if arg == "opd_quick":
+    c.expert.episodes, c.teacher.steps = 100, 20
+    c.teacher_data.train_games, c.teacher_data.keep = 16, "all"
+    c.data.batch = 2
+    c.eval.dev_games, c.eval.test_games, c.eval.max_steps = 4, 4, 4
+    c.opd_overrides = (*c.opd_overrides, "rollout.episodes=4", "rollout.slots=4",
+                       "updates=2", "batch=2", "eval.every=1")
   if arg == "quick":  # a smoke run of every stage (≈ 3 min): no figure means anything
     c.expert.episodes = 100
     c.teacher.steps = 20

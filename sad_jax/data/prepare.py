@@ -339,26 +339,31 @@ def load_prepared(path: str | os.PathLike):
   """(builder, tokenizer, metadata) of a prepared dataset; checks the tokenizer fingerprint."""
   builder = tfds_builder.load_builder(path)
   meta = dict(builder.info.metadata)
-  _check_report(path, meta)
-  tok_path = next((fileio.join(path, n) for n in ("tokenizer.model", "tokenizer.json")
-                   if fileio.exists(fileio.join(path, n))), None)
-  if tok_path is None:
+  local = tfds_builder.metadata_dir(builder)  # `path`, or its staged small files
+  _check_report(path, meta, local=local)
+  name = next((n for n in ("tokenizer.model", "tokenizer.json")
+               if fileio.exists(fileio.join(local, n))), None)
+  if name is None:
     raise DataError("prepared dataset has no tokenizer file", path=path)
-  tok = load_tokenizer(tok_path)
+  tok = load_tokenizer(fileio.join(local, name))
+  if local != os.fspath(path) and hasattr(tok, "path"):
+    tok.path = fileio.join(path, name)  # read from the staged copy; named as the user's
   if tok.fingerprint != meta.get("tokenizer_fingerprint"):
     raise DataError("tokenizer does not match the dataset's tokenizer_fingerprint",
-                    path=tok_path, field="tokenizer_fingerprint")
+                    path=fileio.join(path, name), field="tokenizer_fingerprint")
   return builder, tok, meta
 
 
-def _check_report(path: str | os.PathLike, meta: dict) -> None:
+def _check_report(path: str | os.PathLike, meta: dict, *, local: str | None = None) -> None:
   """metadata.json's fingerprint must be the one prepare reported: training and the teacher
-  store trust it, so an edited one would pair a dataset with the wrong store."""
+  store trust it, so an edited one would pair a dataset with the wrong store. `local`: a
+  staged copy of the dataset's small files to read (errors name `path`)."""
   report_path = fileio.join(path, "prepare_report.json")
-  if not fileio.exists(report_path):
+  read_path = fileio.join(local or path, "prepare_report.json")
+  if not fileio.exists(read_path):
     return
   try:
-    reported = json.loads(fileio.read_text(report_path)).get("fingerprint")
+    reported = json.loads(fileio.read_text(read_path)).get("fingerprint")
   except (OSError, ValueError, AttributeError) as e:
     raise DataError(f"cannot read the prepare report: {e}", path=report_path) from None
   if reported != meta.get("fingerprint"):

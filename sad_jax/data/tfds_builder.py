@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sad_jax.common import fileio
-from sad_jax.common.errors import DataError
+from sad_jax.common import cloud, fileio, objects
+from sad_jax.common.errors import DataError, SadJaxError
 
 FORMAT_VERSION = 1
 # Per-trajectory numbers, stored as one int32 vector `stats` (one feature instead of
@@ -117,22 +118,60 @@ def _deterministic_records() -> Iterator[None]:
     cls.serialize_example = original
 
 
+RECORDS = ".array_record-"  # in the name of every record file (shard) of a split
+_RECORDS_ATTR = "_sad_jax_records_dir"
+
+
+def records_dir(builder) -> str:
+  """The folder a loaded builder's record files are in (a remote dataset's builder reads
+  its metadata from a staged local copy)."""
+  return getattr(builder, _RECORDS_ATTR, None) or os.fspath(builder.data_dir)
+
+
+def metadata_dir(builder) -> str:
+  """The local folder holding a loaded builder's small files (tokenizer, reports)."""
+  return os.fspath(builder.data_dir)
+
+
 def load_builder(path: str | os.PathLike):
   """The read-only builder of a prepared dataset folder, with a clear error if it is not one."""
   path = fileio.abspath(path) if fileio.is_remote(path) else os.fspath(path)
   info_path = fileio.join(path, "dataset_info.json")
   if not fileio.exists(info_path):
     raise DataError("not a prepared dataset (no dataset_info.json)", path=path)
-  fileio.require_complete(path, what="prepared dataset")
+  listing = fileio.require_complete(path, what="prepared dataset")
+  # On an object store, tfds would read its metadata files with several requests each; the
+  # small files are staged locally in one request each and the records read where they are
+  meta_dir = path if listing is None else objects.stage_files(
+      path, listing, [n for n in listing if RECORDS not in n])
   try:
-    builder = tfds.builder_from_directory(path)
+    builder = tfds.builder_from_directory(meta_dir)
   except Exception as e:  # tfds raises assorted errors on damaged metadata
     raise DataError(f"cannot read prepared dataset metadata: {e}", path=info_path) from None
+  setattr(builder, _RECORDS_ATTR, path)
   meta = dict(builder.info.metadata or {})
   if meta.get("format_version") != FORMAT_VERSION:
     raise DataError(f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}",
                     path=fileio.join(path, "metadata.json"), field="format_version")
   return builder
+
+
+class _Records:
+  """What `builder.as_data_source(split)` is (ArrayRecord's data source over the split's
+  files in shard order, each record decoded by the builder's features), for files in
+  another folder than the builder's metadata."""
+
+  def __init__(self, files: list[str], features):
+    from array_record.python import array_record_data_source
+
+    self._src = array_record_data_source.ArrayRecordDataSource(sorted(files))
+    self._features = features
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i: int) -> dict:
+    return self._features.deserialize_example_np(self._src[i])
 
 
 class DataSource:
@@ -142,24 +181,43 @@ class DataSource:
 
   def __init__(self, builder, split: str):
     self.split = split
-    self.dir = os.fspath(builder.data_dir)
-    if not self._files():
+    self.dir = records_dir(builder)
+    self._features = builder.info.features
+    files = self._files()
+    if not files:
       raise DataError(f"the record file of split {split!r} is missing",
                       path=fileio.join(self.dir, f"*-{split}.array_record-*"))
+    self._path = files[0] if len(files) == 1 else fileio.join(
+        self.dir, f"*-{split}.array_record-*")
+    def open_source():
+      if self.dir == os.fspath(builder.data_dir):
+        src = builder.as_data_source(split)
+      else:  # records elsewhere than the metadata: the same reader and decoding as tfds's
+        src = _Records(files, builder.info.features)
+      return src, len(src)
+
     try:
-      self._src = builder.as_data_source(split)
-      self._n = len(self._src)
+      self._src, self._n = self._bounded(open_source, f"open split {split!r}")
+    except SadJaxError:
+      raise
     except Exception as e:  # array_record raises RuntimeError when it opens a damaged file
+      store = cloud.cpp_store_error(e, op=f"open split {split!r}", path=self.where())
+      if store is not None:
+        raise store from None
       raise DataError(f"cannot open split {split!r}: {e}", path=self.where()) from None
+
+  def _bounded(self, fn, op: str):
+    """On an object store, ArrayRecord's reads run under cloud.bounded's deadline."""
+    if not fileio.is_remote(self.dir):
+      return fn()
+    return cloud.bounded(fn, op=op, path=self.where())
 
   def _files(self) -> list[str]:
     return fileio.glob(self.dir, f"*-{self.split}.array_record-*")
 
   def where(self) -> str:
     """The split's record file (or their pattern when there are several)."""
-    files = self._files()
-    return files[0] if len(files) == 1 else fileio.join(
-        self.dir, f"*-{self.split}.array_record-*")
+    return self._path
 
   def __len__(self) -> int:
     return self._n
@@ -168,14 +226,48 @@ class DataSource:
     if not 0 <= i < self._n:
       raise IndexError(i)
     try:
-      return self._src[i]
+      return self._bounded(lambda: self._src[i], f"read record {i + 1}")
+    except SadJaxError:
+      raise
     except Exception as e:  # RuntimeError (bad hash), ValueError (a record cut short), …
+      store = cloud.cpp_store_error(e, op=f"read record {i + 1}", path=self.where())
+      if store is not None:
+        raise store from None
       raise DataError(f"damaged record (split {self.split!r}, index {i}): {e}",
                       path=self.where(), record=i + 1) from None
 
   def __iter__(self) -> Iterator[dict]:
-    for i in range(self._n):
-      yield self[i]
+    """Every record in order. On an object store, each shard is read in chunks through a
+    read-ahead buffer: a record at a time would cost one request each (0.4 s against
+    0.007 s for 455 records on the emulator)."""
+    if not fileio.is_remote(self.dir):
+      for i in range(self._n):
+        yield self[i]
+      return
+    i = 0
+    for path in self._files():
+      try:
+        for chunk in self._shard_chunks(path):
+          for blob in chunk:
+            yield self._features.deserialize_example_np(blob)
+            i += 1
+      except SadJaxError:
+        raise
+      except Exception:  # a damaged shard: the record-by-record reads name the record
+        for j in range(i, self._n):
+          yield self[j]
+        return
+
+  def _shard_chunks(self, path: str, size: int = 256) -> Iterator[list[bytes]]:
+    from array_record.python import array_record_module
+
+    reader = self._bounded(lambda: array_record_module.ArrayRecordReader(
+        path, f"readahead_buffer_size:{16 << 20}"), f"open {posixpath.basename(path)}")
+    n = reader.num_records()
+    for start in range(0, n, size):
+      rows = list(range(start, min(n, start + size)))
+      yield self._bounded(lambda rows=rows: reader.read(rows),
+                          f"read records {start + 1}–{rows[-1] + 1}")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

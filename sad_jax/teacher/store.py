@@ -46,8 +46,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from sad_jax.common import fileio
-from sad_jax.common.errors import DataError
+from sad_jax.common import cloud, fileio
+from sad_jax.common.errors import DataError, SadJaxError
 from sad_jax.common.types import SpanKind
 
 FORMAT_VERSION = 1          # top-k stores (older readers keep reading them)
@@ -396,10 +396,17 @@ class TeacherStore:
     m = self.manifest
     where = fileio.join(self.folder, m.shards[s]["name"])
     try:
-      blob = self._reader(s).read([r])[0]
-    except DataError:
+      if fileio.is_remote(where):  # ArrayRecord's C++ client, under cloud's deadline
+        blob = cloud.bounded(lambda: self._reader(s).read([r])[0], op=f"read record {r + 1}",
+                             path=where)
+      else:
+        blob = self._reader(s).read([r])[0]
+    except SadJaxError:
       raise
     except Exception as e:  # array_record raises RuntimeError on damaged files
+      store = cloud.cpp_store_error(e, op=f"read record {r + 1}", path=where)
+      if store is not None:
+        raise store from None
       raise DataError(f"cannot read example {example_id!r}: {e}", path=where,
                       record=r + 1) from None
     try:

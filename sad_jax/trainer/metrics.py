@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sad_jax.common import fileio
+from sad_jax.common import fileio, objects
 
 # ----------------------------------------------------------------------------- event files
 
@@ -86,7 +86,7 @@ class EventWriter:
     name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
             f".{uuid.uuid4().hex[:8]}")
     self.path = fileio.join(logdir, name)
-    self._f = fileio.AppendFile(self.path, binary=True)
+    self._f = objects.AppendFile(self.path, binary=True)
     self._write(_event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
 
   def _write(self, record: bytes) -> None:
@@ -114,7 +114,7 @@ whole every few seconds, at each `flush` (checkpoint saves) and on close."""
     self._tb: dict[str, EventWriter] = {}
     self.workdir = workdir
     if enabled:
-      self._jsonl = fileio.AppendFile(fileio.join(workdir, "metrics.jsonl"))
+      self._jsonl = objects.AppendFile(fileio.join(workdir, "metrics.jsonl"))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -76,8 +76,7 @@ def open_split(dataset_dir: str, split: str) -> Split:
   stats = np.zeros((n, len(tfds_builder.STATS_FIELDS)), np.int64)
   kind_tokens = np.zeros(len(SpanKind), np.int64)
   ids = []
-  for i in range(n):
-    ex = source[i]
+  for i, ex in enumerate(source):  # in order: on an object store, read in chunks
     ids.append(tfds_builder.example_id(ex))
     stats[i] = ex["stats"]
     kinds = np.asarray(ex["kinds"], np.int64)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sad_jax import cli
-from sad_jax.common import configlib, fileio
+from sad_jax.common import configlib, fileio, objects
 from sad_jax.common.errors import DataError
 from sad_jax.data import inspect as inspect_lib
 from sad_jax.data import prepare, schema
@@ -92,14 +92,14 @@ def _write(path, data: bytes):
 
 def test_append_file_and_local_copy_on_gcs(gcs, tmp_path):
   root = _fresh(gcs, "af")
-  f = fileio.AppendFile(f"{root}/m.jsonl", interval=3600)
+  f = objects.AppendFile(f"{root}/m.jsonl", interval=3600)
   f.write("a\n")
   f.flush()
   f.write("b\n")  # within the interval: not uploaded yet, the last complete version stays
   assert fileio.read_text(f"{root}/m.jsonl") == "a\n"
   f.close()
   assert fileio.read_text(f"{root}/m.jsonl") == "a\nb\n"
-  g = fileio.AppendFile(f"{root}/m.jsonl")  # a resumed run continues the object
+  g = objects.AppendFile(f"{root}/m.jsonl")  # a resumed run continues the object
   g.write("c\n")
   g.close()
   assert fileio.read_text(f"{root}/m.jsonl") == "a\nb\nc\n"
@@ -135,7 +135,7 @@ def test_a_delayed_duplicate_upload_cannot_put_older_rows_back(gcs, monkeypatch)
   root = _fresh(gcs, "dup")
   fs = fileio._fs(root)
   sent = _record_uploads(monkeypatch, fs)
-  f = fileio.AppendFile(f"{root}/tb/events", binary=True, interval=3600)
+  f = objects.AppendFile(f"{root}/tb/events", binary=True, interval=3600)
   f.write(b"step 1\n")
   f.flush()
   f.write(b"step 2\n")
@@ -150,18 +150,18 @@ def test_a_delayed_duplicate_upload_cannot_put_older_rows_back(gcs, monkeypatch)
 def test_a_retry_of_an_upload_that_landed_is_taken_as_success(gcs):
   root = _fresh(gcs, "retry")
   path = f"{root}/m.jsonl"
-  first = fileio.put_if_generation(path, b"a\n", 0)
+  first = objects.put_if_generation(path, b"a\n", 0)
   # the same upload again, as a retry would send it: refused (412), but the live object is
   # this content, so it is this writer's own
-  assert fileio.put_if_generation(path, b"a\n", 0) == first
+  assert objects.put_if_generation(path, b"a\n", 0) == first
   with pytest.raises(OSError, match="another writer replaced"):
-    fileio.put_if_generation(path, b"b\n", 0)
+    objects.put_if_generation(path, b"b\n", 0)
 
 
 def test_two_writers_of_one_object_fail_loudly_not_silently(gcs):
   root = _fresh(gcs, "two")
-  a = fileio.AppendFile(f"{root}/metrics.jsonl", interval=3600)
-  b = fileio.AppendFile(f"{root}/metrics.jsonl", interval=3600)
+  a = objects.AppendFile(f"{root}/metrics.jsonl", interval=3600)
+  b = objects.AppendFile(f"{root}/metrics.jsonl", interval=3600)
   a.write("a\n")
   a.close()
   with pytest.raises(OSError, match=r"metrics.jsonl: another writer replaced"):
