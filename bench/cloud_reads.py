@@ -37,9 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIREACT = os.path.join(ROOT, "..", "shared", "data", "fireact")
 BUCKET = "sad-jax-bench"
-_CLIENT_VARS = ("STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
-                "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "NO_GCE_CHECK")
 
 
 def _child(op: str, path: str) -> None:
@@ -87,7 +84,9 @@ def main() -> None:
     sys.exit(f"FireAct data not found at {FIREACT} (needs ../shared beside the repo)")
   work = tempfile.mkdtemp(prefix="bench_cloud_")
   cli = [sys.executable, "-m", "sad_jax.cli"]
-  env = {k: v for k, v in os.environ.items() if k not in _CLIENT_VARS}
+  from sad_jax.common import cloud
+
+  env = {k: v for k, v in os.environ.items() if k not in cloud.CLIENT_VARS}
   local = os.path.join(work, "fireact")
   _run([*cli, "prepare", "--config", os.path.join(ROOT, "sad_jax/configs/prepare_fireact.py"),
         "--out", local], env)

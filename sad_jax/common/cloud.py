@@ -33,6 +33,9 @@ T = TypeVar("T")
 DEADLINE_FACTOR = 5
 _ENDPOINT_VARS = ("CLOUD_STORAGE_EMULATOR_ENDPOINT",  # google-cloud-cpp (ArrayRecord)
                   "TENSORSTORE_GCS_HTTP_URL")         # tensorstore (orbax)
+# every variable configure_clients reads or sets (a clean environment drops them all)
+CLIENT_VARS = ("STORAGE_EMULATOR_HOST", *_ENDPOINT_VARS, "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+               "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 class StoreError(SadJaxError, OSError):

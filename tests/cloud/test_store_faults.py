@@ -19,9 +19,6 @@ from sad_jax.trainer import pipeline
 from tests import helpers
 from tests.cloud.fault_proxy import FaultProxy
 
-_CLIENT_VARS = ("STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
-                "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "NO_GCE_CHECK")
 SHARD = r"trajectory_dataset-train\.array_record"
 # long enough that a loaded CI machine's slow answer is not taken for a stall, short enough
 # for the stall tests
@@ -56,7 +53,7 @@ def proxy():
 def _user_env(host: str, tmp_path, **extra) -> dict:
   """The environment a user has: one endpoint setting (no per-client ones), a fresh
   staging cache, and short I/O timeouts."""
-  env = {k: v for k, v in os.environ.items() if k not in _CLIENT_VARS}
+  env = {k: v for k, v in os.environ.items() if k not in cloud.CLIENT_VARS}
   env.update(STORAGE_EMULATOR_HOST=host, SAD_JAX_CACHE=str(tmp_path / f"cache{time.time_ns()}"),
              SAD_JAX_IO_TIMEOUT=str(IO_TIMEOUT), **extra)
   return env
@@ -99,7 +96,7 @@ def test_a_remote_split_reads_as_the_local_one(dataset):
 
 
 def test_configure_clients_gives_every_client_the_users_endpoint(monkeypatch):
-  for var in _CLIENT_VARS:
+  for var in cloud.CLIENT_VARS:
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "http://elsewhere:1")  # its own: kept
@@ -240,7 +237,7 @@ def test_the_cloud_reads_bench_reports_each_ratio(gcs, tmp_path):
   from tests.train.conftest import REPO
 
   out = tmp_path / "r.json"
-  env = {k: v for k, v in os.environ.items() if k not in _CLIENT_VARS}
+  env = {k: v for k, v in os.environ.items() if k not in cloud.CLIENT_VARS}
   p = subprocess.run([sys.executable, "bench/cloud_reads.py", "--repeats", "1", "--json",
                       str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=600)

@@ -114,10 +114,7 @@ def test_prepare_killed_at_its_writes(gcs, proxy, spm_path, tmp_path):
 
 
 def test_export_killed_at_its_writes(gcs, proxy, spm_path, tmp_path):
-  cfg = ModelConfig(model_type="llama", vocab_size=640, hidden_size=32, intermediate_size=64,
-                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
-  model = str(tmp_path / "model")
-  checkpoint_io.save_params(model, cfg, _tiny_params(cfg, seed=0))
+  model = _tiny_model(str(tmp_path / "model"), vocab_size=640, seed=0)
   root = f"{gcs}/kill-export-{time.monotonic_ns()}"
   env = _user_env(proxy.url, tmp_path)
 
@@ -133,10 +130,14 @@ def test_export_killed_at_its_writes(gcs, proxy, spm_path, tmp_path):
   assert total >= 4 and len(chosen) >= 3
 
 
-def _tiny_params(cfg, *, seed: int):
+def _tiny_model(folder: str, *, vocab_size: int, seed: int) -> str:
+  """A one-layer random model folder (the tokenizer's vocabulary, or padded past it)."""
   from tests.cloud.test_gcs import _random_params
 
-  return _random_params(cfg, seed=seed, scale=0.2)
+  cfg = ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=32,
+                    intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
+  checkpoint_io.save_params(folder, cfg, _random_params(cfg, seed=seed, scale=0.2))
+  return folder
 
 
 def test_precompute_killed_at_its_writes(gcs, proxy, spm_path, tmp_path):
@@ -149,10 +150,7 @@ def test_precompute_killed_at_its_writes(gcs, proxy, spm_path, tmp_path):
   env = _user_env(proxy.url, tmp_path)
   ds = f"{root}/ds"
   _run(_prepare_cmd(src, spm_path)(ds), env, proxy)
-  cfg = ModelConfig(model_type="llama", vocab_size=600, hidden_size=32, intermediate_size=64,
-                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
-  teacher = str(tmp_path / "teacher")
-  checkpoint_io.save_params(teacher, cfg, _tiny_params(cfg, seed=1))
+  teacher = _tiny_model(str(tmp_path / "teacher"), vocab_size=600, seed=1)
 
   def cmd(out):
     return ["teacher", "precompute", "--config",
@@ -190,10 +188,7 @@ def test_training_killed_at_its_writes(gcs, proxy, spm_path, tmp_path):
   ds = str(tmp_path / "ds")
   prepare.prepare(make_config([src], tokenizer__path=spm_path, max_len=256, val_fraction=0.2),
                   ds, progress=False)
-  cfg = ModelConfig(model_type="llama", vocab_size=600, hidden_size=32, intermediate_size=64,
-                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
-  student = str(tmp_path / "student")
-  checkpoint_io.save_params(student, cfg, _tiny_params(cfg, seed=3))
+  student = _tiny_model(str(tmp_path / "student"), vocab_size=600, seed=3)
   root = f"{gcs}/kill-train-{time.monotonic_ns()}"
   env = _user_env(proxy.url, tmp_path)
 
