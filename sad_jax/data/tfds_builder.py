@@ -187,6 +187,7 @@ class DataSource:
     if not files:
       raise DataError(f"the record file of split {split!r} is missing",
                       path=fileio.join(self.dir, f"*-{split}.array_record-*"))
+    self._shards = sorted(files)  # listed once: the full pass reads them in this order
     self._path = files[0] if len(files) == 1 else fileio.join(
         self.dir, f"*-{split}.array_record-*")
     def open_source():
@@ -245,7 +246,7 @@ class DataSource:
         yield self[i]
       return
     i = 0
-    for path in self._files():
+    for path in self._shards:
       try:
         for chunk in self._shard_chunks(path):
           for blob in chunk:
