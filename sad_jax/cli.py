@@ -203,7 +203,13 @@ def _cmd_plan(args, overrides) -> int:
   from sad_jax.trainer import plan as plan_lib
 
   config = configlib.load(args.config, overrides)
-  print(plan_lib.plan(config, devices=args.devices, vocab=args.vocab).table())
+  p = plan_lib.plan(config, devices=args.devices, vocab=args.vocab)
+  print(p.table())
+  if int(config.model.lora.get("rank", 0)):  # what the same run costs without adapters
+    config.model.lora.rank = 0
+    full = plan_lib.plan(config, devices=args.devices, vocab=args.vocab)
+    print(f"  full fine-tuning instead: {full.total / plan_lib.GiB:.3f} GiB total, resident "
+          f"{full.state / plan_lib.GiB:.3f} GiB (LoRA: {p.total / full.total:.2f}× the total)")
   return 0
 
 
@@ -275,6 +281,12 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
   from sad_jax.models import export
 
+  if args.adapters:
+    out = export.export_adapters(args.source, args.out_dir, dtype=args.dtype)
+    print(f"exported LoRA adapters (r {out['rank']}, alpha {out['alpha']:g}, "
+          f"{out['params']:,} parameters on {', '.join(out['modules'])}) as PEFT to "
+          f"{out['out_dir']}; base: {out['base']}")
+    return 0
   kw = {} if args.max_shard_bytes is None else {"max_shard_bytes": args.max_shard_bytes}
   out = export.export(args.source, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,
                       **kw)
@@ -483,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dataset has one")
   exp.add_argument("--max-shard-bytes", type=int, default=None,
                    help="split the weights into files of at most this size (default 2 GiB)")
+  exp.add_argument("--adapters", action="store_true",
+                   help="a LoRA run: its adapters as a PEFT folder, not the merged model")
   exp.set_defaults(func=_cmd_export)
   dem = sub.add_parser("demo", help="the whole method on TextWorld-Express, with a report")
   dem.add_argument("--quick", action="store_true", help="one seed, fewer steps (≈3 min)")

@@ -40,3 +40,22 @@ def test_summarise_is_a_ratio_of_sums_with_a_paired_bootstrap_over_trajectories(
   assert out["models"]["A"]["action_exact_match"]["mean"] == pytest.approx(1 / 2)
   assert set(out["models"]["A"]) == set(METRICS)
   assert out["counts"] == {"validation_trajectories": 2, "reason": 6, "act": 4, "spans": 2}
+
+
+def test_several_seeds_put_the_seed_variance_in_the_interval():
+  """One trajectory (the trajectory draw is always the same), model A trained with two
+  seeds whose reason KL per token is 1.0 and 0.0, B with one seed at 0.25: A is 0.5, and its
+  replicates redraw its two seeds (0, 0.5 or 1 with chances 1/4, 1/2, 1/4), so its
+  interval is [0, 1] and A − B's is [−0.25, 0.75] around 0.25."""
+  counts = {"reason": np.array([4]), "act": np.array([1]), "spans": np.array([1])}
+  one = lambda kl: {"kl": np.array([kl]), "nll": np.zeros(1), "act_ok": np.ones(1),
+                    "spans_ok": np.ones(1)}
+  sums = {"counts": counts, "A": [one(4.0), one(0.0)], "B": one(1.0)}
+  out = summarise(sums, [("A", "B")], reps=4000)
+  a = out["models"]["A"]["reason_kl"]
+  assert a == {"mean": pytest.approx(0.5), "lo": 0.0, "hi": 1.0}
+  d = out["differences"]["A − B"]["reason_kl"]
+  assert d["mean"] == pytest.approx(0.25)
+  assert (d["lo"], d["hi"]) == (pytest.approx(-0.25), pytest.approx(0.75))
+  b = out["models"]["B"]["reason_kl"]
+  assert (b["lo"], b["hi"]) == (pytest.approx(0.25), pytest.approx(0.25))

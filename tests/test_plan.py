@@ -79,3 +79,27 @@ def test_pod_plan_fits_a_chip():
   assert p.teacher_batch == 2 * 1 * 4097 * 64 * (4 + 4) + 2 * 1 * 4097  # A × rows × T × k
   assert p.total < 8 * 2**30
   assert "total" in p.table()
+
+
+def test_pod_plan_with_lora_against_full_fine_tuning():
+  """The pod config with LoRA r 64 / α 128 on a bfloat16 base: the frozen base is half the
+  float32 parameters, adapters and their moments a few percent of them; the resident bytes
+  are the lowered step's argument bytes (the base is an argument), as for full fine-tuning."""
+  lora = ["--config.model.lora.rank=64", "--config.model.lora.alpha=128",
+          "--config.model.lora.base_dtype=bfloat16"]
+  full = plan.plan(configlib.load(f"{REPO}/sad_jax/configs/pod_qwen7b_to_qwen0p5b.py"),
+                   devices=256)
+  config = configlib.load(f"{REPO}/sad_jax/configs/pod_qwen7b_to_qwen0p5b.py", lora)
+  p = plan.plan(config, devices=256)
+  lowered = train.lower_abstract(config, devices=256, platform="tpu")
+  assert lowered_argument_bytes(lowered.as_text(), p.mesh) == p.state
+  # the norms stay float32; every weight matrix is bfloat16
+  assert p.frozen == pytest.approx(full.params / 2, rel=0.01)
+  # 24 layers × r · (fan-in + fan-out) summed over q, k, v, o, gate, up, down
+  d, f, kv = 896, 4864, 128
+  n_adapters = 24 * 64 * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + f) + (f + d))
+  # each adapter over fsdp 16, and B of q/k/v/gate/up (and A of o/down) over tensor 2 too
+  assert 4 * n_adapters / 32 < p.params < 4 * n_adapters / 16
+  assert p.optimizer == pytest.approx(2 * p.params, rel=0.05)
+  assert p.state < full.state / 3 and p.total < full.total
+  assert "frozen base (LoRA)" in p.table()

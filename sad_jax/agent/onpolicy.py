@@ -40,7 +40,7 @@ from sad_jax.common import fileio, sharding
 from sad_jax.common.errors import DataError
 from sad_jax.data import schema
 from sad_jax.distill import onpolicy
-from sad_jax.models import checkpoint_io, transformer
+from sad_jax.models import checkpoint_io, lora, transformer
 from sad_jax.trainer import checkpoint as ckpt_lib
 from sad_jax.trainer import step as step_lib
 from sad_jax.trainer.setup import mesh_from_config
@@ -67,13 +67,16 @@ def guide_at(guide, round_index: int) -> float:
   return p * max(0.0, 1.0 - round_index / n) if n > 0 else p
 
 
-def opd_step(state: step_lib.TrainState, batch: dict, scores: dict, *, cfg, vocab: int,
-             tx, s: onpolicy.OPDSettings, dtype=jnp.float32):
-  """One optimizer update on [b, T] episode rows. Returns (state, metrics)."""
+def opd_step(state: step_lib.TrainState, batch: dict, scores: dict, base=None, *, cfg,
+             vocab: int, tx, s: onpolicy.OPDSettings, dtype=jnp.float32,
+             spec: lora.LoraSpec | None = None):
+  """One optimizer update on [b, T] episode rows. Returns (state, metrics). With `spec`,
+  state.params are LoRA adapters on the frozen `base`."""
   t = onpolicy.targets(batch)
 
   def loss_fn(params):
-    lp = onpolicy.log_probs(cfg, params, t, vocab=vocab, dtype=dtype)
+    lp = onpolicy.log_probs(cfg, step_lib.student_params(params, base, spec), t, vocab=vocab,
+                            dtype=dtype)
     return onpolicy.loss_and_metrics(lp, batch, scores, s=s)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -248,16 +251,38 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
   guide_teacher = (None if not float(config.guide.prob) else
                    (t_cfg, t_params if jax.process_count() == 1 else to_host(t_params)))
 
-  # ---- state
+  # ---- state (with LoRA: the adapters; the frozen base stays outside it)
   rounds, updates, batch = int(config.rounds), int(config.updates), int(config.batch)
   tx = step_lib.make_optimizer(config.optim, rounds * updates)
+  spec = lora.from_config(config.get("lora"))
+  base, base_fp = None, None
+  if spec is not None:
+    if not config.student:
+      raise DataError("LoRA rounds adapt a loaded student: set --config.student (or "
+                      "lora.rank=0)", field="config.lora.rank")
+    base = lora.prepare_base(params, spec)
+    base = place(base, sharding.tree_shardings(base, transformer.param_axes(base), mesh, rules))
+    base_fp = {"path": fileio.abspath(config.student),
+               "fingerprint": lora.fingerprint_files(fileio.abspath(config.student))}
+    params = lora.init_adapters(base, spec, jax.random.fold_in(
+        jax.random.key(int(config.seed)), 1))
   state = step_lib.init_state(params, jnp.zeros((1,), jnp.float32), tx, int(config.seed))
   state_sh = state_shardings(state, mesh, rules, tx)
   state = place(state, state_sh)
 
+  def policy(st):
+    """The parameters the rollouts and evaluations play: the student, or base + adapters
+    merged (one dense model: the decoding loop needs no LoRA path)."""
+    if spec is None:
+      return st.params
+    with on_mesh():
+      return merge(base, st.params)
+
+  merge = jax.jit(functools.partial(lora.merge, spec=spec)) if spec is not None else None
+
   # ---- step: the batches come placed (rows on the batch axes), so jit keeps their layout
   step = jax.jit(functools.partial(opd_step, cfg=cfg, vocab=vocab, tx=tx, s=settings,
-                                   dtype=dtype), out_shardings=(state_sh, None),
+                                   dtype=dtype, spec=spec), out_shardings=(state_sh, None),
                  donate_argnums=(0,))
   score = jax.jit(functools.partial(onpolicy.score, cfg=t_cfg, vocab=vocab,
                                     k=int(config.teacher_k), dtype=dtype))
@@ -274,6 +299,9 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
     got = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state, start = got["state"], int(got["meta"]["round"])
+    if got["meta"].get("lora_base") != base_fp:  # adapters mean nothing on another base
+      raise DataError(f"the checkpoint's LoRA base was {got['meta'].get('lora_base')}, now "
+                      f"{base_fp}", path=ckpt_dir, field="lora_base")
     spent |= got["meta"]["spent"]   # a budget added since that checkpoint starts at 0
     if is_main:
       print(f"resumed from round {start}", flush=True)
@@ -291,7 +319,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
   # ---- rounds
   try:
     if start == 0 and config.eval.every:  # the starting point, for the curve
-      ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop, layout)
+      ev = _evaluate(cfg, policy(state), tok, envs, eval_tasks, config, stop, layout)
       if is_main:
         _append(log_path, {"round": -1, f"{config.eval.split}_success": ev["success"],
                            f"{config.eval.split}_invalid_rate": ev["invalid_rate"]})
@@ -312,7 +340,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
               for i in picks]
       guide = guide_at(config.guide, r)
       t0 = time.perf_counter()
-      eps, summary = play_share(cfg, state.params, tok, envs, jobs,
+      eps, summary = play_share(cfg, policy(state), tok, envs, jobs,
                                 settings=_settings(config, guide),
                                 seed=int(rng.integers(1 << 31)), stop=stop, layout=layout,
                                 field="config.rollout.episodes",
@@ -332,7 +360,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
           rows.append(_take(off_rows, off))
           sc.append(_take(off_scores, off))
         with on_mesh():
-          state, m = step(state, rows_on_mesh(_stack(rows)), rows_on_mesh(_stack(sc)))
+          state, m = step(state, rows_on_mesh(_stack(rows)), rows_on_mesh(_stack(sc)), base)
         metrics.append(to_host(m))
       t3 = time.perf_counter()
       spent["train_steps"] += updates
@@ -351,7 +379,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
               **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}}
       if config.eval.every and ((r + 1) % int(config.eval.every) == 0 or r + 1 == rounds):
         t4 = time.perf_counter()
-        ev = _evaluate(cfg, state.params, tok, envs, eval_tasks, config, stop, layout)
+        ev = _evaluate(cfg, policy(state), tok, envs, eval_tasks, config, stop, layout)
         spent["eval_s"] += time.perf_counter() - t4
         last |= {f"{config.eval.split}_success": ev["success"],
                  f"{config.eval.split}_invalid_rate": ev["invalid_rate"]}
@@ -362,7 +390,7 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
         print(_line(last, rounds, config.eval.split), flush=True)
       mgr.save(r + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          meta=ocp.args.JsonSave({"round": r + 1, "spent": spent})))
+          meta=ocp.args.JsonSave({"round": r + 1, "spent": spent, "lora_base": base_fp})))
       mgr.wait_until_finished()
   finally:
     for env in envs:
@@ -371,7 +399,10 @@ def train_onpolicy(config, workdir: str, *, progress: bool = True) -> dict:
 
   # ---- final model
   final = fileio.join(workdir, "final")
-  checkpoint_io.save_params(final, cfg, state.params)   # every process its shards
+  if spec is not None:  # adapters first: final/config.json is the folder's commit point
+    lora.save_adapters(fileio.join(final, lora.ADAPTERS), state.params, spec, base=base_fp,
+                       init="pretrained")
+  checkpoint_io.save_params(final, cfg, policy(state))   # every process its shards
   if is_main:
     fileio.copyfile(tok_path, fileio.join(final, "tokenizer.model"))
   return {"rounds": rounds, "last": last, "spent": spent, "final": final}

@@ -40,6 +40,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),  # the stacked-layer axis of scanned params: each device holds every layer
+    # a LoRA adapter's rank axis: over fsdp where its weight's axes leave fsdp free (B of
+    # q/k/v/gate/up, A of o/down), so that adapters split about as finely as their weights
+    ("lora", "fsdp"),
 )
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("sad_jax_mesh", default=None)

@@ -76,6 +76,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
                   ("act_vocab", "tensor"), ("vocab", "tensor"), ("embed", "fsdp"),
                   ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
-                  ("head_dim", None), ("norm", None))
+                  ("head_dim", None), ("norm", None), ("lora", "fsdp"))
   c.distributed.coordinator = "auto"
   return c

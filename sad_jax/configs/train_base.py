@@ -53,6 +53,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #                                  probabilities) | splash (Pallas, TPU) | cudnn (GPU,
   #                                  bfloat16) | splash_interpret (slow; checks)
 
+  # LoRA (rank > 0): adapters on the frozen pretrained/pruned student, trained alone
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0            # 0: full fine-tuning
+  c.model.lora.alpha = 16.0        # the update is (alpha/rank)·A@B
+  c.model.lora.dropout = 0.0       # on the adapters' inputs
+  c.model.lora.targets = r"^(attn/(q|k|v|o)|mlp/(gate|up|down))$"  # regex over attn/q, mlp/down, …
+  c.model.lora.base_dtype = "float32"  # the frozen base: float32 | bfloat16 | int8 (QLoRA-style)
+
   c.objective = ml_collections.ConfigDict()
   c.objective.name = objective     # sad | token_kd | sft
   c.objective.divergence = "fkl"   # fkl | rkl | jsd

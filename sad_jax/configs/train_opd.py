@@ -44,6 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       reason_weight=1.0, action_weight=1.0, per_span=False, discount=0.0, kl_coef=1.0,
       clip_eps=0.2, logp_floor=-20.0, advantage_cap=20.0, reward=0.0, invalid_penalty=0.0,
       guided_targets=False))
+  # LoRA (rank > 0): the rounds train adapters on the frozen student (see train_base.py)
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                                          targets=r"^(attn/(q|k|v|o)|mlp/(gate|up|down))$",
+                                          base_dtype="float32"))
   c.mix = ml_collections.ConfigDict(dict(teacher_share=0.0))   # λ
   # depth curriculum: (from_round, teacher-prefix turns); the last stage reached applies
   c.depth = ((0, 0),)

@@ -207,3 +207,68 @@ def _hf_tokenizer_config(tok_path: str) -> dict:
 def _write_json(path: str, obj) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1)
+
+
+# our weight name → (its HF module under model.layers.{i}, how A and B become lora_A / lora_B)
+_PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                 "down": "mlp.down_proj"}
+
+
+def export_adapters(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                    dtype: str = "float32") -> dict:
+  """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) from a LoRA run,
+  its final/ or final/adapters: `PeftModel.from_pretrained(base, out_dir)` loads it on
+  the base the run trained on (lora.json names it). Our A (in_dims + [r]) and B ([r] +
+  out_dims) of x @ W become torch's lora_A [r, in] and lora_B [out, r] of W·x."""
+  from sad_jax.models import lora
+
+  if dtype not in DTYPES:
+    raise DataError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
+  folder = fileio.abspath(src)
+  if not fileio.exists(fileio.join(folder, lora.SPEC_FILE)):
+    source = resolve_source(folder)
+    folder = fileio.join(source.model_dir, lora.ADAPTERS)
+  spec, adapters, info = lora.load_adapters(folder)
+  cfg_dir = fileio.dirname(folder)
+  from sad_jax.models.config import model_config
+
+  cfg = model_config(cfg_dir)
+  if cfg.fused_qkv:
+    raise DataError(f"{cfg.model_type} fuses q/k/v and gate/up in its HF layout, which our "
+                    "per-projection adapters do not map to: export the merged model instead",
+                    path=folder, field="model_type")
+  np_dtype = np.dtype(DTYPES[dtype])
+  entries = []
+  for key in sorted(k for k in adapters if k.startswith("layers_")):
+    i = int(key.removeprefix("layers_"))
+    for module in ("attn", "mlp"):
+      for name, ours in adapters[key].get(module, {}).items():
+        if not name.endswith(lora.A):
+          continue
+        w = name.removesuffix(lora.A)
+        a = np.asarray(ours, np.float32)
+        b = np.asarray(adapters[key][module][w + lora.B], np.float32)
+        a_t = a.reshape(-1, spec.rank).T                 # [r, in]
+        b_t = b.reshape(spec.rank, -1).T                 # [out, r]
+        prefix = f"base_model.model.model.layers.{i}.{_PEFT_MODULES[w]}"
+        for suffix, arr in (("lora_A.weight", a_t), ("lora_B.weight", b_t)):
+          entries.append((f"{prefix}.{suffix}", arr.shape, np_dtype,
+                          lambda arr=arr: arr.astype(np_dtype)))
+  modules = sorted({_PEFT_MODULES[n].split(".")[-1] for n in lora.module_names(spec)})
+  base = info.get("base") or {}
+  adapter_cfg = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
+      "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": modules,
+      "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+      "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+      "base_model_name_or_path": base.get("path")}
+  if jax.process_index() == 0:
+    with atomic_dir(out_dir) as tmp:
+      safetensors_io.write_lazy(os.path.join(tmp, "adapter_model.safetensors"), entries,
+                                metadata={"format": "pt"})
+      _write_json(os.path.join(tmp, "adapter_config.json"), adapter_cfg)
+      _write_json(os.path.join(tmp, lora.SPEC_FILE), info)  # the base's fingerprint, init
+  return {"out_dir": fileio.abspath(out_dir), "adapters": folder, "rank": spec.rank,
+          "alpha": spec.alpha, "modules": modules, "tensors": len(entries),
+          "params": sum(int(np.prod(e[1])) for e in entries), "base": base.get("path")}

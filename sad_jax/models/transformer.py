@@ -41,6 +41,27 @@ def _init(scale: float = 0.02):
   return nn.initializers.normal(stddev=scale)
 
 
+def _project(mod: nn.Module, name: str, x_rows, shape, *, n_in: int, dtype, dropout: float):
+  """x_rows [N, prod(in_dims)] @ the weight `name` (shape in_dims + out_dims) as one GEMM,
+  [N, prod(out_dims)]. An int8 weight is dequantised here by its `name_qscale`; with LoRA
+  adapters `name_lora_a` / `name_lora_b` beside it (models/lora.py, B already scaled by
+  α/r) the low-rank term is added, its input dropped out when a "lora_dropout" rng is given."""
+  w = mod.param(name, _init(), shape, jnp.float32).astype(dtype)
+  if mod.has_variable("params", name + "_qscale"):
+    w = w * mod.get_variable("params", name + "_qscale").astype(dtype)
+  k = int(np.prod(shape[:n_in]))
+  y = x_rows @ w.reshape(k, -1)
+  if mod.has_variable("params", name + "_lora_a"):
+    a = mod.get_variable("params", name + "_lora_a").astype(dtype)
+    b = mod.get_variable("params", name + "_lora_b").astype(dtype)
+    xa = x_rows
+    if dropout and mod.has_rng("lora_dropout"):
+      keep = jax.random.bernoulli(mod.make_rng("lora_dropout"), 1.0 - dropout, x_rows.shape)
+      xa = jnp.where(keep, x_rows / (1.0 - dropout), 0.0).astype(dtype)
+    y = y + (xa @ a.reshape(k, -1)) @ b.reshape(a.shape[-1], -1)
+  return y
+
+
 class RMSNorm(nn.Module):
   eps: float
   offset: bool  # Gemma: x · (1 + w), w initialised at 0
@@ -187,6 +208,7 @@ class Attention(nn.Module):
   layer: int  # -1: the scanned body, whose window comes traced from the call
   dtype: Any
   recompute: bool = False  # recompute scores and softmax in the backward (remat="attention")
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None, window=None):
@@ -198,8 +220,8 @@ class Attention(nn.Module):
 
     def proj(name, heads):
       # as [B·T, D] @ [D, H·Dh]: plain GEMMs forward and backward (see MLP)
-      w = self.param(name, _init(), (d, heads, hd), jnp.float32)
-      y = (x_rows @ w.astype(dt).reshape(d, heads * hd)).reshape(b, t, heads, hd)
+      y = _project(self, name, x_rows, (d, heads, hd), n_in=1, dtype=dt,
+                   dropout=self.lora_dropout).reshape(b, t, heads, hd)
       if cfg.qkv_bias:
         y = y + self.param(f"{name}_bias", nn.initializers.zeros, (heads, hd),
                            jnp.float32).astype(dt)
@@ -245,14 +267,15 @@ class Attention(nn.Module):
                                   window=window, dtype=dt, recompute=self.recompute,
                                   blockwise=cache is None or prefill)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-    wo = self.param("o", _init(), (h, hd, d), jnp.float32)
-    y = out.reshape(b * t, h * hd) @ wo.astype(dt).reshape(h * hd, d)
+    y = _project(self, "o", out.reshape(b * t, h * hd), (h, hd, d), n_in=2, dtype=dt,
+                 dropout=self.lora_dropout)
     return constrain(y.reshape(b, t, d), BTD), new_cache
 
 
 class MLP(nn.Module):
   cfg: ModelConfig
   dtype: Any
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x):
@@ -262,11 +285,11 @@ class MLP(nn.Module):
     # two dims, which XLA's CPU backend ran at half the speed (bench/train_step.py).
     b, t = x.shape[:2]
     x = constrain(x.reshape(b * t, d), ("batch", "act_embed"))
-    gate = x @ self.param("gate", _init(), (d, f), jnp.float32).astype(dt)
-    up = x @ self.param("up", _init(), (d, f), jnp.float32).astype(dt)
+    proj = functools.partial(_project, self, n_in=1, dtype=dt, dropout=self.lora_dropout)
+    gate, up = proj("gate", x, (d, f)), proj("up", x, (d, f))
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
     hidden = constrain(act * up, ("batch", "act_mlp"))
-    y = hidden @ self.param("down", _init(), (f, d), jnp.float32).astype(dt)
+    y = proj("down", hidden, (f, d))
     return constrain(y.reshape(b, t, d), BTD)
 
 
@@ -275,19 +298,20 @@ class Block(nn.Module):
   layer: int
   dtype: Any
   recompute_attention: bool = False
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, positions, segment_ids, cache=None, cache_index=None, window=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype, name=name)
     y, new_cache = Attention(cfg, self.layer, self.dtype, self.recompute_attention,
-                             name="attn")(
+                             self.lora_dropout, name="attn")(
         norm("input_norm")(x), positions=positions, segment_ids=segment_ids, cache=cache,
         cache_index=cache_index, window=window)
     if cfg.post_norms:
       y = norm("post_attn_norm")(y)
     x = constrain(x + y, BTD)
-    y = MLP(cfg, self.dtype, name="mlp")(norm("pre_mlp_norm")(x))
+    y = MLP(cfg, self.dtype, self.lora_dropout, name="mlp")(norm("pre_mlp_norm")(x))
     if cfg.post_norms:
       y = norm("post_mlp_norm")(y)
     return constrain(x + y, BTD), new_cache
@@ -299,6 +323,7 @@ class Transformer(nn.Module):
   # none | attention (recompute attention scores in the backward) | block (recompute blocks)
   remat: str = "none"
   scan: bool = False  # stacked layer params ("layers"), run by nn.scan over one layer body
+  lora_dropout: float = 0.0  # on the LoRA adapters' inputs, with a "lora_dropout" rng
 
   def setup(self):
     cfg = self.cfg
@@ -308,10 +333,11 @@ class Transformer(nn.Module):
     if self.scan:
       # one Block whose params carry a leading layer axis; inside the body it sees one
       # layer's slice, so remat (block or attention) applies per layer as unrolled
-      self.layers = block(cfg, -1, self.dtype, self.remat == "attention", name="layers")
+      self.layers = block(cfg, -1, self.dtype, self.remat == "attention", self.lora_dropout,
+                          name="layers")
     else:
-      self.blocks = [block(cfg, i, self.dtype, self.remat == "attention", name=f"layers_{i}")
-                     for i in range(cfg.num_layers)]
+      self.blocks = [block(cfg, i, self.dtype, self.remat == "attention", self.lora_dropout,
+                           name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, self.dtype)
     if not cfg.tie_embeddings:
       self.lm_head = self.param("lm_head", _init(), (cfg.hidden_size, cfg.padded_vocab),
@@ -359,7 +385,8 @@ class Transformer(nn.Module):
                      cache_index=cache_index, window=window)
       return x, new_c
 
-    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=n)
+    scan = nn.scan(body, variable_axes={"params": 0},
+                   split_rngs={"params": True, "lora_dropout": True}, length=n)
     x, new_stacked = scan(self.layers, x, (windows, stacked))
     new_caches = None if cache is None else [
         jax.tree.map(lambda a, i=i: a[i], new_stacked) for i in range(n)]
@@ -402,6 +429,13 @@ _AXES = {
     "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
     "scale": ("norm",),
 }
+# LoRA adapters follow their weight's axes (A: its input axes, B: its output axes) with a
+# replicated rank axis; an int8 weight's per-channel scales its output axes (models/lora.py)
+for _name, _n_in in (("q", 1), ("k", 1), ("v", 1), ("o", 2), ("gate", 1), ("up", 1),
+                     ("down", 1)):
+  _AXES[f"{_name}_lora_a"] = _AXES[_name][:_n_in] + ("lora",)
+  _AXES[f"{_name}_lora_b"] = ("lora",) + _AXES[_name][_n_in:]
+  _AXES[f"{_name}_qscale"] = _AXES[_name][_n_in:]
 
 
 def param_axes(params):
@@ -479,11 +513,15 @@ def init_params(cfg: ModelConfig, rng: jax.Array, *, scan: bool = False):
 
 
 def features(cfg: ModelConfig, params, ids_bt, *, positions_bt=None, segment_ids_bt=None,
-             dtype=jnp.float32, remat: str = "none"):
+             dtype=jnp.float32, remat: str = "none", lora_dropout: float = 0.0,
+             rng: jax.Array | None = None):
   """(hidden [B,T,D], head [D,V_padded], None): what the chunked loss consumes. Scanned
-  when `params` are stacked."""
-  model = Transformer(cfg, dtype=dtype, remat=remat, scan=is_stacked(params))
+  when `params` are stacked. With LoRA adapters in `params` and an `rng`, their inputs
+  are dropped out at `lora_dropout`."""
+  model = Transformer(cfg, dtype=dtype, remat=remat, scan=is_stacked(params),
+                      lora_dropout=lora_dropout)
+  rngs = None if rng is None or not lora_dropout else {"lora_dropout": rng}
   h, _ = model.apply({"params": params}, ids_bt, positions_bt=positions_bt,
-                     segment_ids_bt=segment_ids_bt, method=Transformer.hidden)
+                     segment_ids_bt=segment_ids_bt, method=Transformer.hidden, rngs=rngs)
   head = model.apply({"params": params}, method=Transformer.head)
   return h, head, None

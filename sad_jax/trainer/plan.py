@@ -3,7 +3,8 @@
 
   sad-jax plan --config configs/pod_qwen7b_to_qwen0p5b.py --devices 256
 
-Exact from the shardings: parameters, optimizer state and the batch (the teacher top-k
+Exact from the shardings: parameters (with LoRA: the frozen base and the adapters apart),
+optimizer state and the batch (the teacher top-k
 part shown apart), each leaf's bytes on one device. Estimated by formula: gradients (one
 float32 copy like the parameters, two with gradient accumulation: the running sum and the
 micro-batch's), activations under the configured remat policy and attention kernel (see
@@ -40,11 +41,12 @@ class MemoryPlan:
   teacher_batch: int   # exact: the teacher top-k ids, log-probs and mask
   gradients: int       # estimated
   activations: dict[str, int]  # estimated, by part
+  frozen: int = 0      # exact: a LoRA run's frozen base (`params` are then the adapters)
 
   @property
   def state(self) -> int:
     """Arguments of the step: what stays resident between steps."""
-    return self.params + self.optimizer + self.batch + self.teacher_batch
+    return self.params + self.frozen + self.optimizer + self.batch + self.teacher_batch
 
   @property
   def temporaries(self) -> int:
@@ -57,7 +59,9 @@ class MemoryPlan:
 
   def table(self) -> str:
     mesh = " × ".join(f"{k} {v}" for k, v in self.mesh.items())
-    rows = [("parameters", self.params), ("optimizer state", self.optimizer),
+    rows = [("parameters", self.params)] if not self.frozen else [
+        ("frozen base (LoRA)", self.frozen), ("adapters (LoRA)", self.params)]
+    rows += [("optimizer state", self.optimizer),
             ("batch (ids, kinds, …)", self.batch), ("teacher top-k batch", self.teacher_batch),
             ("gradients", self.gradients)]
     rows += [(f"activations: {k}", v) for k, v in self.activations.items()]
@@ -146,6 +150,7 @@ def plan(config, *, devices: int, vocab: int | None = None) -> MemoryPlan:
   batch, batch_sh = parts["batch"], parts["batch_sh"]
   model_cfg = parts["model_cfg"]
   params = _device_bytes(state.params, state_sh.params)
+  frozen = 0 if parts["base"] is None else _device_bytes(parts["base"], parts["base_sh"])
   # the optimizer moments, and the step counter, RNG and span weights beside them
   optimizer = _device_bytes(
       [state.opt_state, state.step, state.rng, state.span_params],
@@ -155,7 +160,7 @@ def plan(config, *, devices: int, vocab: int | None = None) -> MemoryPlan:
   dtype_bytes = np.dtype(config.model.dtype).itemsize
   return MemoryPlan(
       devices=devices, mesh=dict(zip(sharding.MESH_AXES, shape, strict=True)), params=params,
-      optimizer=optimizer, batch=pick([k for k in batch if k not in TEACHER_KEYS]),
+      frozen=frozen, optimizer=optimizer, batch=pick([k for k in batch if k not in TEACHER_KEYS]),
       teacher_batch=pick(teacher_keys),
       gradients=params * (2 if config.data.accum > 1 else 1),
       activations=activation_bytes(

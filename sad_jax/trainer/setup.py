@@ -17,7 +17,7 @@ from sad_jax.common import sharding
 from sad_jax.common.errors import DataError
 from sad_jax.common.types import SpanKind
 from sad_jax.distill import objectives
-from sad_jax.models import attention, checkpoint_io, transformer
+from sad_jax.models import attention, checkpoint_io, lora, transformer
 from sad_jax.models.config import from_hf_dict
 from sad_jax.trainer import pipeline
 from sad_jax.trainer import step as step_lib
@@ -134,10 +134,28 @@ def optimizer(config):
   return step_lib.make_optimizer(config.optim, steps), step_lib.lr_schedule(config.optim, steps)
 
 
-def state_init_fn(config, model_cfg, obj, tx):
-  """The one builder of a training state from loaded parameters, or from a fresh draw when
-  given None: train_and_evaluate jits it into its shardings, abstract_parts takes its
-  shapes."""
+def lora_spec(config, params) -> lora.LoraSpec | None:
+  """config.model.lora's spec (None: full fine-tuning). Adapters train on a loaded base:
+  a scratch student with LoRA is refused."""
+  spec = lora.from_config(config.model.get("lora"))
+  if spec is not None and params is None and str(config.model.init) == "scratch":
+    raise DataError("LoRA trains adapters on a frozen pretrained or pruned student; "
+                    "model.init is scratch (set model.init and model.path, or lora.rank=0)",
+                    field="config.model.lora.rank")
+  return spec
+
+
+def base_fn(config, spec: lora.LoraSpec):
+  """Loaded parameters → the frozen LoRA base in the run's layout and spec.base_dtype;
+  train_and_evaluate jits it into the base's shardings."""
+  scan = bool(config.model.get("scan_layers", False))
+  return lambda params: lora.prepare_base(transformer.to_layout(params, scan=scan), spec)
+
+
+def state_init_fn(config, model_cfg, obj, tx, spec: lora.LoraSpec | None = None):
+  """The one builder of a training state from loaded parameters (with LoRA: the frozen
+  base, whose adapters it draws), or from a fresh draw when given None: train_and_evaluate
+  jits it into its shardings, abstract_parts takes its shapes."""
   scan = bool(config.model.get("scan_layers", False))
 
   def init_fn(params_in):
@@ -145,6 +163,8 @@ def state_init_fn(config, model_cfg, obj, tx):
     p = params_in if params_in is not None else transformer.init_params(
         model_cfg, jax.random.key(config.seed))
     p = transformer.to_layout(p, scan=scan)
+    if spec is not None:  # the state holds the adapters; the base stays outside it
+      p = lora.init_adapters(p, spec, jax.random.fold_in(jax.random.key(config.seed), 1))
     return step_lib.init_state(p, objectives.init_span_params(obj), tx, config.seed)
 
   return init_fn

@@ -24,6 +24,7 @@ import optax
 from sad_jax.distill import losses, objectives
 from sad_jax.distill.losses import TeacherTopK
 from sad_jax.distill.objectives import Objective
+from sad_jax.models import lora as lora_lib
 from sad_jax.models import transformer
 from sad_jax.models.config import ModelConfig
 
@@ -103,6 +104,12 @@ def init_state(params, span_params, tx: optax.GradientTransformation, seed: int)
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def student_params(params, base_params, lora: lora_lib.LoraSpec | None):
+  """What the student model is applied to: its parameters, or with LoRA the frozen base
+  with the adapters (`params`) beside their weights."""
+  return params if lora is None else lora_lib.combine(base_params, params, lora)
+
+
 # ----------------------------------------------------------------------------- batch views
 
 
@@ -158,10 +165,14 @@ def _merge(total: dict, metrics: dict) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, loss_weights_g: jax.Array,
-               teacher_params=None, *, model_cfg: ModelConfig, obj: Objective,
-               tx: optax.GradientTransformation, schedule, dtype=jnp.float32,
-               remat: str = "none", online: OnlineTeacher | None = None):
+               teacher_params=None, base_params=None, *, model_cfg: ModelConfig,
+               obj: Objective, tx: optax.GradientTransformation, schedule,
+               dtype=jnp.float32, remat: str = "none", online: OnlineTeacher | None = None,
+               lora: lora_lib.LoraSpec | None = None):
   """One optimizer update from a full [A, b, T] batch. Returns (state, metrics).
+
+  With `lora`, state.params are the adapters and `base_params` the frozen base: only the
+  adapters get gradients and optimizer state.
 
   A step whose loss or gradient norm is not finite leaves the state unchanged and
   reports ok=False (the loop stops with a diagnostic; the checkpoint stays good).
@@ -174,9 +185,14 @@ def train_step(state: TrainState, batch: dict, loss_weights_g: jax.Array,
     mb, index = xs
     t = _targets(mb, online=online, teacher_params=teacher_params, dtype=dtype)
 
+    dropout = lora.dropout if lora is not None else 0.0
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), index) if dropout else None
+
     def features_fn(p):
-      return transformer.features(model_cfg, p, t["inputs_bt"], positions_bt=t["positions_bt"],
-                                  segment_ids_bt=t["segment_ids_bt"], dtype=dtype, remat=remat)
+      return transformer.features(model_cfg, student_params(p, base_params, lora),
+                                  t["inputs_bt"], positions_bt=t["positions_bt"],
+                                  segment_ids_bt=t["segment_ids_bt"], dtype=dtype, remat=remat,
+                                  lora_dropout=dropout, rng=rng)
 
     (_, metrics), (g_model, g_span) = objectives.value_and_grad(
         obj, features_fn, state.params, labels_bt=t["labels_bt"],
@@ -236,10 +252,12 @@ def _zeros_like_metrics(obj: Objective, counts_g) -> dict:
 
 
 def eval_step(params, span_params, batch: dict, loss_weights_g: jax.Array,
-              teacher_params=None, *, model_cfg: ModelConfig, obj: Objective,
-              dtype=jnp.float32, online: OnlineTeacher | None = None) -> dict:
+              teacher_params=None, base_params=None, *, model_cfg: ModelConfig,
+              obj: Objective, dtype=jnp.float32, online: OnlineTeacher | None = None,
+              lora: lora_lib.LoraSpec | None = None) -> dict:
   """Per-group (sum, count) and correct counts of one batch: sum them over batches."""
   counts_g, _ = _global_denominators(obj, batch, online)
+  params = student_params(params, base_params, lora)
 
   def micro(acc, mb):
     t = _targets(mb, online=online, teacher_params=teacher_params, dtype=dtype)

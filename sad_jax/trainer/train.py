@@ -27,7 +27,7 @@ import numpy as np
 from sad_jax.common import fileio, sharding
 from sad_jax.common.errors import DataError, SadJaxError
 from sad_jax.distill import curriculum
-from sad_jax.models import checkpoint_io, transformer
+from sad_jax.models import checkpoint_io, lora, transformer
 from sad_jax.trainer import checkpoint as ckpt_lib
 from sad_jax.trainer import metrics as metrics_lib
 from sad_jax.trainer import pipeline
@@ -35,9 +35,11 @@ from sad_jax.trainer import step as step_lib
 from sad_jax.trainer.setup import (
   _dtype,
   at_temperature,
+  base_fn,
   check_model,
   check_temperatures,
   init_student,
+  lora_spec,
   mesh_from_config,
   objective_for,
   optimizer,
@@ -54,7 +56,9 @@ RESUMABLE_CHANGES = ("train.", "checkpoint.", "metrics.", "distributed.", "data.
 # Settings added after checkpoints were written, with the value that behaves as those did:
 # a checkpoint without the key resumes when the run sets that value.
 ADDED_SETTINGS = {"data.pack_lookahead": 1, "model.scan_layers": False,
-                  "objective.compact_head": False}
+                  "objective.compact_head": False, "model.lora.rank": 0,
+                  "model.lora.alpha": 16.0, "model.lora.dropout": 0.0,
+                  "model.lora.targets": lora.DEFAULT_TARGETS, "model.lora.base_dtype": "float32"}
 
 
 class TrainingDiverged(SadJaxError):
@@ -148,9 +152,18 @@ def train_and_evaluate(config, workdir: str) -> Result:
   vocab = int(train_split.meta["vocab_size"])
   model_cfg, params = init_student(config, vocab=vocab, mesh=mesh)
   obj, dtype, model_cfg = check_model(config, model_cfg, vocab=vocab)
+  spec = lora_spec(config, params)  # None: every parameter trains
   total_steps = int(config.train.steps)
   tx, schedule = optimizer(config)
-  init_fn = state_init_fn(config, model_cfg, obj, tx)
+  init_fn = state_init_fn(config, model_cfg, obj, tx, spec)
+  base = base_sh = None
+  if spec is not None:  # a frozen base outside the state; the adapters are drawn against it
+    make_base = base_fn(config, spec)
+    abstract_base = jax.eval_shape(make_base, params)
+    base_sh = sharding.tree_shardings(abstract_base, transformer.param_axes(abstract_base),
+                                      mesh, rules)
+    with sharding.use_mesh(mesh, rules):
+      base = params = jax.jit(make_base, out_shardings=base_sh)(params)
   abstract = jax.eval_shape(init_fn, params)
   state_sh = state_shardings(abstract, mesh, rules, tx)
   with sharding.use_mesh(mesh, rules):
@@ -171,7 +184,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
       compiled[tau] = jit_train_step(
           model_cfg=model_cfg, obj=stage_obj, tx=tx, schedule=schedule,
           dtype=dtype, remat=config.model.remat, online=stage_online, state_sh=state_sh,
-          data_sh=data_sh, teacher_sh=teacher_sh)
+          data_sh=data_sh, teacher_sh=teacher_sh, base_sh=base_sh, lora=spec)
     return compiled[tau]
 
   eval_fns: dict[float, Any] = {}
@@ -181,9 +194,9 @@ def train_and_evaluate(config, workdir: str) -> Result:
     if tau not in eval_fns:
       stage_obj, stage_online = at_temperature(obj, online, tau)
       fn = functools.partial(step_lib.eval_step, model_cfg=model_cfg,
-                             obj=stage_obj, dtype=dtype, online=stage_online)
+                             obj=stage_obj, dtype=dtype, online=stage_online, lora=spec)
       eval_fns[tau] = jax.jit(fn, in_shardings=(state_sh.params, state_sh.span_params,
-                                                data_sh, None, teacher_sh))
+                                                data_sh, None, teacher_sh, base_sh))
     return eval_fns[tau]
 
   def evaluate(index: int) -> dict[str, float]:
@@ -193,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
     with sharding.use_mesh(mesh, rules):
       total = step_lib.eval_totals(
           eval_fn(index)(state.params, state.span_params, to_global(host_batch), w,
-                         teacher_params)
+                         teacher_params, base)
           for host_batch, _ in pipeline.eval_batches(
               val_split, val_store, layout, weight_n=val_weight,
               max_batches=config.train.eval_batches or None))
@@ -215,6 +228,10 @@ def train_and_evaluate(config, workdir: str) -> Result:
   fingerprints = {"dataset": train_split.meta["fingerprint"],
                   "teacher_store": None if store is None else store.manifest.dataset_fingerprint,
                   "process_count": jax.process_count()}
+  if spec is not None:  # the adapters mean nothing on another base: a resume checks it
+    fingerprints["lora_base"] = {"path": fileio.abspath(config.model.path),
+                                 "fingerprint": lora.fingerprint_files(
+                                     fileio.abspath(config.model.path))}
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -267,7 +284,8 @@ def train_and_evaluate(config, workdir: str) -> Result:
       real_tokens += int((host_batch["segment_ids"] > 0).sum())
       weights = jnp.asarray(stages[index].loss_weights, jnp.float32)
       with sharding.use_mesh(mesh, rules):
-        state, m = train_fn(index)(state, to_global(host_batch), weights, teacher_params)
+        state, m = train_fn(index)(state, to_global(host_batch), weights, teacher_params,
+                                   base)
       m = jax.device_get(m)
       if not bool(m["ok"]):
         _diverged(workdir, step_now, m, rows, obj, is_main)
@@ -312,7 +330,17 @@ def train_and_evaluate(config, workdir: str) -> Result:
   final_step = int(jax.device_get(state.step))
   if status == "finished" and config.train.export:
     final = fileio.join(workdir, "final")
-    checkpoint_io.save_params(final, model_cfg, state.params)
+    params_out = state.params
+    if spec is not None:  # final/ is the merged model; its adapters/ go first (config.json
+      #                     of final/ is its commit point, written last)
+      lora.save_adapters(fileio.join(final, lora.ADAPTERS), state.params, spec,
+                         base=fingerprints["lora_base"], init=str(config.model.init))
+      merged = jax.eval_shape(functools.partial(lora.merge, spec=spec), base, state.params)
+      with sharding.use_mesh(mesh, rules):
+        params_out = jax.jit(functools.partial(lora.merge, spec=spec), out_shardings=(
+            sharding.tree_shardings(merged, transformer.param_axes(merged), mesh, rules)))(
+                base, state.params)
+    checkpoint_io.save_params(final, model_cfg, params_out)
     if is_main:  # the tokenizer travels with the model (eval, serving)
       for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "template.json"):
@@ -356,10 +384,10 @@ def abstract_batch(layout: pipeline.Layout, teacher: bool) -> dict:
 
 
 def jit_train_step(*, model_cfg, obj, tx, schedule, dtype, remat, online, state_sh, data_sh,
-                   teacher_sh):
+                   teacher_sh, base_sh=None, lora=None):
   fn = functools.partial(step_lib.train_step, model_cfg=model_cfg, obj=obj, tx=tx,
-                         schedule=schedule, dtype=dtype, remat=remat, online=online)
-  return jax.jit(fn, in_shardings=(state_sh, data_sh, None, teacher_sh),
+                         schedule=schedule, dtype=dtype, remat=remat, online=online, lora=lora)
+  return jax.jit(fn, in_shardings=(state_sh, data_sh, None, teacher_sh, base_sh),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
@@ -467,11 +495,18 @@ def abstract_parts(config, *, mesh, rules, vocab: int | None = None,
                                platform=platform)
   obj = objective_for(config, model_cfg)
   tx, schedule = optimizer(config)
-  state = jax.eval_shape(state_init_fn(config, model_cfg, obj, tx), None)
+  spec = lora.from_config(config.model.get("lora"))
+  state = jax.eval_shape(state_init_fn(config, model_cfg, obj, tx, spec), None)
+  base = base_sh = None
+  if spec is not None:
+    base = jax.eval_shape(lambda: base_fn(config, spec)(
+        transformer.init_params(model_cfg, jax.random.key(0))))
+    base_sh = sharding.tree_shardings(base, transformer.param_axes(base), mesh, rules)
   rows = config.data.batch_size // config.data.accum
   layout = pipeline.Layout(accum=config.data.accum, rows=rows, length=config.data.seq_len + 1,
                            k=config.teacher.k)
   return {"model_cfg": model_cfg, "obj": obj, "tx": tx, "schedule": schedule, "state": state,
+          "lora": spec, "base": base, "base_sh": base_sh,
           "state_sh": state_shardings(state, mesh, rules, tx),
           "batch": abstract_batch(layout, obj.needs_teacher and not config.teacher.online),
           "batch_sh": batch_sharding_for(rows, mesh, rules)}
@@ -494,9 +529,12 @@ def lower_abstract(config, *, devices: int, platform: str = "tpu", vocab: int | 
   step = jit_train_step(model_cfg=parts["model_cfg"], obj=obj, tx=parts["tx"],
                         schedule=parts["schedule"], dtype=_dtype(config.model.dtype),
                         remat=config.model.remat, online=None, state_sh=state_sh,
-                        data_sh=jax.tree.map(lambda _: batch_sh, batch), teacher_sh=None)
+                        data_sh=jax.tree.map(lambda _: batch_sh, batch), teacher_sh=None,
+                        base_sh=parts["base_sh"], lora=parts["lora"])
   weights = jax.ShapeDtypeStruct((len(obj.groups),), jnp.float32)
+  base = None if parts["base"] is None else place(parts["base"], parts["base_sh"])
   with sharding.use_mesh(mesh, rules):
     traced = step.trace(place(parts["state"], state_sh),
-                        place(batch, jax.tree.map(lambda _: batch_sh, batch)), weights, None)
+                        place(batch, jax.tree.map(lambda _: batch_sh, batch)), weights, None,
+                        base)
     return traced.lower(lowering_platforms=(platform,))

@@ -176,3 +176,52 @@ def test_two_processes_equal_one(setup, tmp_path):
   load = lambda w: checkpoint_io.load_model(os.path.join(w, "final"), mesh=mesh)[1]
   for x, y in zip(jax.tree.leaves(load(one)), jax.tree.leaves(load(two)), strict=True):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_rounds_train_adapters_only_and_resume_on_the_same_base(setup, tmp_path):
+  """`lora.rank=4` (int8 base): the rounds train adapters on the frozen student. final/ is
+  base + (α/r)·A@B (untargeted leaves bit-identical to the student), final/adapters holds
+  them, and a resume from round 2 ends bit-identical; another base is refused. Norms stay
+the student's bits; the embedding is held in bfloat16 beside the int8 weights."""
+  import jax.numpy as jnp
+
+  from sad_jax.common.errors import DataError
+  from sad_jax.models import lora
+
+  extra = ["--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.base_dtype=int8",
+           "--config.optim.lr=0.02"]
+  work = str(tmp_path / "lora")
+  onpolicy.train_onpolicy(_config([*setup, *extra]), work, progress=False)
+  student_dir = setup[0].split("=", 1)[1]
+  start = checkpoint_io.load_model(student_dir)[1]
+  final = _final(work)
+  spec, ad, info = lora.load_adapters(os.path.join(work, "final", "adapters"))
+  assert spec.base_dtype == "int8" and info["base"]["path"] == student_dir
+  want = lora.merge(lora.prepare_base(start, spec), ad, spec)
+  assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(ad))
+  for (path, a), b, s in zip(jax.tree_util.tree_flatten_with_path(final)[0],
+                             jax.tree.leaves(want), jax.tree.leaves(start)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    name = path[-1].key
+    if name == "scale":  # norms: neither targets nor cast, the student's own bits
+      assert np.array_equal(np.asarray(a), np.asarray(s)), jax.tree_util.keystr(path)
+    if name == "embed":  # untargeted, held in bfloat16 beside the int8 weights
+      assert np.array_equal(np.asarray(a), np.asarray(s).astype(jnp.bfloat16).astype(
+          np.float32))
+
+  # the checkpoint of round 2, resumed: the same adapters at the end
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(work, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "3"))
+  shutil.rmtree(os.path.join(resumed, "final"))
+  onpolicy.train_onpolicy(_config([*setup, *extra]), resumed, progress=False)
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(_final(resumed)), strict=True):
+    assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+  other = str(tmp_path / "other")
+  shutil.copytree(student_dir, other)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "3"))
+  with pytest.raises(DataError, match="LoRA base") as e:
+    onpolicy.train_onpolicy(_config([*setup, *extra, f"--config.student={other}"]), resumed,
+                            progress=False)
+  assert e.value.field == "lora_base"
