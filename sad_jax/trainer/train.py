@@ -285,7 +285,7 @@ def train_and_evaluate(config, workdir: str) -> Result:
       weights = jnp.asarray(stages[index].loss_weights, jnp.float32)
       with sharding.use_mesh(mesh, rules):
         state, m = train_fn(index)(state, to_global(host_batch), weights, teacher_params,
-                                   base)
+                                   *(() if spec is None else (base,)))
       m = jax.device_get(m)
       if not bool(m["ok"]):
         _diverged(workdir, step_now, m, rows, obj, is_main)
@@ -387,8 +387,9 @@ def jit_train_step(*, model_cfg, obj, tx, schedule, dtype, remat, online, state_
                    teacher_sh, base_sh=None, lora=None):
   fn = functools.partial(step_lib.train_step, model_cfg=model_cfg, obj=obj, tx=tx,
                          schedule=schedule, dtype=dtype, remat=remat, online=online, lora=lora)
-  return jax.jit(fn, in_shardings=(state_sh, data_sh, None, teacher_sh, base_sh),
-                 out_shardings=(state_sh, None), donate_argnums=(0,))
+  # a LoRA step takes the frozen base as a fifth argument; without LoRA it takes four
+  in_sh = (state_sh, data_sh, None, teacher_sh) + ((base_sh,) if lora is not None else ())
+  return jax.jit(fn, in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
 def state_shardings(abstract_state, mesh, rules, tx) -> step_lib.TrainState:
@@ -536,5 +537,5 @@ def lower_abstract(config, *, devices: int, platform: str = "tpu", vocab: int | 
   with sharding.use_mesh(mesh, rules):
     traced = step.trace(place(parts["state"], state_sh),
                         place(batch, jax.tree.map(lambda _: batch_sh, batch)), weights, None,
-                        base)
+                        *(() if base is None else (base,)))
     return traced.lower(lowering_platforms=(platform,))
