@@ -27,14 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sad_jax.common.errors import DataError
+from sad_jax.models.transformer import PROJECTIONS, STACKED, unstack_layers
 
-# weight name → (its module, number of leading input dims)
-TARGETABLE = {"q": ("attn", 1), "k": ("attn", 1), "v": ("attn", 1), "o": ("attn", 2),
-              "gate": ("mlp", 1), "up": ("mlp", 1), "down": ("mlp", 1)}
+# weight name → (its module, number of leading input dims): the model's projections
+TARGETABLE = PROJECTIONS
 DEFAULT_TARGETS = r"^(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 BASE_DTYPES = ("float32", "bfloat16", "int8")
 A, B, QSCALE = "_lora_a", "_lora_b", "_qscale"
-_STACKED = "layers"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,12 +93,12 @@ def _targets(base, spec: LoraSpec):
   names = set(module_names(spec))
   out = []
   for key, layer in base.items():
-    if key != _STACKED and not key.startswith("layers_"):
+    if key != STACKED and not key.startswith("layers_"):
       continue
     for module in ("attn", "mlp"):
       for name in layer.get(module, {}):
         if name in names and TARGETABLE[name][0] == module:
-          out.append(((key, module), name, key == _STACKED))
+          out.append(((key, module), name, key == STACKED))
   return out
 
 
@@ -210,7 +209,7 @@ def prepare_base(params, spec: LoraSpec) -> dict:
       elif k == "scale":
         out[k] = v
       elif spec.base_dtype == "int8" and (path, k) in targets:
-        stacked = path[0] == _STACKED
+        stacked = path[0] == STACKED
         n_in = TARGETABLE[k][1] + (1 if stacked else 0)
         axes = tuple(range(1 if stacked else 0, n_in))
         amax = jnp.max(jnp.abs(v.astype(jnp.float32)), axis=axes, keepdims=True)
@@ -221,10 +220,6 @@ def prepare_base(params, spec: LoraSpec) -> dict:
         out[k] = v.astype(jnp.bfloat16)
     return out
   return walk(params, ())
-
-
-def is_adapter(name: str) -> bool:
-  return name.endswith((A, B))
 
 
 def fingerprint_files(folder: str) -> str:
@@ -264,7 +259,6 @@ def save_adapters(folder: str, adapters, spec: LoraSpec, *, base: dict, init: st
   import orbax.checkpoint as ocp
 
   from sad_jax.common import fileio
-  from sad_jax.models.transformer import unstack_layers
 
   folder = fileio.abspath(folder)
   fileio.makedirs(folder)

@@ -429,10 +429,12 @@ _AXES = {
     "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
     "scale": ("norm",),
 }
+# The projection weights `_project` applies: name → (module, number of leading input dims)
+PROJECTIONS = {"q": ("attn", 1), "k": ("attn", 1), "v": ("attn", 1), "o": ("attn", 2),
+               "gate": ("mlp", 1), "up": ("mlp", 1), "down": ("mlp", 1)}
 # LoRA adapters follow their weight's axes (A: its input axes, B: its output axes) with a
-# replicated rank axis; an int8 weight's per-channel scales its output axes (models/lora.py)
-for _name, _n_in in (("q", 1), ("k", 1), ("v", 1), ("o", 2), ("gate", 1), ("up", 1),
-                     ("down", 1)):
+# rank axis "lora"; an int8 weight's per-channel scales its output axes (models/lora.py)
+for _name, (_, _n_in) in PROJECTIONS.items():
   _AXES[f"{_name}_lora_a"] = _AXES[_name][:_n_in] + ("lora",)
   _AXES[f"{_name}_lora_b"] = ("lora",) + _AXES[_name][_n_in:]
   _AXES[f"{_name}_qscale"] = _AXES[_name][_n_in:]
