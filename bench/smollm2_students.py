@@ -121,7 +121,7 @@ def stage_train(work: str, objective: str, ds: str, store: str, teacher_dir: str
     rec = json.load(open(done))
     if rec["steps"] == config.train.steps:
       say(f"{run}: already trained ({rec['steps']} steps in {rec['seconds']:.0f} s)")
-      return rec
+      return rec | {"tokens_per_s": steady_tokens_per_s(run)}  # as this version measures it
   say(f"{run}: training {config.train.steps} steps ({variant}, seed {seed})")
   import subprocess
 
@@ -132,6 +132,14 @@ def stage_train(work: str, objective: str, ds: str, store: str, teacher_dir: str
     sys.exit(f"{run}: training stopped (exit {child.returncode}); run the same command again "
              "to resume it")
   return json.load(open(done))
+
+
+def steady_tokens_per_s(run: str) -> float:
+  """The median logging window's train tokens/s: a window holding compilation (the first,
+  and the first after a resume) or slowed by other work on the machine moves a mean, not
+  the median."""
+  rows = [r for r in metrics.read_jsonl(run) if r.get("split") == "train" and "loss" in r]
+  return float(np.median([r["tokens_per_s"] for r in rows]))
 
 
 def train_one(spec: dict) -> None:
@@ -149,8 +157,7 @@ def train_one(spec: dict) -> None:
   rows = [r for r in metrics.read_jsonl(run) if r.get("split") == "train" and "loss" in r]
   rec = {"steps": int(config.train.steps), "seconds": time.perf_counter() - t0,
          "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
-         # the first window holds compilation: the rest give the steady rate
-         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rows[1:] or rows])),
+         "tokens_per_s": steady_tokens_per_s(run),
          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
          "cpu": metrics.cpu_model()}
   done = os.path.join(run, "done.json")
@@ -266,8 +273,8 @@ def report(res: dict) -> str:
     size = res["sizes"][name]
     if runs:
       steps = f"{runs[0]['steps']} ({np.mean([t['seconds'] for t in runs]):.0f})"
-      tps = f"{np.mean([t['tokens_per_s'] for t in runs]):.0f}" if "tokens_per_s" in runs[0] \
-          else "–"
+      tps = (f"{np.median([t['tokens_per_s'] for t in runs]):.0f}" if "tokens_per_s" in runs[0]
+             else "–")
       rss = (f"{max(t['peak_rss_gib'] for t in runs):.2f} GiB" if "peak_rss_gib" in runs[0]
              else "–")
     else:
@@ -287,7 +294,9 @@ def report(res: dict) -> str:
             + (" and over each model's training seeds (the seed variance is in them)."
                if seeds > 1 else "; one training seed per model, so the intervals leave "
                "out seed-to-seed variation.")
-            + " Tokens/s: the trainer's, after the first logging window (compilation); peak "
+            + " Tokens/s: the trainer's, the median logging window of a run (robust to the "
+            "windows that hold compilation or other work on the machine), the median over "
+            "seeds; peak "
             "memory: the training process's maximum resident set (CPU: the arrays live "
             "there). CPU: " + res["cpu"] + "."]
   return "\n".join(lines) + "\n"

@@ -182,7 +182,7 @@ def test_two_processes_equal_one(setup, tmp_path):
 def test_lora_rounds_train_adapters_only_and_resume_on_the_same_base(setup, tmp_path):
   """`lora.rank=4` (int8 base): the rounds train adapters on the frozen student. final/ is
   base + (α/r)·A@B (untargeted leaves bit-identical to the student), final/adapters holds
-  them, and a resume from round 2 ends bit-identical; another base is refused. Norms stay
+  them, and a resume from round 1 ends bit-identical; another base is refused. Norms stay
 the student's bits; the embedding is held in bfloat16 beside the int8 weights."""
   import jax.numpy as jnp
 
@@ -190,7 +190,7 @@ the student's bits; the embedding is held in bfloat16 beside the int8 weights.""
   from sad_jax.models import lora
 
   extra = ["--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.base_dtype=int8",
-           "--config.optim.lr=0.02"]
+           "--config.optim.lr=0.02", "--config.rounds=2"]  # 2 rounds: the suite's time
   work = str(tmp_path / "lora")
   onpolicy.train_onpolicy(_config([*setup, *extra]), work, progress=False)
   student_dir = setup[0].split("=", 1)[1]
@@ -210,17 +210,18 @@ the student's bits; the embedding is held in bfloat16 beside the int8 weights.""
       assert np.array_equal(np.asarray(a), np.asarray(s).astype(jnp.bfloat16).astype(
           np.float32))
 
-  # the checkpoint of round 2, resumed: the same adapters at the end
+  # the checkpoint of round 1, resumed: the same adapters at the end
   resumed = str(tmp_path / "resumed")
   shutil.copytree(work, resumed)
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "3"))
+  assert os.path.isdir(os.path.join(resumed, "checkpoints", "1"))
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "2"))
   shutil.rmtree(os.path.join(resumed, "final"))
   onpolicy.train_onpolicy(_config([*setup, *extra]), resumed, progress=False)
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(_final(resumed)), strict=True):
     assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
   other = str(tmp_path / "other")
   shutil.copytree(student_dir, other)
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "3"))
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "2"))
   with pytest.raises(DataError, match="LoRA base") as e:
     onpolicy.train_onpolicy(_config([*setup, *extra, f"--config.student={other}"]), resumed,
                             progress=False)

@@ -33,6 +33,12 @@ CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediat
                   attention="reference")
 
 
+@jax.jit
+def _logits(params, ids):
+  """The model's forward, compiled: eager Flax dispatches op by op, the tests' main cost."""
+  return T.Transformer(CFG, scan="layers" in params).apply({"params": params}, ids)
+
+
 def _moved(adapters, seed=5, scale=0.1):
   """Adapters with B (and A) moved off their initial values, as after training."""
   leaves, tree = jax.tree.flatten(adapters)
@@ -63,13 +69,12 @@ def test_adapters_start_at_the_base_and_merge_to_w_plus_scaled_ab():
     np.testing.assert_array_equal(merged[layer]["input_norm"]["scale"],
                                   base[layer]["input_norm"]["scale"])
   # the unmerged forward (x@W + s·(x@A)@B) is the merged model's
-  z = model.apply({"params": lora.combine(base, ad, SPEC)}, ids)
-  np.testing.assert_allclose(z, model.apply({"params": merged}, ids), atol=2e-5)
+  z = _logits(lora.combine(base, ad, SPEC), ids)
+  np.testing.assert_allclose(z, _logits(merged, ids), atol=2e-5)
   # the stacked layout computes the same
   stacked = T.stack_layers(base)
   st_ad = {"layers": jax.tree.map(lambda *x: jnp.stack(x), ad["layers_0"], ad["layers_1"])}
-  np.testing.assert_allclose(T.Transformer(CFG, scan=True).apply(
-      {"params": lora.combine(stacked, st_ad, SPEC)}, ids), z, atol=2e-5)
+  np.testing.assert_allclose(_logits(lora.combine(stacked, st_ad, SPEC), ids), z, atol=2e-5)
   # a target regex: only the value and down projections
   only = lora.LoraSpec(rank=2, alpha=2.0, targets=r"^(attn/v|mlp/down)$")
   got = lora.init_adapters(base, only, jax.random.key(1))
@@ -81,7 +86,6 @@ def test_int8_and_bfloat16_bases_are_dequantised_at_the_layer():
   base = T.init_params(CFG, jax.random.key(0))
   ad = _moved(lora.init_adapters(base, SPEC, jax.random.key(1)))
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 61, (1, 7)))
-  model = T.Transformer(CFG)
   for dtype, leaf_dtype in (("bfloat16", jnp.bfloat16), ("int8", jnp.int8)):
     spec = lora.LoraSpec(rank=4, alpha=8.0, base_dtype=dtype)
     q = lora.prepare_base(base, spec)
@@ -94,9 +98,8 @@ def test_int8_and_bfloat16_bases_are_dequantised_at_the_layer():
       assert np.all(np.abs(deq - w) <= step / 2 + 1e-7)
       assert q["layers_0"]["mlp"]["down_qscale"].shape == (CFG.hidden_size,)
     # the quantised base in the model == the dequantised dense weights plus the adapters
-    np.testing.assert_allclose(model.apply({"params": lora.combine(q, ad, spec)}, ids),
-                               model.apply({"params": lora.merge(q, ad, spec)}, ids),
-                               atol=3e-5)
+    np.testing.assert_allclose(_logits(lora.combine(q, ad, spec), ids),
+                               _logits(lora.merge(q, ad, spec), ids), atol=3e-5)
 
 
 def _torch_llama(cfg: ModelConfig, params, folder: str):
