@@ -121,7 +121,7 @@ def stage_train(work: str, objective: str, ds: str, store: str, teacher_dir: str
     rec = json.load(open(done))
     if rec["steps"] == config.train.steps:
       say(f"{run}: already trained ({rec['steps']} steps in {rec['seconds']:.0f} s)")
-      return rec | {"tokens_per_s": steady_tokens_per_s(run)}  # as this version measures it
+      return rec | {"tokens_per_s": steady_tokens_per_s(train_rows(run))}  # as measured now
   say(f"{run}: training {config.train.steps} steps ({variant}, seed {seed})")
   import subprocess
 
@@ -134,11 +134,15 @@ def stage_train(work: str, objective: str, ds: str, store: str, teacher_dir: str
   return json.load(open(done))
 
 
-def steady_tokens_per_s(run: str) -> float:
+def train_rows(run: str) -> list[dict]:
+  """The run's train logging windows, from its metrics.jsonl."""
+  return [r for r in metrics.read_jsonl(run) if r.get("split") == "train" and "loss" in r]
+
+
+def steady_tokens_per_s(rows: list[dict]) -> float:
   """The median logging window's train tokens/s: a window holding compilation (the first,
   and the first after a resume) or slowed by other work on the machine moves a mean, not
   the median."""
-  rows = [r for r in metrics.read_jsonl(run) if r.get("split") == "train" and "loss" in r]
   return float(np.median([r["tokens_per_s"] for r in rows]))
 
 
@@ -154,10 +158,10 @@ def train_one(spec: dict) -> None:
   result = train.train_and_evaluate(config, run)
   if result.status != "finished":
     sys.exit(f"{run}: the run ended {result.status} at step {result.step}")
-  rows = [r for r in metrics.read_jsonl(run) if r.get("split") == "train" and "loss" in r]
+  rows = train_rows(run)
   rec = {"steps": int(config.train.steps), "seconds": time.perf_counter() - t0,
          "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
-         "tokens_per_s": steady_tokens_per_s(run),
+         "tokens_per_s": steady_tokens_per_s(rows),
          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
          "cpu": metrics.cpu_model()}
   done = os.path.join(run, "done.json")
