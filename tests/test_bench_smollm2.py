@@ -59,3 +59,16 @@ def test_several_seeds_put_the_seed_variance_in_the_interval():
   assert (d["lo"], d["hi"]) == (pytest.approx(-0.25), pytest.approx(0.75))
   b = out["models"]["B"]["reason_kl"]
   assert (b["lo"], b["hi"]) == (pytest.approx(0.25), pytest.approx(0.25))
+
+
+def test_a_runs_tokens_per_s_is_its_median_train_window(tmp_path):
+  """Five train windows, the first holding compilation (40 tok/s) and one slowed by other
+  work (100): the median window, 300, not the mean 228; validation rows are not windows."""
+  import json
+
+  from bench.smollm2_students import steady_tokens_per_s, train_rows
+
+  rows = [{"split": "train", "loss": 1.0, "tokens_per_s": t} for t in (40, 300, 100, 310, 390)]
+  rows.append({"split": "validation", "loss": 2.0, "tokens_per_s": 5.0})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert steady_tokens_per_s(train_rows(str(tmp_path))) == 300.0

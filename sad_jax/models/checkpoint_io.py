@@ -42,24 +42,29 @@ def load_model(path: str | os.PathLike, mesh=None, dtype=None):
   path = fileio.abspath(path)
   if not fileio.isdir(fileio.join(path, "params")):
     return hf.load(path, mesh=mesh, dtype=dtype)
-  import orbax.checkpoint as ocp
-
   cfg = model_config(path)
   cfg = cfg.replace(vocab_multiple=int(json.loads(fileio.read_text(
       fileio.join(path, "config.json"))).get("vocab_multiple", 1)))
+  return cfg, restore_params(fileio.join(path, "params"), mesh=mesh, dtype=dtype)
+
+
+def restore_params(folder: str, *, mesh=None, dtype=None):
+  """The parameter tree of an orbax folder, shaped by its own metadata: on the mesh by the
+  model's logical axes (adapters' included), else on the default device."""
+  import orbax.checkpoint as ocp
+
   ck = ocp.StandardCheckpointer()
   try:
-    meta = ck.metadata(fileio.join(path, "params"))
+    meta = ck.metadata(folder)
     tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype), tree)
     if mesh is not None:
       shard = sharding.tree_shardings(abstract, param_axes(abstract), mesh)
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shard)
-    params = ck.restore(fileio.join(path, "params"), abstract)
+    return ck.restore(folder, abstract)
   except (FileNotFoundError, ValueError) as e:
-    raise DataError(f"cannot restore parameters: {e}", path=path) from None
-  return cfg, params
+    raise DataError(f"cannot restore parameters: {e}", path=folder) from None
 
 
 TEACHER_LAYERS = "teacher_layers:"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sad_jax.common.errors import DataError
+from sad_jax.models.checkpoint_io import restore_params
 from sad_jax.models.transformer import PROJECTIONS, STACKED, unstack_layers
 
 # weight name → (its module, number of leading input dims): the model's projections
@@ -274,8 +275,6 @@ def load_adapters(folder: str) -> tuple[LoraSpec, dict, dict]:
   """(spec, adapters per layer as host arrays, lora.json) of a save_adapters folder."""
   import json
 
-  import orbax.checkpoint as ocp
-
   from sad_jax.common import fileio
 
   folder = fileio.abspath(folder)
@@ -288,8 +287,4 @@ def load_adapters(folder: str) -> tuple[LoraSpec, dict, dict]:
     spec = LoraSpec(**info["spec"])
   except (ValueError, KeyError, TypeError) as e:
     raise DataError(f"cannot read the adapters' spec: {e}", path=path, field="spec") from None
-  ck = ocp.StandardCheckpointer()
-  meta = ck.metadata(fileio.join(folder, "params"))
-  tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-  return spec, jax.tree.map(np.asarray, ck.restore(fileio.join(folder, "params"), abstract)), info
+  return spec, jax.tree.map(np.asarray, restore_params(fileio.join(folder, "params"))), info
