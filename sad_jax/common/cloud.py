@@ -12,14 +12,16 @@ Bounds. `SAD_JAX_IO_TIMEOUT` (seconds, default 60) is how long one request may w
 connection or for its next bytes; gcsfs retries a failed or stalled request (5xx, 429, a
 connection error, a timeout) up to 6 attempts with backoff, and each retry is logged on
 stderr. ArrayRecord's C++ reads on a remote path run under a deadline of
-`DEADLINE_FACTOR` × that timeout (`bounded`). A failure becomes a `StoreError` that names
-the operation and the path, and the CLI exits non-zero with it.
+`DEADLINE_FACTOR` × that timeout (`bounded`); tensorstore's curl cuts a request that
+sends nothing for that timeout and retries it (its own policy). A failure becomes a
+`StoreError` that names the operation and the path, and the CLI exits non-zero with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -35,7 +37,9 @@ _ENDPOINT_VARS = ("CLOUD_STORAGE_EMULATOR_ENDPOINT",  # google-cloud-cpp (ArrayR
                   "TENSORSTORE_GCS_HTTP_URL")         # tensorstore (orbax)
 # every variable configure_clients reads or sets (a clean environment drops them all)
 CLIENT_VARS = ("STORAGE_EMULATOR_HOST", *_ENDPOINT_VARS, "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-               "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+               "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+               "TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS",
+               "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES")
 
 
 class StoreError(SadJaxError, OSError):
@@ -66,6 +70,15 @@ def configure_clients() -> None:
   kept. With an emulator (`STORAGE_EMULATOR_HOST`) also: tensorstore's fixed test token
   (the emulator checks none, and without it tensorstore looks for real credentials), no
   GCE metadata probe, and no gcsfs storage-control probe (an emulator has no such API)."""
+  # tensorstore's curl: a connection that does not open, or a transfer that sends nothing
+  # for the timeout, is cut, and tensorstore retries it (its own policy: up to 32
+  # attempts, backoff to 32 s); without these a stalled answer holds orbax forever
+  seconds = str(math.ceil(io_timeout()))
+  for var, value in (("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", seconds),
+                     ("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", seconds),
+                     ("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")):
+    os.environ.setdefault(var, value)
+  _bound_every_gcsfs()
   host = os.environ.get("STORAGE_EMULATOR_HOST")
   if host:
     url = host if "://" in host else f"http://{host}"
@@ -75,6 +88,22 @@ def configure_clients() -> None:
     os.environ.setdefault("NO_GCE_CHECK", "True")
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   _log_retries()
+
+
+def _bound_every_gcsfs() -> None:
+  """fileio passes fs_options to its own gcsfs; orbax reads a checkpoint's metadata through
+  etils.epath, whose gcsfs has none (a stalled answer held a restore forever). fsspec's
+  config gives every gcsfs instance the same bounds; a user's own setting is kept."""
+  import importlib.util
+
+  if importlib.util.find_spec("gcsfs") is None:
+    return
+  import fsspec.config
+
+  for protocol in ("gs", "gcs"):
+    options = fsspec.config.conf.setdefault(protocol, {})
+    for key, value in fs_options(protocol).items():
+      options.setdefault(key, value)
 
 
 class _RetryLines(logging.Filter):

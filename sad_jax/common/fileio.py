@@ -80,9 +80,14 @@ def dirname(path: str | os.PathLike) -> str:
 
 
 def abspath(path: str | os.PathLike) -> str:
-  """os.path.abspath for a local path; a remote path as it is (minus a trailing /)."""
+  """os.path.abspath for a local path; a remote path as it is (minus a trailing /), with
+  the store's clients configured: this is where a path is handed to orbax or ArrayRecord,
+  whose clients read their settings before fileio's first request would set them."""
   path = os.fspath(path)
-  return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+  if not is_remote(path):
+    return os.path.abspath(path)
+  cloud.configure_clients()
+  return path.rstrip("/")
 
 
 def _kind(path: str) -> str | None:

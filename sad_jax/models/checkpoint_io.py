@@ -53,6 +53,7 @@ def restore_params(folder: str, *, mesh=None, dtype=None):
   model's logical axes (adapters' included), else on the default device."""
   import orbax.checkpoint as ocp
 
+  folder = fileio.abspath(folder)
   ck = ocp.StandardCheckpointer()
   try:
     meta = ck.metadata(folder)

@@ -100,10 +100,22 @@ def test_configure_clients_gives_every_client_the_users_endpoint(monkeypatch):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "http://elsewhere:1")  # its own: kept
+  monkeypatch.setenv("SAD_JAX_IO_TIMEOUT", "2.5")
+  import fsspec.config
+
+  monkeypatch.setattr(fsspec.config, "conf", {"gcs": {"project": "mine"}})
   cloud.configure_clients()
   assert os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] == "http://127.0.0.1:9"
   assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://elsewhere:1"
   assert os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"
+  # the request bounds: tensorstore's curl (whole seconds) and every gcsfs instance's
+  assert os.environ["TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS"] == "3"
+  assert os.environ["TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS"] == "3"
+  assert os.environ["TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES"] == "1"
+  for protocol in ("gs", "gcs"):
+    timeout = fsspec.config.conf[protocol]["requests_timeout"]
+    assert (timeout.sock_connect, timeout.sock_read, timeout.total) == (2.5, 2.5, None)
+  assert fsspec.config.conf["gcs"]["project"] == "mine"  # the user's own kept
 
 
 def test_bounded_names_the_operation_past_its_deadline(monkeypatch):
@@ -247,3 +259,37 @@ def test_the_cloud_reads_bench_reports_each_ratio(gcs, tmp_path):
   for x in r.values():
     assert x["local_s"] > 0 and x["gs_s"] > 0 and x["ratio"] == x["gs_s"] / x["local_s"]
   assert "gs / local" in p.stdout
+
+
+
+_RESTORE = """
+import sys
+import numpy as np
+from sad_jax.models import checkpoint_io
+tree = checkpoint_io.restore_params(sys.argv[1])
+print(sum(float(np.asarray(v).sum()) for v in tree.values()))
+"""
+GCSFS_READ = r"^/download/.*_CHECKPOINT_METADATA\?alt=media"  # orbax's metadata (etils.epath)
+TENSORSTORE_READ = r"params/d/.*alt=media.*tensorstore="           # the arrays (OCDBT)
+
+
+def test_a_stalled_checkpoint_read_is_cut_and_retried(gcs, proxy, tmp_path):
+  """orbax reads a checkpoint with two clients that by default wait on a stalled answer
+  forever: gcsfs (through etils.epath, not fileio's instance) and tensorstore's curl. With
+  SAD_JAX_IO_TIMEOUT both cut a request that sends nothing for that long and retry it."""
+  import orbax.checkpoint as ocp
+
+  folder = f"{gcs}/stall-{time.monotonic_ns()}/params"
+  tree = {f"w{i}": np.full((4, 3), i + 1, np.float32) for i in range(3)}
+  ck = ocp.StandardCheckpointer()
+  ck.save(folder, tree)
+  ck.wait_until_finished()
+  proxy.add("stall", GCSFS_READ, method="GET", times=1)
+  proxy.add("stall", TENSORSTORE_READ, method="GET", times=1)
+  # a hang (the proxy holds a stall 600 s) fails at this timeout
+  p = subprocess.run([sys.executable, "-c", _RESTORE, folder], env=_user_env(proxy.url, tmp_path),
+                     capture_output=True, text=True, timeout=180)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert float(p.stdout) == sum(float(v.sum()) for v in tree.values())
+  for read in (GCSFS_READ, TENSORSTORE_READ):  # each stalled once, then answered
+    assert proxy.requests(read, "stall") == 1 and proxy.requests(read, None) >= 1, read
