@@ -273,13 +273,13 @@ def report(res: dict) -> str:
   pct = {"reason_kl": False, "reason_nll": False, "action_token_accuracy": True,
          "action_exact_match": True}
   head = ("reason KL to teacher | reason NLL | action token accuracy | action exact match |")
-  lines = ["| model | seeds | trainable params | train steps (s per seed) | train tokens/s | "
+  lines = ["| model | seeds | trainable params | train steps (s, median seed) | train tokens/s | "
            "peak memory | " + head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in res["scores"]["models"].items():
     runs = res["training"].get(name) or []
     size = res["sizes"][name]
     if runs:
-      steps = f"{runs[0]['steps']} ({np.mean([t['seconds'] for t in runs]):.0f})"
+      steps = f"{runs[0]['steps']} ({np.median([t['seconds'] for t in runs]):.0f})"
       tps = (f"{np.median([t['tokens_per_s'] for t in runs]):.0f}" if "tokens_per_s" in runs[0]
              else "–")
       rss = (f"{max(t['peak_rss_gib'] for t in runs):.2f} GiB" if "peak_rss_gib" in runs[0]
